@@ -1,0 +1,393 @@
+"""The pipeline config: one strict, typed tree loaded from YAML, with dotted overrides.
+
+Every problem is reported with its key path, all at once, before anything starts.
+Imports no torch and no Ray, so `raypipe validate` is fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raypipe import registry
+from raypipe.errors import UserError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ConfigError(UserError):
+    """One or more problems in a pipeline config, each naming its key path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            super().__init__(f"{source}: {len(problems)} problems\n{lines}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class TextSource(Strict):
+    path: str = Field(description="A Parquet file, a directory of shards, or a glob.")
+    text_column: str = Field("text", description="Column holding the text.")
+
+
+class LabeledSource(TextSource):
+    label_column: str = Field("label", description="Column holding the integer label.")
+
+
+class LabeledData(Strict):
+    train: LabeledSource = Field(description="Labeled training shards.")
+    validation: LabeledSource = Field(description="Labeled validation shards (evaluated every epoch).")
+
+
+class DataConfig(Strict):
+    generate: Literal["quickstart"] | None = Field(
+        None, description="Write this built-in synthetic dataset to the paths below when missing."
+    )
+    unlabeled: TextSource | None = Field(None, description="Unlabeled text for pretraining.")
+    labeled: LabeledData | None = Field(None, description="Labeled text for fine-tuning.")
+
+
+class TokenizerConfig(Strict):
+    type: Literal["bpe", "byte"] = Field("bpe", description="Byte-level BPE, or raw bytes.")
+    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = Field(
+        4096, description="Target vocabulary size for BPE."
+    )
+    lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
+    sample_rows: PositiveInt = Field(100_000, description="Rows read to train the tokenizer.")
+    path: str | None = Field(None, description="Use this tokenizer.json instead of training one.")
+
+
+# --- model and optimisation ---------------------------------------------------------------------
+
+
+class ModelConfig(Strict):
+    type: str = Field("transformer", description="Registered model name or 'pkg.module:Class'.")
+    dim: PositiveInt = Field(128, description="Hidden size.")
+    layers: PositiveInt = Field(4, description="Number of transformer blocks.")
+    heads: PositiveInt = Field(4, description="Attention heads; must divide dim.")
+    max_len: PositiveInt = Field(128, description="Longest sequence the model accepts.")
+    mlp_ratio: PositiveInt = Field(4, description="MLP hidden size as a multiple of dim.")
+    dropout: Fraction = Field(0.0, description="Dropout in the backbone.")
+
+
+class OptimizerBase(Strict):
+    lr: PositiveFloat = Field(3e-4, description="Peak learning rate (AdamW).")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.1, description="AdamW weight decay.")
+    betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), description="AdamW betas.")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1, description="Cosine decay ends at this fraction of lr."
+    )
+    grad_clip: PositiveFloat | None = Field(1.0, description="Clip the global grad norm; null: off.")
+
+
+class PretrainOptimizer(OptimizerBase):
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(0, description="Linear warmup steps.")
+
+
+class FinetuneOptimizer(OptimizerBase):
+    lr: PositiveFloat = Field(1e-4, description="Peak learning rate (AdamW).")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.01, description="AdamW weight decay.")
+    warmup_ratio: Fraction = Field(0.1, description="Warmup as a fraction of all steps.")
+
+
+class ScalingConfig(Strict):
+    num_workers: PositiveInt = Field(1, description="Training workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: PositiveFloat = Field(
+        1.0, description="CPUs reserved per worker; leave some for Ray Data."
+    )
+    resources_per_worker: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Extra custom resources per worker."
+    )
+
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class PretrainConfig(Strict):
+    objective: str = Field("causal_lm", description="Registered objective or 'pkg.module:Class'.")
+    max_steps: PositiveInt = Field(description="Optimizer steps to train for.")
+    batch_size: PositiveInt = Field(32, description="Micro-batch size per worker.")
+    grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    seq_len: PositiveInt | None = Field(None, description="Tokens per sequence; default max_len.")
+    optimizer: PretrainOptimizer = Field(default_factory=PretrainOptimizer)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    log_every: PositiveInt = Field(20, description="Steps between metric reports.")
+    checkpoint_every: PositiveInt = Field(100, description="Steps between checkpoints.")
+    num_checkpoints_to_keep: PositiveInt = Field(2, description="Checkpoints kept in storage.")
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        2, description="Worker-group restarts (from the latest checkpoint) before giving up."
+    )
+    prefetch_batches: PositiveInt = Field(2, description="Batches Ray Data prepares ahead.")
+    shuffle_buffer: Annotated[int, Field(ge=0)] = Field(
+        0, description="Rows in each worker's local shuffle buffer; 0: stream order."
+    )
+
+
+# --- fine-tuning sweep --------------------------------------------------------------------------
+
+
+class Distribution(Strict):
+    """Exactly one of these keys, e.g. {loguniform: [1.0e-5, 1.0e-3]}."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {list(type(self).model_fields)}, got {given or 'none'}"
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs [low, high] with low < high, got {list(value)}")
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind} needs at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+
+class SweepConfig(Strict):
+    num_samples: PositiveInt = Field(4, description="Trials per arm (times each grid point).")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="Early stopping scheduler.")
+    grace_period: PositiveInt = Field(1, description="ASHA: epochs before a trial can be stopped.")
+    reduction_factor: Annotated[float, Field(gt=1)] = Field(2.0, description="ASHA halving rate.")
+    metric: str = Field("val/accuracy", description="Metric that picks the best trial.")
+    mode: Literal["min", "max"] = Field("max", description="Whether metric is minimised.")
+    space: dict[str, Distribution] = Field(
+        default_factory=dict, description="Search space over fine-tune settings."
+    )
+    max_concurrent_trials: PositiveInt = Field(2, description="Trials running at once.")
+
+
+#: Fine-tune settings a sweep may search over (keys of `finetune.sweep.space`).
+TUNABLE = ("lr", "weight_decay", "batch_size", "freeze_backbone", "dropout", "warmup_ratio")
+
+
+class FinetuneConfig(Strict):
+    task: str = Field("classification", description="Registered task or 'pkg.module:Class'.")
+    num_classes: Annotated[int, Field(ge=2)] = Field(2, description="Number of label classes.")
+    init: str = Field(
+        "pretrain", description="'pretrain' (this run's), 'scratch', or a checkpoint directory."
+    )
+    compare_scratch: bool | None = Field(
+        None, description="Run every trial from random init too (default: on, unless init=scratch)."
+    )
+    epochs: PositiveInt = Field(3, description="Epochs per trial (the scheduler may stop earlier).")
+    batch_size: PositiveInt = Field(32, description="Micro-batch size per worker.")
+    max_len: PositiveInt | None = Field(None, description="Tokens per example; default max_len.")
+    pool: Literal["mean", "last"] = Field("mean", description="How token states become one vector.")
+    freeze_backbone: bool = Field(False, description="Linear probe: train the head only.")
+    dropout: Fraction = Field(0.1, description="Dropout before the head.")
+    optimizer: FinetuneOptimizer = Field(default_factory=FinetuneOptimizer)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+
+# --- top level ----------------------------------------------------------------------------------
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else a local store."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; default the name.")
+    registered_model: str | None = Field(
+        None, description="Registry name of the best model; default the name."
+    )
+
+
+class PipelineConfig(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = Field(
+        description="Pipeline name: experiment, run and directory names derive from it."
+    )
+    storage: str = Field("./raypipe-runs", description="Where checkpoints and outputs go.")
+    seed: int = Field(0, description="Seed for model init, data order and sampling.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _cross_checks(cfg: PipelineConfig) -> list[str]:
+    """Rules that span several keys; filled-in defaults are resolved here too."""
+    problems: list[str] = []
+    m = cfg.model
+    if not registry.is_known("model", m.type):
+        problems.append(f"model.type: {registry.unknown_message('model', m.type)}")
+    if m.dim % m.heads:
+        problems.append(f"model.heads: must divide model.dim ({m.dim}), got {m.heads}")
+    if cfg.pretrain is None and cfg.finetune is None:
+        problems.append("pretrain, finetune: give at least one stage")
+    if cfg.pretrain is not None:
+        p = cfg.pretrain
+        if cfg.data.unlabeled is None:
+            problems.append("data.unlabeled: required by the pretrain stage")
+        if not registry.is_known("objective", p.objective):
+            problems.append(f"pretrain.objective: {registry.unknown_message('objective', p.objective)}")
+        p.seq_len = p.seq_len or m.max_len
+        # Causal LM blocks hold seq_len + 1 tokens; the model sees seq_len of them.
+        if p.seq_len > m.max_len:
+            problems.append(f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}")
+    if cfg.finetune is not None:
+        f = cfg.finetune
+        if cfg.data.labeled is None:
+            problems.append("data.labeled: required by the finetune stage")
+        if not registry.is_known("task", f.task):
+            problems.append(f"finetune.task: {registry.unknown_message('task', f.task)}")
+        if f.init == "pretrain" and cfg.pretrain is None:
+            problems.append(
+                "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
+                "'scratch' or a checkpoint directory"
+            )
+        if f.init not in ("pretrain", "scratch") and not Path(f.init).is_dir():
+            problems.append(f"finetune.init: checkpoint directory '{f.init}' does not exist")
+        if f.compare_scratch and f.init == "scratch":
+            problems.append("finetune.compare_scratch: has no effect when init is 'scratch'; remove it")
+        if f.compare_scratch is None:
+            f.compare_scratch = f.init != "scratch"
+        f.max_len = f.max_len or m.max_len
+        if f.max_len > m.max_len:
+            problems.append(f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}")
+        for key in f.sweep.space:
+            if key not in TUNABLE:
+                close = difflib.get_close_matches(key, TUNABLE, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.append(
+                    f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
+                )
+        metrics = registry.TASK_METRICS.get(f.task)
+        if metrics is not None and f.sweep.metric not in metrics:
+            problems.append(
+                f"finetune.sweep.metric: '{f.sweep.metric}' is not reported by task "
+                f"'{f.task}'; choose one of {metrics}"
+            )
+    cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
+    cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
+    return problems
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the config class at `loc` (for 'did you mean' on unknown keys)."""
+    cls: Any = PipelineConfig
+    for part in loc:
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            if part not in cls.model_fields:
+                return []
+            cls = cls.model_fields[part].annotation
+        elif typing.get_origin(cls) is dict:
+            cls = typing.get_args(cls)[1]
+        else:
+            return []
+        # Unwrap Optional[...] / Annotated[...] to the config class inside.
+        while typing.get_origin(cls) in (typing.Union, types.UnionType, Annotated):
+            args = [a for a in typing.get_args(cls) if a is not type(None)]
+            cls = args[0]
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return []
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {known}"
+        return f"{path}: unknown key; {hint}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        return f"{path}: {msg}"
+    return f"{path}: {msg} (got {err['input']!r})"
+
+
+def apply_overrides(raw: dict, overrides: list[str], *, source: str) -> dict:
+    """`key.path=value` pairs; the value is parsed as YAML (`3e-4`, `true`, `[1, 2]`)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(source, [f"--set {item!r}: use key.path=value"])
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(source, [f"--set {key}: '{part}' is not a section"])
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(source, [f"--set {key}: value is not valid YAML ({e})"]) from None
+    return raw
+
+
+def parse_config(raw: Any, *, source: str = "config") -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"expected a mapping of keys at the top, got {type(raw).__name__}"])
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, [_format_error(err) for err in e.errors()]) from None
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise UserError(f"pipeline file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides, source=source)
+    return parse_config(raw, source=source)
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    """The fully resolved config (defaults filled in), as saved with every run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

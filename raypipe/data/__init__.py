@@ -1,0 +1,1 @@
+"""Data: finding shards, tokenizing and packing text inside Ray Data, quickstart data."""

@@ -1,0 +1,1 @@
+"""The pure-PyTorch training core: optimisation, precision, the step, checkpoint I/O."""

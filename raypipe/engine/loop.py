@@ -1,0 +1,112 @@
+"""The pieces of a training loop that every stage shares: one optimizer step, evaluation, meters.
+
+Pure PyTorch: the same step runs inside a Ray Train worker, in the unit tests and in the
+benchmarks, with or without DDP around the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from raypipe.engine.precision import autocast_for
+
+
+def train_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    grad_clip: float | None,
+    device: torch.device,
+    precision: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step over `micro_batches` (gradient accumulation).
+
+    `module(batch)` returns (mean loss, stats). DDP all-reduces gradients only on the last
+    micro-batch (`no_sync` for the others). Returns the mean loss and the summed stats as
+    tensors, so the caller decides when to pay for a host sync.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    num_micro = len(micro_batches)
+    total_loss = torch.zeros((), device=device)
+    total_stats: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        last = i == num_micro - 1
+        sync = (
+            module.no_sync()
+            if isinstance(module, DistributedDataParallel) and not last
+            else contextlib.nullcontext()
+        )
+        with sync:
+            with autocast_for(device, precision):
+                loss, stats = module(batch)
+            (loss / num_micro).backward()
+        total_loss += loss.detach()
+        for k, v in stats.items():
+            total_stats[k] = total_stats.get(k, 0) + v.detach()
+    if grad_clip:
+        total_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return total_loss / num_micro, total_stats
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """Sum a task's per-batch stats over `batches`; the caller reduces across ranks."""
+    was_training = module.training
+    module.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        with autocast_for(device, precision):
+            _, stats = module(batch)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0) + v.detach().float()
+    module.train(was_training)
+    return totals
+
+
+@dataclass
+class Meter:
+    """Throughput and data-wait accounting between two log points.
+
+    `wait()` wraps fetching the next batch, so `data_wait_share` is the fraction of wall time the
+    step loop spent waiting for input.
+    """
+
+    tokens: int = 0
+    steps: int = 0
+    waited: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def timed_next(self, it: Iterator):
+        t0 = time.perf_counter()
+        item = next(it)
+        self.waited += time.perf_counter() - t0
+        return item
+
+    def read_and_reset(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.started, 1e-9)
+        out = {
+            "tokens_per_s": self.tokens / elapsed,
+            "steps_per_s": self.steps / elapsed,
+            "step_time_s": elapsed / max(self.steps, 1),
+            "data_wait_share": self.waited / elapsed,
+        }
+        self.tokens, self.steps, self.waited, self.started = 0, 0, 0.0, now
+        return out

@@ -1,0 +1,485 @@
+"""Plan and run a pipeline: checks up front, then stages under one MLflow run tree.
+
+Every check that needs no cluster (config, data paths, columns, storage, tracking store) runs
+before Ray starts. Each stage has a fingerprint (its resolved config, its input data and its
+upstream fingerprint); a completed stage writes `stage.json` last and is reused on re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypipe import tracking
+from raypipe.config import PipelineConfig, to_yaml
+from raypipe.data import files as datafiles
+from raypipe.errors import UserError
+from raypipe.progress import PROGRESS_MARK
+
+STAGE_MARKER = "stage.json"
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # "done" or "reused"
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    name: str
+    run_id: str
+    tracking_uri: str
+    storage: str
+    seconds: float = 0.0
+    stages: list[StageReport] = field(default_factory=list)
+    metric: str | None = None
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Inputs:
+    """Everything resolved before Ray starts."""
+
+    storage: Path
+    tracking_uri: str
+    experiment_id: str
+    unlabeled: list[str] = field(default_factory=list)
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _generate_if_missing(cfg: PipelineConfig) -> None:
+    if cfg.data.generate != "quickstart":
+        return
+    d = cfg.data
+    if d.unlabeled is None or d.labeled is None:
+        raise UserError("data.generate: quickstart writes data.unlabeled and data.labeled; set both paths")
+    paths = [d.unlabeled.path, d.labeled.train.path, d.labeled.validation.path]
+    if all(Path(p).exists() for p in paths):
+        return
+    from raypipe.data.synthetic import generate_quickstart
+
+    rows = generate_quickstart(
+        unlabeled_dir=paths[0], train_dir=paths[1], validation_dir=paths[2], seed=cfg.seed
+    )
+    print(f"[data] generated quickstart data: {rows}", flush=True)
+
+
+def _check_storage(storage: str) -> Path:
+    path = Path(storage).resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".raypipe-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"storage: '{storage}' is not writable ({e.strerror}); choose a writable directory"
+        ) from None
+    return path
+
+
+def _data_files(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Resolve and check every shard a stage will read."""
+    d = cfg.data
+    out: dict[str, list[str]] = {"unlabeled": [], "train": [], "validation": []}
+    if cfg.pretrain is not None and d.unlabeled is not None:
+        out["unlabeled"] = datafiles.resolve_parquet_files(d.unlabeled.path, key="data.unlabeled.path")
+        datafiles.check_columns(out["unlabeled"], [d.unlabeled.text_column], key="data.unlabeled")
+    if cfg.finetune is not None and d.labeled is not None:
+        for split in ("train", "validation"):
+            src = getattr(d.labeled, split)
+            key = f"data.labeled.{split}"
+            out[split] = datafiles.resolve_parquet_files(src.path, key=f"{key}.path")
+            datafiles.check_columns(out[split], [src.text_column, src.label_column], key=key)
+    if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
+        raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
+    return out
+
+
+def prepare_offline(cfg: PipelineConfig) -> None:
+    """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
+    if cfg.data.generate is None:
+        _data_files(cfg)
+
+
+def prepare(cfg: PipelineConfig) -> Inputs:
+    """All the checks that need no cluster; raises UserError naming the cause and the fix."""
+    _generate_if_missing(cfg)
+    files = _data_files(cfg)
+    storage = _check_storage(cfg.storage)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, str(storage))
+    default_store = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    experiment_id = tracking.open_experiment(
+        uri, cfg.tracking.experiment,
+        artifact_root=str(storage / "mlartifacts") if default_store else None,
+    )
+    return Inputs(storage, uri, experiment_id, **files)
+
+
+def _forward_progress_only() -> None:
+    """Show only raypipe's progress lines from Ray workers on this console.
+
+    Ray forwards every worker's stdout/stderr to the driver (hundreds of lines per run); they
+    all stay in Ray's session log directory. Uses Ray's log dispatcher, which is internal: if
+    it moves, Ray's default forwarding stays in place.
+    """
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def forward(data: dict) -> None:
+        for line in data.get("lines", ()):
+            at = line.find(PROGRESS_MARK)
+            if at >= 0:
+                print(line[at + len(PROGRESS_MARK) :].strip(), flush=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("raypipe_progress", forward)
+
+
+def _init_ray(address: str | None, *, verbose: bool) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=address or None,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=True,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        _forward_progress_only()
+    return True
+
+
+def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs, pretrain_ckpt: str | None) -> str:
+    from raypipe.data.text import check_tokenizer, load_tokenizer, train_tokenizer
+    from raypipe.engine.checkpoint import read_tokenizer
+
+    if cfg.tokenizer.path:
+        text = Path(cfg.tokenizer.path).read_text()
+        check_tokenizer(load_tokenizer(text))
+        return text
+    if pretrain_ckpt:
+        return read_tokenizer(pretrain_ckpt)
+    if cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch"):
+        return read_tokenizer(cfg.finetune.init)
+    if inputs.unlabeled:
+        files, column = inputs.unlabeled, cfg.data.unlabeled.text_column
+    else:
+        files, column = inputs.train, cfg.data.labeled.train.text_column
+    texts = datafiles.read_column_sample(files, column, cfg.tokenizer.sample_rows)
+    t = cfg.tokenizer
+    return train_tokenizer(
+        texts, kind=t.type, vocab_size=t.vocab_size, lowercase=t.lowercase
+    ).to_str()
+
+
+def _model_spec(cfg: PipelineConfig, tokenizer_json: str) -> dict[str, Any]:
+    from raypipe import registry
+    from raypipe.data.text import PAD_ID, load_tokenizer
+
+    if cfg.finetune and cfg.pretrain is None and cfg.finetune.init not in ("pretrain", "scratch"):
+        from raypipe.engine.checkpoint import read_spec
+
+        spec = read_spec(cfg.finetune.init)
+        return {"type": spec["type"], "config": spec["config"]}
+    overrides = {}
+    if cfg.pretrain is not None:
+        overrides = dict(registry.resolve("objective", cfg.pretrain.objective).model_overrides)
+    m = cfg.model
+    config = {
+        "vocab_size": load_tokenizer(tokenizer_json).get_vocab_size(),
+        "dim": m.dim,
+        "num_layers": m.layers,
+        "num_heads": m.heads,
+        "max_len": m.max_len,
+        "mlp_ratio": m.mlp_ratio,
+        "dropout": m.dropout,
+        "pad_id": PAD_ID,
+        **overrides,
+    }
+    return {"type": m.type, "config": config}
+
+
+def _read_marker(stage_dir: Path) -> dict[str, Any] | None:
+    marker = stage_dir / STAGE_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _write_marker(stage_dir: Path, payload: dict[str, Any]) -> None:
+    tmp = stage_dir / f".{STAGE_MARKER}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, stage_dir / STAGE_MARKER)
+
+
+def _stage_run(
+    inputs: Inputs, parent: tracking.RunRef, name: str, marker: dict[str, Any] | None
+) -> tracking.RunRef:
+    tags: dict[str, Any] = {"raypipe.reused": str(marker is not None).lower()}
+    if marker is not None:
+        tags["raypipe.reused_from_run"] = marker["mlflow_run_id"]
+    return tracking.start_run(
+        tracking_uri=inputs.tracking_uri,
+        experiment_id=inputs.experiment_id,
+        name=name,
+        kind="stage",
+        parent=parent,
+        tags=tags,
+    )
+
+
+def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
+    """Returns (checkpoint dir, tokenizer json, model spec, stage fingerprint)."""
+    from raypipe.engine.checkpoint import read_spec, read_tokenizer
+
+    p = cfg.pretrain
+    fp = _fingerprint(
+        "pretrain", cfg.model.model_dump(), cfg.tokenizer.model_dump(), p.model_dump(),
+        cfg.data.unlabeled.model_dump(), cfg.seed, datafiles.manifest_digest(inputs.unlabeled),
+    )
+    stage_dir = inputs.storage / cfg.name / f"pretrain-{fp[:12]}"
+    marker = _read_marker(stage_dir)
+    started = time.perf_counter()
+    run = _stage_run(inputs, parent, "pretrain", marker)
+    logger = tracking.RunLogger(run)
+    try:
+        if marker is not None:
+            ckpt = marker["checkpoint"]
+            out = {"steps": marker["steps"], "final_loss": marker["final_loss"]}
+            print(f"[pretrain] reusing completed stage {stage_dir.name}", flush=True)
+        else:
+            from raypipe.stages.pretrain import run_pretrain
+
+            tokenizer_json = _tokenizer_json(cfg, inputs, None)
+            spec = _model_spec(cfg, tokenizer_json)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+            logger.log_params({"fingerprint": fp, "model": spec["config"], **p.model_dump()})
+            result = run_pretrain(
+                cfg=p, model_spec=spec, files=inputs.unlabeled,
+                text_column=cfg.data.unlabeled.text_column, tokenizer_json=tokenizer_json,
+                stage_dir=str(stage_dir), run=run, seed=cfg.seed, fingerprint=fp,
+            )
+            ckpt = result.checkpoint
+            out = {"steps": result.steps, "final_loss": result.final_loss}
+            _write_marker(stage_dir, {"fingerprint": fp, "checkpoint": ckpt,
+                                      "mlflow_run_id": run.run_id, **out})
+        logger.log_metrics({"final/loss": out["final_loss"], "final/steps": out["steps"]}, out["steps"])
+        logger.set_tags({"raypipe.checkpoint": ckpt, "raypipe.fingerprint": fp})
+        tracking.end_run(run)
+    except BaseException:
+        tracking.end_run(run, "FAILED")
+        raise
+    summary.stages.append(StageReport(
+        "pretrain", "reused" if marker else "done", time.perf_counter() - started,
+        {"steps": out["steps"], "final loss": round(out["final_loss"], 4)},
+    ))
+    spec = read_spec(ckpt)
+    return ckpt, read_tokenizer(ckpt), {"type": spec["type"], "config": spec["config"]}, fp
+
+
+def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ckpt, upstream):
+    from raypipe.stages.finetune import labeled_dataset, run_arm
+
+    f = cfg.finetune
+    lab = cfg.data.labeled
+    fp = _fingerprint(
+        "finetune", f.model_dump(), lab.model_dump(), cfg.seed, spec, upstream,
+        datafiles.manifest_digest(inputs.train + inputs.validation), cfg.tracking.registered_model,
+    )
+    stage_dir = inputs.storage / cfg.name / f"finetune-{fp[:12]}"
+    marker = _read_marker(stage_dir)
+    started = time.perf_counter()
+    run = _stage_run(inputs, parent, "finetune", marker)
+    logger = tracking.RunLogger(run)
+    try:
+        if marker is not None:
+            arms, model = marker["arms"], marker["model"]
+            print(f"[finetune] reusing completed stage {stage_dir.name}", flush=True)
+        else:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+            logger.log_params({"fingerprint": fp, **f.model_dump(exclude={"sweep"}),
+                               "sweep": f.sweep.model_dump()})
+            datasets = {
+                split: labeled_dataset(
+                    files, text_column=src.text_column, label_column=src.label_column,
+                    tokenizer_json=tokenizer_json, max_len=f.max_len,
+                )
+                for split, files, src in (
+                    ("train", inputs.train, lab.train),
+                    ("validation", inputs.validation, lab.validation),
+                )
+            }
+            _check_labels(datasets, f.num_classes)
+            num_train = datasets["train"].count()
+            plan = ([("pretrained", init_ckpt)] if init_ckpt else []) + (
+                [("scratch", None)] if f.compare_scratch or not init_ckpt else []
+            )
+            arms = {}
+            for arm, ckpt in plan:
+                print(f"[finetune] sweeping the {arm} arm: {f.sweep.num_samples} trial(s)", flush=True)
+                arms[arm] = asdict(run_arm(
+                    arm=arm, cfg=f, init_checkpoint=ckpt, model_spec=spec,
+                    tokenizer_json=tokenizer_json, train_ds=datasets["train"],
+                    val_ds=datasets["validation"], num_train_rows=num_train,
+                    stage_dir=str(stage_dir), parent=run, seed=cfg.seed, fingerprint=fp,
+                ))
+            model = _register_best(cfg, run, arms, tokenizer_json, stage_dir)
+            _write_marker(stage_dir, {"fingerprint": fp, "mlflow_run_id": run.run_id,
+                                      "arms": arms, "model": model})
+        metric = f.sweep.metric
+        best_metrics = {f"best/{arm}/{metric}": a["best_metric"] for arm, a in arms.items()
+                        if a["best_metric"] is not None}
+        logger.log_metrics(best_metrics, 0)
+        logger.set_tags({"raypipe.fingerprint": fp, "raypipe.best_checkpoint": model.get("checkpoint")})
+        tracking.end_run(run)
+    except BaseException:
+        tracking.end_run(run, "FAILED")
+        raise
+    summary.metric = f.sweep.metric
+    summary.arms = arms
+    summary.model = model
+    summary.stages.append(StageReport(
+        "finetune", "reused" if marker else "done", time.perf_counter() - started,
+        {"trials": sum(a["num_trials"] for a in arms.values()),
+         "stopped early": sum(a["num_stopped_early"] for a in arms.values())},
+    ))
+
+
+def _check_labels(datasets: dict, num_classes: int) -> None:
+    for split, ds in datasets.items():
+        lo, hi = ds.min("label"), ds.max("label")
+        if lo < 0 or hi >= num_classes:
+            raise UserError(
+                f"data.labeled.{split}: labels range over [{lo}, {hi}] but finetune.num_classes is "
+                f"{num_classes}; labels must be integers in [0, num_classes)"
+            )
+
+
+def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str, stage_dir: Path) -> dict:
+    """Log the best trial's model (pt2, no pickled code) into the finetune run and register it."""
+    import numpy as np
+    import torch
+
+    from raypipe.data.text import BOS_ID
+    from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
+
+    f = cfg.finetune
+    sign = 1 if f.sweep.mode == "max" else -1
+    candidates = [a for a in arms.values() if a["best_checkpoint"]]
+    if not candidates:
+        raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
+    best = max(candidates, key=lambda a: sign * a["best_metric"])
+    task = load_task(best["best_checkpoint"]).eval()
+    example = np.full((2, 8), BOS_ID, dtype=np.int64)
+    tok_file = stage_dir / TOKENIZER_FILE
+    tok_file.write_text(tokenizer_json)
+    meta = read_meta(best["best_checkpoint"])
+    with torch.no_grad():
+        uri, version = tracking.log_registered_model(
+            run,
+            model=task.predictor(),
+            input_example=example,
+            registered_name=cfg.tracking.registered_model,
+            extra_files=[str(tok_file)],
+            tags={
+                "raypipe.arm": best["arm"],
+                "raypipe.trial": best["best_trial"],
+                f"raypipe.{f.sweep.metric}": best["best_metric"],
+                "raypipe.checkpoint": best["best_checkpoint"],
+                "raypipe.init_checkpoint": meta.get("init_checkpoint") or "none",
+            },
+        )
+    return {
+        "name": cfg.tracking.registered_model,
+        "version": version,
+        "uri": uri,
+        "arm": best["arm"],
+        "trial": best["best_trial"],
+        "checkpoint": best["best_checkpoint"],
+    }
+
+
+def run_pipeline(
+    cfg: PipelineConfig, *, address: str | None = None, verbose: bool = False
+) -> Summary:
+    started = time.perf_counter()
+    inputs = prepare(cfg)
+    parent = tracking.start_run(
+        tracking_uri=inputs.tracking_uri, experiment_id=inputs.experiment_id,
+        name=cfg.name, kind="pipeline",
+    )
+    summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
+    started_ray = False
+    try:
+        tracking.log_text(parent, to_yaml(cfg), "config/pipeline.yaml")
+        tracking.RunLogger(parent).log_params(cfg.model_dump(mode="json"))
+        started_ray = _init_ray(address, verbose=verbose)
+        ckpt, pre_fp = None, None
+        if cfg.pretrain is not None:
+            ckpt, tokenizer_json, spec, pre_fp = _run_pretrain(cfg, inputs, parent, summary)
+        else:
+            tokenizer_json = _tokenizer_json(cfg, inputs, None)
+            spec = _model_spec(cfg, tokenizer_json)
+        if cfg.finetune is not None:
+            init = cfg.finetune.init
+            init_ckpt = ckpt if init == "pretrain" else (None if init == "scratch" else init)
+            _run_finetune(
+                cfg, inputs, parent, summary, tokenizer_json=tokenizer_json, spec=spec,
+                init_ckpt=init_ckpt, upstream=pre_fp or init,
+            )
+        summary.seconds = time.perf_counter() - started
+        tracking.RunLogger(parent).log_metrics({"pipeline/seconds": summary.seconds}, 0)
+        tracking.end_run(parent)
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return summary
+
+
+def format_summary(s: Summary) -> str:
+    lines = [f"raypipe: pipeline '{s.name}' finished in {s.seconds:.0f}s"]
+    for st in s.stages:
+        details = ", ".join(f"{k} {v}" for k, v in st.metrics.items())
+        lines.append(f"  {st.name:<9} {st.status:<7} {st.seconds:6.0f}s  {details}")
+    if s.arms:
+        lines.append(f"  best {s.metric} on the validation split:")
+        for arm, a in s.arms.items():
+            value = "n/a" if a["best_metric"] is None else f"{a['best_metric']:.4f}"
+            lines.append(f"    {arm:<10} {value}  ({a['best_trial'] or 'no trial finished'})")
+        pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
+        if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
+            lines.append(f"    gap        {pre['best_metric'] - scr['best_metric']:+.4f} (pretrained - scratch)")
+    if s.model:
+        lines.append(
+            f"  model     registered '{s.model['name']}' version {s.model['version']} "
+            f"({s.model['arm']} arm, {s.model['trial']})"
+        )
+    lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
+    lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""What both Ray stages share: scaling, checkpoint reporting, batch iteration, error unwrapping."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import ScalingConfig
+
+from raypipe.config import ScalingConfig as ScalingSection
+from raypipe.errors import UserError
+
+
+def scaling_config(section: ScalingSection) -> ScalingConfig:
+    resources = {"CPU": section.cpus_per_worker, **section.resources_per_worker}
+    if section.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(
+        num_workers=section.num_workers,
+        use_gpu=section.use_gpu,
+        resources_per_worker=resources,
+    )
+
+
+def report(
+    metrics: dict[str, Any], *, rank: int, save=None, checkpoint_name: str | None = None
+) -> None:
+    """Every rank calls this (it is a barrier); rank 0 writes the checkpoint via `save(dir)`."""
+    if save is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            path = save(Path(tmp) / "checkpoint")
+            checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """Ray wraps errors raised in workers and tasks; dig out a raypipe UserError if there is one."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        for attr in ("__cause__", "__context__", "cause"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+        # Train V2 collects per-worker errors in a dict.
+        for attr in ("worker_failures", "_worker_failures"):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        for arg in getattr(e, "args", ()):
+            if isinstance(arg, BaseException):
+                stack.append(arg)
+    return None

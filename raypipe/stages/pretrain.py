@@ -1,0 +1,231 @@
+"""Pretraining: Ray Data streams packed token blocks into TorchTrainer workers (DDP).
+
+The only Ray Train caller for pretraining. The dataset pipeline is defined once on the driver;
+each worker iterates its own streaming split and runs `_train_loop` top to bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig
+from ray.train.torch import TorchTrainer
+
+from raypipe.config import PretrainConfig
+from raypipe.data.text import pack_blocks
+from raypipe.engine.checkpoint import (
+    load_train_state,
+    load_weights,
+    read_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from raypipe.engine.loop import Meter, train_step
+from raypipe.engine.optim import build_optimizer, warmup_cosine
+from raypipe.errors import UserError
+from raypipe.models import build_model
+from raypipe.objectives import build_objective
+from raypipe.progress import progress
+from raypipe.stages.common import report, scaling_config
+from raypipe.tracking import RunRef, logger_for
+
+
+@dataclass
+class PretrainOutput:
+    checkpoint: str
+    steps: int
+    final_loss: float
+
+
+def build_dataset(
+    files: list[str], *, text_column: str, tokenizer_json: str, block_size: int
+) -> ray.data.Dataset:
+    """Lazy: read shards -> tokenize and pack on CPU tasks, streamed into the trainer."""
+    return ray.data.read_parquet(files, columns=[text_column]).map_batches(
+        pack_blocks,
+        batch_format="numpy",
+        batch_size=1024,
+        fn_kwargs={
+            "tokenizer_json": tokenizer_json,
+            "text_column": text_column,
+            "block_size": block_size,
+        },
+    )
+
+
+def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int):
+    """Epoch after epoch over this worker's split; each `iter_torch_batches` is one epoch."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            device=device,
+            prefetch_batches=cfg.prefetch_batches,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=seed + epoch if cfg.shuffle_buffer else None,
+        ):
+            count += 1
+            yield batch
+        if count == 0:
+            raise UserError(
+                f"pretrain: the unlabeled data yields no full batch of {cfg.batch_size} blocks per "
+                "worker; lower pretrain.batch_size or pretrain.seq_len, or add data"
+            )
+        epoch += 1
+
+
+def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
+    cfg: PretrainConfig = loop["pretrain"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(loop["seed"])  # identical init on every rank
+
+    objective = build_objective(cfg.objective, build_model(loop["model_spec"])).to(device)
+    opt = cfg.optimizer
+    optimizer = build_optimizer(
+        objective.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas
+    )
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=opt.warmup_steps,
+        total_steps=cfg.max_steps,
+        min_lr_ratio=opt.min_lr_ratio,
+    )
+    step, final_loss = 0, float("nan")
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            load_weights(d, objective.model)
+            state = load_train_state(d)
+            objective.load_state_dict(
+                {**objective.state_dict(), **state["objective"]}, strict=True
+            )
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            step = state["step"]
+            final_loss = read_meta(d).get("loss", final_loss)
+    module = ray.train.torch.prepare_model(objective)
+    logger = logger_for(loop["run"], rank)
+    if rank == 0 and not resumed:
+        logger.log_params({"num_parameters": sum(p.numel() for p in objective.parameters())})
+
+    def save(directory):
+        extra = {k: v for k, v in objective.state_dict().items() if not k.startswith("model.")}
+        return save_checkpoint(
+            directory,
+            module=objective.model,
+            spec=loop["model_spec"],
+            tokenizer_json=loop["tokenizer_json"],
+            meta={
+                "step": step,
+                "samples_seen": step * cfg.batch_size * cfg.grad_accum_steps * world,
+                "objective": cfg.objective,
+                "fingerprint": loop["fingerprint"],
+                "loss": final_loss,
+            },
+            train_state={
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "objective": extra,
+            },
+        )
+
+    batches = _batches_forever(
+        ray.train.get_dataset_shard("train"), cfg, device, seed=loop["seed"] + rank
+    )
+    meter = Meter()
+    while step < cfg.max_steps:
+        micro = [meter.timed_next(batches) for _ in range(cfg.grad_accum_steps)]
+        loss, stats = train_step(
+            module,
+            optimizer,
+            scheduler,
+            micro,
+            grad_clip=opt.grad_clip,
+            device=device,
+            precision=cfg.precision,
+        )
+        step += 1
+        meter.steps += 1
+        meter.tokens += sum(objective.tokens_in(b) for b in micro) * world
+
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            final_loss = loss.item()
+            metrics = {
+                "train/loss": final_loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                **{f"train/{k}": float(v) for k, v in stats.items()},
+                **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
+            }
+            logger.log_metrics(metrics, step)
+            if rank == 0:
+                progress(
+                    f"pretrain step {step}/{cfg.max_steps} loss {final_loss:.4f} "
+                    f"{metrics['perf/tokens_per_s']:.0f} tok/s "
+                    f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
+                )
+        if step % cfg.checkpoint_every == 0 or last:
+            report({"step": step, "loss": final_loss}, rank=rank, save=save,
+                   checkpoint_name=f"step-{step:08d}")
+    return {"steps": step, "final_loss": final_loss}
+
+
+def run_pretrain(
+    *,
+    cfg: PretrainConfig,
+    model_spec: dict[str, Any],
+    files: list[str],
+    text_column: str,
+    tokenizer_json: str,
+    stage_dir: str,
+    run: RunRef,
+    seed: int,
+    fingerprint: str,
+) -> PretrainOutput:
+    # Blocks hold seq_len + 1 tokens: the objective predicts each of seq_len next tokens.
+    dataset = build_dataset(
+        files, text_column=text_column, tokenizer_json=tokenizer_json, block_size=cfg.seq_len + 1
+    )
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "pretrain": cfg,
+            "model_spec": model_spec,
+            "tokenizer_json": tokenizer_json,
+            "run": run,
+            "seed": seed,
+            "fingerprint": fingerprint,
+        },
+        scaling_config=scaling_config(cfg.scaling),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=stage_dir,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
+    out = result.return_value or {}
+    meta = read_meta(result.checkpoint.path)
+    return PretrainOutput(
+        checkpoint=result.checkpoint.path,
+        steps=int(meta["step"]),
+        final_loss=float(out.get("final_loss", meta["loss"])),
+    )

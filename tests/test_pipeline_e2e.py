@@ -1,0 +1,209 @@
+"""End to end on a shared local Ray: Ray Data -> Ray Train -> Ray Tune -> MLflow, for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raypipe.config import parse_config
+from raypipe.errors import UserError
+from raypipe.pipeline import format_summary, run_pipeline
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+
+
+def tiny_config(data: dict[str, str], storage: Path, **overrides) -> dict:
+    raw = {
+        "name": "tiny",
+        "storage": str(storage),
+        "data": {
+            "unlabeled": {"path": data["unlabeled"]},
+            "labeled": {"train": {"path": data["train"]}, "validation": {"path": data["validation"]}},
+        },
+        "tokenizer": {"vocab_size": 300},
+        "model": {"dim": 32, "layers": 2, "heads": 2, "max_len": 32},
+        "pretrain": {
+            "max_steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 20,
+            "optimizer": {"lr": 3e-3, "warmup_steps": 5},
+        },
+        "finetune": {
+            "epochs": 2, "batch_size": 16,
+            "sweep": {"num_samples": 2, "space": {"lr": {"loguniform": [3e-4, 3e-3]}}},
+        },
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, quickstart_data, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = parse_config(tiny_config(quickstart_data, storage))
+    return cfg, run_pipeline(cfg), storage
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_summary_compares_arms(first_run):
+    cfg, summary, _ = first_run
+    assert [s.name for s in summary.stages] == ["pretrain", "finetune"]
+    assert all(s.status == "done" for s in summary.stages)
+    assert summary.stages[0].metrics["steps"] == 30
+    assert set(summary.arms) == {"pretrained", "scratch"}
+    for arm in summary.arms.values():
+        assert arm["num_trials"] == 2
+        assert 0.0 <= arm["best_metric"] <= 1.0
+        assert Path(arm["best_checkpoint"]).is_dir()
+    text = format_summary(summary)
+    assert "pretrained" in text and "scratch" in text and "mlflow ui --backend-store-uri" in text
+
+
+def test_pretrain_checkpoints_in_storage(first_run):
+    cfg, summary, storage = first_run
+    (stage_dir,) = (storage / "tiny").glob("pretrain-*")
+    steps = sorted(p.name for p in (stage_dir / "train").glob("step-*"))
+    assert steps == ["step-00000020", "step-00000030"]
+    final = stage_dir / "train" / "step-00000030"
+    for name in ("model.safetensors", "model.json", "tokenizer.json", "train_state.pt", "meta.json"):
+        assert (final / name).is_file()
+    assert (stage_dir / "stage.json").is_file() and (stage_dir / "config.yaml").is_file()
+
+
+def test_mlflow_run_tree(first_run):
+    cfg, summary, _ = first_run
+    client = _client(summary.tracking_uri)
+    parent = client.get_run(summary.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["raypipe.kind"] == "pipeline"
+    assert parent.data.params["pretrain.max_steps"] == "30"
+    assert "pipeline/seconds" in parent.data.metrics
+    assert "config/pipeline.yaml" in [a.path for a in client.list_artifacts(summary.run_id, "config")]
+    exp = parent.info.experiment_id
+
+    def children(run_id):
+        return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+
+    stages = {r.info.run_name: r for r in children(summary.run_id)}
+    assert set(stages) == {"pretrain", "finetune"}
+    pre = stages["pretrain"]
+    losses = client.get_metric_history(pre.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [10, 20, 30]
+    assert "perf/data_wait_share" in pre.data.metrics and "perf/tokens_per_s" in pre.data.metrics
+
+    trials = children(stages["finetune"].info.run_id)
+    assert sorted(t.data.tags["raypipe.arm"] for t in trials) == ["pretrained"] * 2 + ["scratch"] * 2
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        assert "lr" in t.data.params
+        history = client.get_metric_history(t.info.run_id, "val/accuracy")
+        assert 1 <= len(history) <= 2
+    ft = stages["finetune"]
+    assert f"best/pretrained/{cfg.finetune.sweep.metric}" in ft.data.metrics
+
+
+def test_registered_model_loads_and_predicts(first_run, quickstart_data):
+    import mlflow
+
+    from raypipe.data.text import encode_labeled
+    from raypipe.engine.checkpoint import load_task
+
+    cfg, summary, _ = first_run
+    version = summary.model["version"]
+    mlflow.set_tracking_uri(summary.tracking_uri)
+    mlflow.set_registry_uri(summary.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/tiny/{version}")
+
+    local = mlflow.artifacts.download_artifacts(f"models:/tiny/{version}")
+    tokenizer_json = (Path(local) / "extra_files" / "tokenizer.json").read_text()
+    table = pq.read_table(next(Path(quickstart_data["validation"]).glob("*.parquet")))
+    batch = encode_labeled(
+        {"text": np.array(table.column("text").to_pylist()[:16], dtype=object),
+         "label": np.array(table.column("label").to_pylist()[:16])},
+        tokenizer_json=tokenizer_json, text_column="text", label_column="label", max_len=32,
+    )
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    with torch.no_grad():
+        logits = model(ids)
+        expected = load_task(summary.model["checkpoint"]).eval().logits(ids)
+    assert logits.shape == (16, 2)
+    assert torch.allclose(logits, expected, atol=1e-4)
+    mv = _client(summary.tracking_uri).get_model_version("tiny", version)
+    assert mv.tags["raypipe.arm"] == summary.model["arm"]
+
+
+def test_rerun_reuses_completed_stages(first_run):
+    cfg, summary, _ = first_run
+    again = run_pipeline(cfg)
+    assert [s.status for s in again.stages] == ["reused", "reused"]
+    assert again.arms == summary.arms and again.model == summary.model
+    client = _client(again.tracking_uri)
+    exp = client.get_run(again.run_id).info.experiment_id
+    stages = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{again.run_id}'")
+    assert {r.data.tags["raypipe.reused"] for r in stages} == {"true"}
+    assert len(client.search_model_versions("name='tiny'")) == 1
+
+
+def test_out_of_range_labels_fail_clearly(ray_session, tmp_path, quickstart_data):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"text": ["a fine film ."] * 8, "label": [0, 1, 2, 5, 0, 1, 0, 1]}),
+                   bad / "part.parquet")
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    del raw["pretrain"]
+    raw["data"] = {"labeled": {"train": {"path": str(bad)}, "validation": {"path": str(bad)}}}
+    raw["finetune"]["init"] = "scratch"
+    with pytest.raises(UserError, match=r"labels range over \[0, 5\] but finetune.num_classes is 2"):
+        run_pipeline(parse_config(raw))
+
+
+def _cli(*args, cwd, timeout=900):
+    # A clean MLflow environment: other tests in this process set the global tracking URI.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run(
+        [sys.executable, "-m", "raypipe", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def test_cli_runs_the_quickstart_at_smoke_size(ray_session, tmp_path):
+    """The shipped quickstart through the real CLI, joining the session's Ray via --address."""
+    address = ray_session.get_runtime_context().gcs_address
+    proc = _cli(
+        "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--address", address,
+        "--set", "pretrain.max_steps=20", "--set", "model.dim=32", "--set", "model.layers=1",
+        "--set", "finetune.epochs=1", "--set", "finetune.sweep.num_samples=1",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "raypipe: pipeline 'quickstart' finished" in out
+    assert "pretrain step 20/20" in out  # progress lines reach the driver's console
+    assert "pretrained" in out and "scratch" in out and "registered 'quickstart' version 1" in out
+    assert (tmp_path / "data" / "quickstart" / "unlabeled").is_dir()  # generated on first run
+    assert (tmp_path / "raypipe-runs" / "mlflow.db").is_file()
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_bad_data_path_fails_before_anything_starts(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "name: t\nstorage: runs\ndata: {unlabeled: {path: nowhere}}\npretrain: {max_steps: 5}\n"
+    )
+    proc = _cli("run", "p.yaml", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "raypipe: error: data.unlabeled.path: data path 'nowhere' does not exist; "
+        "fix the path or create the data"
+    )
+    assert not (tmp_path / "runs").exists()
