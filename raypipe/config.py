@@ -53,7 +53,9 @@ class LabeledSource(TextSource):
 
 class LabeledData(Strict):
     train: LabeledSource = Field(description="Labeled training shards.")
-    validation: LabeledSource = Field(description="Labeled validation shards (evaluated every epoch).")
+    validation: LabeledSource = Field(
+        description="Labeled validation shards (evaluated every epoch)."
+    )
 
 
 class DataConfig(Strict):
@@ -94,7 +96,9 @@ class OptimizerBase(Strict):
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
         0.1, description="Cosine decay ends at this fraction of lr."
     )
-    grad_clip: PositiveFloat | None = Field(1.0, description="Clip the global grad norm; null: off.")
+    grad_clip: PositiveFloat | None = Field(
+        1.0, description="Clip the global grad norm; null: off."
+    )
 
 
 class PretrainOptimizer(OptimizerBase):
@@ -257,11 +261,15 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         if cfg.data.unlabeled is None:
             problems.append("data.unlabeled: required by the pretrain stage")
         if not registry.is_known("objective", p.objective):
-            problems.append(f"pretrain.objective: {registry.unknown_message('objective', p.objective)}")
+            problems.append(
+                f"pretrain.objective: {registry.unknown_message('objective', p.objective)}"
+            )
         p.seq_len = p.seq_len or m.max_len
         # Causal LM blocks hold seq_len + 1 tokens; the model sees seq_len of them.
         if p.seq_len > m.max_len:
-            problems.append(f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}")
+            problems.append(
+                f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}"
+            )
     if cfg.finetune is not None:
         f = cfg.finetune
         if cfg.data.labeled is None:
@@ -276,12 +284,16 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         if f.init not in ("pretrain", "scratch") and not Path(f.init).is_dir():
             problems.append(f"finetune.init: checkpoint directory '{f.init}' does not exist")
         if f.compare_scratch and f.init == "scratch":
-            problems.append("finetune.compare_scratch: has no effect when init is 'scratch'; remove it")
+            problems.append(
+                "finetune.compare_scratch: has no effect when init is 'scratch'; remove it"
+            )
         if f.compare_scratch is None:
             f.compare_scratch = f.init != "scratch"
         f.max_len = f.max_len or m.max_len
         if f.max_len > m.max_len:
-            problems.append(f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}")
+            problems.append(
+                f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
+            )
         for key in f.sweep.space:
             if key not in TUNABLE:
                 close = difflib.get_close_matches(key, TUNABLE, n=1)
@@ -358,7 +370,9 @@ def apply_overrides(raw: dict, overrides: list[str], *, source: str) -> dict:
 
 def parse_config(raw: Any, *, source: str = "config") -> PipelineConfig:
     if not isinstance(raw, dict):
-        raise ConfigError(source, [f"expected a mapping of keys at the top, got {type(raw).__name__}"])
+        raise ConfigError(
+            source, [f"expected a mapping of keys at the top, got {type(raw).__name__}"]
+        )
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:

@@ -67,7 +67,9 @@ def _generate_if_missing(cfg: PipelineConfig) -> None:
         return
     d = cfg.data
     if d.unlabeled is None or d.labeled is None:
-        raise UserError("data.generate: quickstart writes data.unlabeled and data.labeled; set both paths")
+        raise UserError(
+            "data.generate: quickstart writes data.unlabeled and data.labeled; set both paths"
+        )
     paths = [d.unlabeled.path, d.labeled.train.path, d.labeled.validation.path]
     if all(Path(p).exists() for p in paths):
         return
@@ -98,7 +100,9 @@ def _data_files(cfg: PipelineConfig) -> dict[str, list[str]]:
     d = cfg.data
     out: dict[str, list[str]] = {"unlabeled": [], "train": [], "validation": []}
     if cfg.pretrain is not None and d.unlabeled is not None:
-        out["unlabeled"] = datafiles.resolve_parquet_files(d.unlabeled.path, key="data.unlabeled.path")
+        out["unlabeled"] = datafiles.resolve_parquet_files(
+            d.unlabeled.path, key="data.unlabeled.path"
+        )
         datafiles.check_columns(out["unlabeled"], [d.unlabeled.text_column], key="data.unlabeled")
     if cfg.finetune is not None and d.labeled is not None:
         for split in ("train", "validation"):
@@ -125,7 +129,8 @@ def prepare(cfg: PipelineConfig) -> Inputs:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri, str(storage))
     default_store = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     experiment_id = tracking.open_experiment(
-        uri, cfg.tracking.experiment,
+        uri,
+        cfg.tracking.experiment,
         artifact_root=str(storage / "mlartifacts") if default_store else None,
     )
     return Inputs(storage, uri, experiment_id, **files)
@@ -159,11 +164,17 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(
-        address=address or None,
-        logging_level=logging.INFO if verbose else logging.ERROR,
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            address=address or None,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            log_to_driver=True,
+        )
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot connect to the Ray cluster at '{address}' ({e}); check --address or "
+            "RAY_ADDRESS, or leave both unset to start a local Ray"
+        ) from None
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         _forward_progress_only()
@@ -253,8 +264,13 @@ def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
 
     p = cfg.pretrain
     fp = _fingerprint(
-        "pretrain", cfg.model.model_dump(), cfg.tokenizer.model_dump(), p.model_dump(),
-        cfg.data.unlabeled.model_dump(), cfg.seed, datafiles.manifest_digest(inputs.unlabeled),
+        "pretrain",
+        cfg.model.model_dump(),
+        cfg.tokenizer.model_dump(),
+        p.model_dump(),
+        cfg.data.unlabeled.model_dump(),
+        cfg.seed,
+        datafiles.manifest_digest(inputs.unlabeled),
     )
     stage_dir = inputs.storage / cfg.name / f"pretrain-{fp[:12]}"
     marker = _read_marker(stage_dir)
@@ -275,24 +291,38 @@ def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
             (stage_dir / "config.yaml").write_text(to_yaml(cfg))
             logger.log_params({"fingerprint": fp, "model": spec["config"], **p.model_dump()})
             result = run_pretrain(
-                cfg=p, model_spec=spec, files=inputs.unlabeled,
-                text_column=cfg.data.unlabeled.text_column, tokenizer_json=tokenizer_json,
-                stage_dir=str(stage_dir), run=run, seed=cfg.seed, fingerprint=fp,
+                cfg=p,
+                model_spec=spec,
+                files=inputs.unlabeled,
+                text_column=cfg.data.unlabeled.text_column,
+                tokenizer_json=tokenizer_json,
+                stage_dir=str(stage_dir),
+                run=run,
+                seed=cfg.seed,
+                fingerprint=fp,
             )
             ckpt = result.checkpoint
             out = {"steps": result.steps, "final_loss": result.final_loss}
-            _write_marker(stage_dir, {"fingerprint": fp, "checkpoint": ckpt,
-                                      "mlflow_run_id": run.run_id, **out})
-        logger.log_metrics({"final/loss": out["final_loss"], "final/steps": out["steps"]}, out["steps"])
+            _write_marker(
+                stage_dir,
+                {"fingerprint": fp, "checkpoint": ckpt, "mlflow_run_id": run.run_id, **out},
+            )
+        logger.log_metrics(
+            {"final/loss": out["final_loss"], "final/steps": out["steps"]}, out["steps"]
+        )
         logger.set_tags({"raypipe.checkpoint": ckpt, "raypipe.fingerprint": fp})
         tracking.end_run(run)
     except BaseException:
         tracking.end_run(run, "FAILED")
         raise
-    summary.stages.append(StageReport(
-        "pretrain", "reused" if marker else "done", time.perf_counter() - started,
-        {"steps": out["steps"], "final loss": round(out["final_loss"], 4)},
-    ))
+    summary.stages.append(
+        StageReport(
+            "pretrain",
+            "reused" if marker else "done",
+            time.perf_counter() - started,
+            {"steps": out["steps"], "final loss": round(out["final_loss"], 4)},
+        )
+    )
     spec = read_spec(ckpt)
     return ckpt, read_tokenizer(ckpt), {"type": spec["type"], "config": spec["config"]}, fp
 
@@ -303,8 +333,14 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
     f = cfg.finetune
     lab = cfg.data.labeled
     fp = _fingerprint(
-        "finetune", f.model_dump(), lab.model_dump(), cfg.seed, spec, upstream,
-        datafiles.manifest_digest(inputs.train + inputs.validation), cfg.tracking.registered_model,
+        "finetune",
+        f.model_dump(),
+        lab.model_dump(),
+        cfg.seed,
+        spec,
+        upstream,
+        datafiles.manifest_digest(inputs.train + inputs.validation),
+        cfg.tracking.registered_model,
     )
     stage_dir = inputs.storage / cfg.name / f"finetune-{fp[:12]}"
     marker = _read_marker(stage_dir)
@@ -318,12 +354,20 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
         else:
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "config.yaml").write_text(to_yaml(cfg))
-            logger.log_params({"fingerprint": fp, **f.model_dump(exclude={"sweep"}),
-                               "sweep": f.sweep.model_dump()})
+            logger.log_params(
+                {
+                    "fingerprint": fp,
+                    **f.model_dump(exclude={"sweep"}),
+                    "sweep": f.sweep.model_dump(),
+                }
+            )
             datasets = {
                 split: labeled_dataset(
-                    files, text_column=src.text_column, label_column=src.label_column,
-                    tokenizer_json=tokenizer_json, max_len=f.max_len,
+                    files,
+                    text_column=src.text_column,
+                    label_column=src.label_column,
+                    tokenizer_json=tokenizer_json,
+                    max_len=f.max_len,
                 )
                 for split, files, src in (
                     ("train", inputs.train, lab.train),
@@ -337,21 +381,40 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
             )
             arms = {}
             for arm, ckpt in plan:
-                print(f"[finetune] sweeping the {arm} arm: {f.sweep.num_samples} trial(s)", flush=True)
-                arms[arm] = asdict(run_arm(
-                    arm=arm, cfg=f, init_checkpoint=ckpt, model_spec=spec,
-                    tokenizer_json=tokenizer_json, train_ds=datasets["train"],
-                    val_ds=datasets["validation"], num_train_rows=num_train,
-                    stage_dir=str(stage_dir), parent=run, seed=cfg.seed, fingerprint=fp,
-                ))
+                print(
+                    f"[finetune] sweeping the {arm} arm: {f.sweep.num_samples} trial(s)", flush=True
+                )
+                arms[arm] = asdict(
+                    run_arm(
+                        arm=arm,
+                        cfg=f,
+                        init_checkpoint=ckpt,
+                        model_spec=spec,
+                        tokenizer_json=tokenizer_json,
+                        train_ds=datasets["train"],
+                        val_ds=datasets["validation"],
+                        num_train_rows=num_train,
+                        stage_dir=str(stage_dir),
+                        parent=run,
+                        seed=cfg.seed,
+                        fingerprint=fp,
+                    )
+                )
             model = _register_best(cfg, run, arms, tokenizer_json, stage_dir)
-            _write_marker(stage_dir, {"fingerprint": fp, "mlflow_run_id": run.run_id,
-                                      "arms": arms, "model": model})
+            _write_marker(
+                stage_dir,
+                {"fingerprint": fp, "mlflow_run_id": run.run_id, "arms": arms, "model": model},
+            )
         metric = f.sweep.metric
-        best_metrics = {f"best/{arm}/{metric}": a["best_metric"] for arm, a in arms.items()
-                        if a["best_metric"] is not None}
+        best_metrics = {
+            f"best/{arm}/{metric}": a["best_metric"]
+            for arm, a in arms.items()
+            if a["best_metric"] is not None
+        }
         logger.log_metrics(best_metrics, 0)
-        logger.set_tags({"raypipe.fingerprint": fp, "raypipe.best_checkpoint": model.get("checkpoint")})
+        logger.set_tags(
+            {"raypipe.fingerprint": fp, "raypipe.best_checkpoint": model.get("checkpoint")}
+        )
         tracking.end_run(run)
     except BaseException:
         tracking.end_run(run, "FAILED")
@@ -359,11 +422,17 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
     summary.metric = f.sweep.metric
     summary.arms = arms
     summary.model = model
-    summary.stages.append(StageReport(
-        "finetune", "reused" if marker else "done", time.perf_counter() - started,
-        {"trials": sum(a["num_trials"] for a in arms.values()),
-         "stopped early": sum(a["num_stopped_early"] for a in arms.values())},
-    ))
+    summary.stages.append(
+        StageReport(
+            "finetune",
+            "reused" if marker else "done",
+            time.perf_counter() - started,
+            {
+                "trials": sum(a["num_trials"] for a in arms.values()),
+                "stopped early": sum(a["num_stopped_early"] for a in arms.values()),
+            },
+        )
+    )
 
 
 def _check_labels(datasets: dict, num_classes: int) -> None:
@@ -376,7 +445,9 @@ def _check_labels(datasets: dict, num_classes: int) -> None:
             )
 
 
-def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str, stage_dir: Path) -> dict:
+def _register_best(
+    cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str, stage_dir: Path
+) -> dict:
     """Log the best trial's model (pt2, no pickled code) into the finetune run and register it."""
     import numpy as np
     import torch
@@ -426,8 +497,10 @@ def run_pipeline(
     started = time.perf_counter()
     inputs = prepare(cfg)
     parent = tracking.start_run(
-        tracking_uri=inputs.tracking_uri, experiment_id=inputs.experiment_id,
-        name=cfg.name, kind="pipeline",
+        tracking_uri=inputs.tracking_uri,
+        experiment_id=inputs.experiment_id,
+        name=cfg.name,
+        kind="pipeline",
     )
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
@@ -445,8 +518,14 @@ def run_pipeline(
             init = cfg.finetune.init
             init_ckpt = ckpt if init == "pretrain" else (None if init == "scratch" else init)
             _run_finetune(
-                cfg, inputs, parent, summary, tokenizer_json=tokenizer_json, spec=spec,
-                init_ckpt=init_ckpt, upstream=pre_fp or init,
+                cfg,
+                inputs,
+                parent,
+                summary,
+                tokenizer_json=tokenizer_json,
+                spec=spec,
+                init_ckpt=init_ckpt,
+                upstream=pre_fp or init,
             )
         summary.seconds = time.perf_counter() - started
         tracking.RunLogger(parent).log_metrics({"pipeline/seconds": summary.seconds}, 0)
@@ -474,7 +553,9 @@ def format_summary(s: Summary) -> str:
             lines.append(f"    {arm:<10} {value}  ({a['best_trial'] or 'no trial finished'})")
         pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
         if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
-            lines.append(f"    gap        {pre['best_metric'] - scr['best_metric']:+.4f} (pretrained - scratch)")
+            lines.append(
+                f"    gap        {pre['best_metric'] - scr['best_metric']:+.4f} (pretrained - scratch)"
+            )
     if s.model:
         lines.append(
             f"  model     registered '{s.model['name']}' version {s.model['version']} "

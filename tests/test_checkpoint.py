@@ -24,8 +24,10 @@ from raypipe.engine.optim import build_optimizer
 from raypipe.models import build_model
 from raypipe.tasks import build_task
 
-SPEC = {"type": "transformer", "config": {"vocab_size": 40, "dim": 16, "num_layers": 1,
-                                          "num_heads": 2, "max_len": 12}}
+SPEC = {
+    "type": "transformer",
+    "config": {"vocab_size": 40, "dim": 16, "num_layers": 1, "num_heads": 2, "max_len": 12},
+}
 
 
 def _model():
@@ -38,11 +40,20 @@ def test_roundtrip(tmp_path):
     model(torch.randint(0, 40, (2, 5))).sum().backward()
     opt.step()
     path = save_checkpoint(
-        tmp_path / "ckpt", module=model, spec=SPEC, meta={"step": 7}, tokenizer_json='{"t": 1}',
+        tmp_path / "ckpt",
+        module=model,
+        spec=SPEC,
+        meta={"step": 7},
+        tokenizer_json='{"t": 1}',
         train_state={"step": 7, "optimizer": opt.state_dict(), "rng": rng_state()},
     )
     assert sorted(p.name for p in path.iterdir()) == [
-        "meta.json", "model.json", "model.safetensors", "tokenizer.json", "train_state.pt"]
+        "meta.json",
+        "model.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_state.pt",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
     assert read_spec(path) == SPEC and read_meta(path) == {"step": 7}
     assert read_tokenizer(path) == '{"t": 1}'
@@ -90,8 +101,9 @@ class _Exploit:
 def test_pickled_code_in_train_state_is_refused(tmp_path):
     save_checkpoint(tmp_path / "c", module=_model(), spec=SPEC, meta={}, train_state={"step": 1})
     # Plant a payload that would call a function if unpickled.
-    torch.save({"step": 1, "evil": _Exploit()}, tmp_path / "c" / "train_state.pt",
-               pickle_module=pickle)
+    torch.save(
+        {"step": 1, "evil": _Exploit()}, tmp_path / "c" / "train_state.pt", pickle_module=pickle
+    )
     with pytest.raises(pickle.UnpicklingError):
         load_train_state(tmp_path / "c")
 
@@ -107,4 +119,6 @@ def test_fine_tuned_task_roundtrip(tmp_path):
     backbone = _model()
     load_weights(tmp_path / "ft", backbone, prefix="backbone.")
     assert torch.equal(backbone.tok_emb.weight, task.backbone.tok_emb.weight)
-    assert json.loads((tmp_path / "ft" / "model.json").read_text())["task"]["name"] == "classification"
+    assert (
+        json.loads((tmp_path / "ft" / "model.json").read_text())["task"]["name"] == "classification"
+    )

@@ -93,14 +93,30 @@ def test_negative_learning_rate_is_rejected():
         ({"model": {"dim": 64, "heads": 3}}, "model.heads: must divide model.dim (64), got 3"),
         ({"pretrain": None}, "finetune.init: 'pretrain' needs a pretrain stage"),
         ({"pretrain": {"max_steps": 1, "objective": "causal_llm"}}, "did you mean 'causal_lm'?"),
-        ({"pretrain": {"max_steps": 1, "seq_len": 999}}, "pretrain.seq_len: must be <= model.max_len"),
-        ({"finetune": {"sweep": {"space": {"lrr": {"uniform": [0, 1]}}}}},
-         "finetune.sweep.space.lrr: not a tunable setting; did you mean 'lr'?"),
-        ({"finetune": {"sweep": {"metric": "val/f1"}}}, "finetune.sweep.metric: 'val/f1' is not reported"),
-        ({"finetune": {"init": "scratch", "compare_scratch": True}}, "finetune.compare_scratch: has no effect"),
-        ({"finetune": {"init": "/no/such/checkpoint"}}, "checkpoint directory '/no/such/checkpoint' does not exist"),
-        ({"data": {"labeled": {"train": {"path": "a"}, "validation": {"path": "b"}}}},
-         "data.unlabeled: required by the pretrain stage"),
+        (
+            {"pretrain": {"max_steps": 1, "seq_len": 999}},
+            "pretrain.seq_len: must be <= model.max_len",
+        ),
+        (
+            {"finetune": {"sweep": {"space": {"lrr": {"uniform": [0, 1]}}}}},
+            "finetune.sweep.space.lrr: not a tunable setting; did you mean 'lr'?",
+        ),
+        (
+            {"finetune": {"sweep": {"metric": "val/f1"}}},
+            "finetune.sweep.metric: 'val/f1' is not reported",
+        ),
+        (
+            {"finetune": {"init": "scratch", "compare_scratch": True}},
+            "finetune.compare_scratch: has no effect",
+        ),
+        (
+            {"finetune": {"init": "/no/such/checkpoint"}},
+            "checkpoint directory '/no/such/checkpoint' does not exist",
+        ),
+        (
+            {"data": {"labeled": {"train": {"path": "a"}, "validation": {"path": "b"}}}},
+            "data.unlabeled: required by the pretrain stage",
+        ),
         ({"model": {"type": "transfomer"}}, "did you mean 'transformer'?"),
     ],
 )
@@ -132,7 +148,11 @@ def test_overrides_parse_yaml_values(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     cfg = load_config(
         path,
-        ["pretrain.optimizer.lr=5e-4", "finetune.sweep.num_samples=7", "pretrain.scaling.use_gpu=true"],
+        [
+            "pretrain.optimizer.lr=5e-4",
+            "finetune.sweep.num_samples=7",
+            "pretrain.scaling.use_gpu=true",
+        ],
     )
     assert cfg.pretrain.optimizer.lr == 5e-4
     assert cfg.finetune.sweep.num_samples == 7
@@ -142,7 +162,9 @@ def test_overrides_parse_yaml_values(tmp_path):
 def test_override_of_unknown_key_is_caught(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(BASE))
-    with pytest.raises(ConfigError, match=r"pretrain\.max_step: unknown key; did you mean 'max_steps'"):
+    with pytest.raises(
+        ConfigError, match=r"pretrain\.max_step: unknown key; did you mean 'max_steps'"
+    ):
         load_config(path, ["pretrain.max_step=3"])
     with pytest.raises(ConfigError, match="use key.path=value"):
         load_config(path, ["pretrain.max_steps"])
@@ -176,7 +198,11 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "raypipe", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "raypipe", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from raypipe import registry
 from raypipe.engine.loop import Meter, evaluate, train_step
@@ -28,8 +27,12 @@ def tiny(causal: bool = True, **kw) -> Transformer:
 
 
 def test_registry_builds_every_registered_kind():
-    model = build_model({"type": "transformer", "config": {"vocab_size": 20, "dim": 16,
-                                                            "num_layers": 1, "num_heads": 2}})
+    model = build_model(
+        {
+            "type": "transformer",
+            "config": {"vocab_size": 20, "dim": 16, "num_layers": 1, "num_heads": 2},
+        }
+    )
     for name in registry.OBJECTIVES:
         assert isinstance(build_objective(name, model), torch.nn.Module)
     for name in registry.TASKS:
@@ -137,7 +140,9 @@ def test_gradient_accumulation_equals_one_big_batch():
         objective = CausalLM(tiny())
         opt = torch.optim.SGD(objective.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        train_step(objective, opt, sched, [{"input_ids": m} for m in micro], grad_clip=None, device=CPU)
+        train_step(
+            objective, opt, sched, [{"input_ids": m} for m in micro], grad_clip=None, device=CPU
+        )
         params.append(torch.cat([p.detach().flatten() for p in objective.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-6)
 
@@ -147,7 +152,10 @@ def test_evaluate_sums_stats_and_restores_mode():
     task.train()
     ids = torch.randint(5, 50, (6, 8))
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    batches = [{"input_ids": ids[:4], "label": labels[:4]}, {"input_ids": ids[4:], "label": labels[4:]}]
+    batches = [
+        {"input_ids": ids[:4], "label": labels[:4]},
+        {"input_ids": ids[4:], "label": labels[4:]},
+    ]
     totals = evaluate(task, batches, device=CPU)
     assert task.training
     task.eval()

@@ -27,16 +27,23 @@ def tiny_config(data: dict[str, str], storage: Path, **overrides) -> dict:
         "storage": str(storage),
         "data": {
             "unlabeled": {"path": data["unlabeled"]},
-            "labeled": {"train": {"path": data["train"]}, "validation": {"path": data["validation"]}},
+            "labeled": {
+                "train": {"path": data["train"]},
+                "validation": {"path": data["validation"]},
+            },
         },
         "tokenizer": {"vocab_size": 300},
         "model": {"dim": 32, "layers": 2, "heads": 2, "max_len": 32},
         "pretrain": {
-            "max_steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 20,
+            "max_steps": 30,
+            "batch_size": 16,
+            "log_every": 10,
+            "checkpoint_every": 20,
             "optimizer": {"lr": 3e-3, "warmup_steps": 5},
         },
         "finetune": {
-            "epochs": 2, "batch_size": 16,
+            "epochs": 2,
+            "batch_size": 16,
             "sweep": {"num_samples": 2, "space": {"lr": {"loguniform": [3e-4, 3e-3]}}},
         },
     }
@@ -77,7 +84,13 @@ def test_pretrain_checkpoints_in_storage(first_run):
     steps = sorted(p.name for p in (stage_dir / "train").glob("step-*"))
     assert steps == ["step-00000020", "step-00000030"]
     final = stage_dir / "train" / "step-00000030"
-    for name in ("model.safetensors", "model.json", "tokenizer.json", "train_state.pt", "meta.json"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "tokenizer.json",
+        "train_state.pt",
+        "meta.json",
+    ):
         assert (final / name).is_file()
     assert (stage_dir / "stage.json").is_file() and (stage_dir / "config.yaml").is_file()
 
@@ -89,7 +102,9 @@ def test_mlflow_run_tree(first_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["raypipe.kind"] == "pipeline"
     assert parent.data.params["pretrain.max_steps"] == "30"
     assert "pipeline/seconds" in parent.data.metrics
-    assert "config/pipeline.yaml" in [a.path for a in client.list_artifacts(summary.run_id, "config")]
+    assert "config/pipeline.yaml" in [
+        a.path for a in client.list_artifacts(summary.run_id, "config")
+    ]
     exp = parent.info.experiment_id
 
     def children(run_id):
@@ -103,7 +118,9 @@ def test_mlflow_run_tree(first_run):
     assert "perf/data_wait_share" in pre.data.metrics and "perf/tokens_per_s" in pre.data.metrics
 
     trials = children(stages["finetune"].info.run_id)
-    assert sorted(t.data.tags["raypipe.arm"] for t in trials) == ["pretrained"] * 2 + ["scratch"] * 2
+    assert (
+        sorted(t.data.tags["raypipe.arm"] for t in trials) == ["pretrained"] * 2 + ["scratch"] * 2
+    )
     for t in trials:
         assert t.info.status == "FINISHED"
         assert "lr" in t.data.params
@@ -129,9 +146,14 @@ def test_registered_model_loads_and_predicts(first_run, quickstart_data):
     tokenizer_json = (Path(local) / "extra_files" / "tokenizer.json").read_text()
     table = pq.read_table(next(Path(quickstart_data["validation"]).glob("*.parquet")))
     batch = encode_labeled(
-        {"text": np.array(table.column("text").to_pylist()[:16], dtype=object),
-         "label": np.array(table.column("label").to_pylist()[:16])},
-        tokenizer_json=tokenizer_json, text_column="text", label_column="label", max_len=32,
+        {
+            "text": np.array(table.column("text").to_pylist()[:16], dtype=object),
+            "label": np.array(table.column("label").to_pylist()[:16]),
+        },
+        tokenizer_json=tokenizer_json,
+        text_column="text",
+        label_column="label",
+        max_len=32,
     )
     ids = torch.from_numpy(batch["input_ids"]).long()
     with torch.no_grad():
@@ -150,7 +172,9 @@ def test_rerun_reuses_completed_stages(first_run):
     assert again.arms == summary.arms and again.model == summary.model
     client = _client(again.tracking_uri)
     exp = client.get_run(again.run_id).info.experiment_id
-    stages = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{again.run_id}'")
+    stages = client.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{again.run_id}'"
+    )
     assert {r.data.tags["raypipe.reused"] for r in stages} == {"true"}
     assert len(client.search_model_versions("name='tiny'")) == 1
 
@@ -158,13 +182,17 @@ def test_rerun_reuses_completed_stages(first_run):
 def test_out_of_range_labels_fail_clearly(ray_session, tmp_path, quickstart_data):
     bad = tmp_path / "bad"
     bad.mkdir()
-    pq.write_table(pa.table({"text": ["a fine film ."] * 8, "label": [0, 1, 2, 5, 0, 1, 0, 1]}),
-                   bad / "part.parquet")
+    pq.write_table(
+        pa.table({"text": ["a fine film ."] * 8, "label": [0, 1, 2, 5, 0, 1, 0, 1]}),
+        bad / "part.parquet",
+    )
     raw = tiny_config(quickstart_data, tmp_path / "runs")
     del raw["pretrain"]
     raw["data"] = {"labeled": {"train": {"path": str(bad)}, "validation": {"path": str(bad)}}}
     raw["finetune"]["init"] = "scratch"
-    with pytest.raises(UserError, match=r"labels range over \[0, 5\] but finetune.num_classes is 2"):
+    with pytest.raises(
+        UserError, match=r"labels range over \[0, 5\] but finetune.num_classes is 2"
+    ):
         run_pipeline(parse_config(raw))
 
 
@@ -173,7 +201,11 @@ def _cli(*args, cwd, timeout=900):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return subprocess.run(
         [sys.executable, "-m", "raypipe", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -181,9 +213,20 @@ def test_cli_runs_the_quickstart_at_smoke_size(ray_session, tmp_path):
     """The shipped quickstart through the real CLI, joining the session's Ray via --address."""
     address = ray_session.get_runtime_context().gcs_address
     proc = _cli(
-        "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--address", address,
-        "--set", "pretrain.max_steps=20", "--set", "model.dim=32", "--set", "model.layers=1",
-        "--set", "finetune.epochs=1", "--set", "finetune.sweep.num_samples=1",
+        "run",
+        str(ROOT / "pipelines" / "quickstart.yaml"),
+        "--address",
+        address,
+        "--set",
+        "pretrain.max_steps=20",
+        "--set",
+        "model.dim=32",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "finetune.sweep.num_samples=1",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -207,3 +250,15 @@ def test_cli_bad_data_path_fails_before_anything_starts(tmp_path):
         "fix the path or create the data"
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_error_inside_every_trial_surfaces_as_one_user_error(
+    ray_session, tmp_path, quickstart_data
+):
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    del raw["pretrain"]
+    del raw["data"]["unlabeled"]
+    raw["finetune"].update(init="scratch", batch_size=512)
+    raw["finetune"]["sweep"] = {"num_samples": 1}
+    with pytest.raises(UserError, match="gives no full batch of 512 rows per worker"):
+        run_pipeline(parse_config(raw))

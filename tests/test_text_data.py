@@ -111,7 +111,9 @@ def test_resolve_file_dir_and_glob(tmp_path):
     found = datafiles.resolve_parquet_files(str(tmp_path / "d"), key="k")
     assert [p.rsplit("/", 1)[1] for p in found] == ["a.parquet", "b.parquet"]
     assert datafiles.resolve_parquet_files(str(tmp_path / "d" / "a.parquet"), key="k") == [found[0]]
-    assert datafiles.resolve_parquet_files(str(tmp_path / "d" / "**" / "*.parquet"), key="k") == found
+    assert (
+        datafiles.resolve_parquet_files(str(tmp_path / "d" / "**" / "*.parquet"), key="k") == found
+    )
     assert datafiles.count_rows(found) == 2
 
 

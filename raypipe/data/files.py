@@ -26,7 +26,9 @@ def resolve_parquet_files(path: str, *, key: str) -> list[str]:
         return [os.path.abspath(f) for f in files]
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{key}: data path '{path}' does not exist; fix the path or create the data")
+        raise UserError(
+            f"{key}: data path '{path}' does not exist; fix the path or create the data"
+        )
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*.parquet") if f.is_file())
         if not files:

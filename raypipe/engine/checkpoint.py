@@ -139,7 +139,9 @@ def load_task(directory: str | os.PathLike):
 
     spec = read_spec(directory)
     if "task" not in spec:
-        raise CheckpointError(f"checkpoint {directory} holds no fine-tuned task (model.json has no 'task')")
+        raise CheckpointError(
+            f"checkpoint {directory} holds no fine-tuned task (model.json has no 'task')"
+        )
     task = build_task(spec["task"]["name"], build_model(spec), spec["task"]["options"])
     load_weights(directory, task)
     return task

@@ -7,7 +7,9 @@ import contextlib
 import torch
 
 
-def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+def autocast_for(
+    device: torch.device, precision: str = "auto"
+) -> contextlib.AbstractContextManager:
     """`auto` means bf16 on CUDA and fp32 elsewhere; `fp32` and `bf16` force a choice."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()

@@ -40,6 +40,8 @@ class Objective(nn.Module):
         return first.numel()
 
 
-def build_objective(name: str, model: nn.Module, options: dict[str, Any] | None = None) -> Objective:
+def build_objective(
+    name: str, model: nn.Module, options: dict[str, Any] | None = None
+) -> Objective:
     cls = registry.resolve("objective", name)
     return cls(model, **(options or {}))

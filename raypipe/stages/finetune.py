@@ -41,7 +41,7 @@ from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.progress import progress
-from raypipe.stages.common import report, scaling_config
+from raypipe.stages.common import find_user_error, report, scaling_config
 from raypipe.tasks import build_task
 
 
@@ -77,6 +77,7 @@ def labeled_dataset(
             "max_len": max_len,
         },
     )
+    ds.context.execution_options.preserve_order = True  # the same rows in the same order
     return ds.materialize()
 
 
@@ -111,7 +112,9 @@ def _all_reduce(stats: dict[str, torch.Tensor], device: torch.device) -> dict[st
     if not (dist.is_available() and dist.is_initialized()):
         return stats
     keys = sorted(stats)
-    flat = torch.stack([torch.as_tensor(stats[k], device=device, dtype=torch.float64) for k in keys])
+    flat = torch.stack(
+        [torch.as_tensor(stats[k], device=device, dtype=torch.float64) for k in keys]
+    )
     dist.all_reduce(flat)
     return dict(zip(keys, flat.unbind(), strict=True))
 
@@ -365,17 +368,36 @@ def run_arm(
     )
     grid = tuner.fit()
     stopped = _close_trial_runs(parent, arm, grid, cfg.epochs)
-    failed = sum(r.error is not None for r in grid)
+    errors = [r.error for r in grid if r.error is not None]
+    if len(errors) == len(grid):
+        # Every trial failed: surface the cause instead of an empty sweep.
+        cause = next((u for u in map(find_user_error, errors) if u is not None), None)
+        if cause is not None:
+            raise cause
+        first = str(errors[0]).strip().splitlines()
+        raise RuntimeError(
+            f"all {len(grid)} {arm} trials failed; first error: {first[-1] if first else errors[0]!r}"
+        )
+    failed = len(errors)
 
-    best = ArmResult(arm=arm, best_metric=None, best_checkpoint=None, best_trial=None,
-                     num_trials=len(grid), num_stopped_early=stopped, num_failed=failed)
+    best = ArmResult(
+        arm=arm,
+        best_metric=None,
+        best_checkpoint=None,
+        best_trial=None,
+        num_trials=len(grid),
+        num_stopped_early=stopped,
+        num_failed=failed,
+    )
     for result in grid:
         if result.metrics_dataframe is None or sweep.metric not in result.metrics_dataframe:
             continue
         df = result.metrics_dataframe.dropna(subset=["checkpoint_path"])
         if df.empty:
             continue
-        row = df.loc[df[sweep.metric].idxmax() if sweep.mode == "max" else df[sweep.metric].idxmin()]
+        row = df.loc[
+            df[sweep.metric].idxmax() if sweep.mode == "max" else df[sweep.metric].idxmin()
+        ]
         value = float(row[sweep.metric])
         better = best.best_metric is None or (
             value > best.best_metric if sweep.mode == "max" else value < best.best_metric

@@ -14,7 +14,8 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
 from raypipe.config import PretrainConfig
@@ -107,9 +108,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
         with resumed.as_directory() as d:
             load_weights(d, objective.model)
             state = load_train_state(d)
-            objective.load_state_dict(
-                {**objective.state_dict(), **state["objective"]}, strict=True
-            )
+            objective.load_state_dict({**objective.state_dict(), **state["objective"]}, strict=True)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
@@ -179,8 +178,12 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                     f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
                 )
         if step % cfg.checkpoint_every == 0 or last:
-            report({"step": step, "loss": final_loss}, rank=rank, save=save,
-                   checkpoint_name=f"step-{step:08d}")
+            report(
+                {"step": step, "loss": final_loss},
+                rank=rank,
+                save=save,
+                checkpoint_name=f"step-{step:08d}",
+            )
     return {"steps": step, "final_loss": final_loss}
 
 
@@ -218,6 +221,8 @@ def run_pretrain(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": dataset},
+        # Blocks arrive in read order, so a seeded run sees the same data in the same order.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
