@@ -7,6 +7,7 @@ upstream fingerprint); a completed stage writes `stage.json` last and is reused 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,15 +63,20 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _generate_if_missing(cfg: PipelineConfig) -> None:
-    if cfg.data.generate != "quickstart":
-        return
+def _generated_paths(cfg: PipelineConfig) -> list[str]:
+    """The paths `data.generate` writes ([] when nothing is generated)."""
     d = cfg.data
+    if d.generate is None:
+        return []
     if d.unlabeled is None or d.labeled is None:
         raise UserError(
             "data.generate: quickstart writes data.unlabeled and data.labeled; set both paths"
         )
-    paths = [d.unlabeled.path, d.labeled.train.path, d.labeled.validation.path]
+    return [d.unlabeled.path, d.labeled.train.path, d.labeled.validation.path]
+
+
+def _generate_if_missing(cfg: PipelineConfig) -> None:
+    paths = _generated_paths(cfg)
     if all(Path(p).exists() for p in paths):
         return
     from raypipe.data.synthetic import generate_quickstart
@@ -117,7 +123,7 @@ def _data_files(cfg: PipelineConfig) -> dict[str, list[str]]:
 
 def prepare_offline(cfg: PipelineConfig) -> None:
     """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
-    if cfg.data.generate is None:
+    if all(Path(p).exists() for p in _generated_paths(cfg)):
         _data_files(cfg)
 
 
@@ -231,24 +237,45 @@ def _model_spec(cfg: PipelineConfig, tokenizer_json: str) -> dict[str, Any]:
     return {"type": m.type, "config": config}
 
 
-def _read_marker(stage_dir: Path) -> dict[str, Any] | None:
-    marker = stage_dir / STAGE_MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+@dataclass
+class _Stage:
+    """One stage's directory, its MLflow run, and the marker of a previous completed run."""
+
+    name: str
+    dir: Path
+    fingerprint: str
+    run: tracking.RunRef
+    marker: dict[str, Any] | None
+    started: float = field(default_factory=time.perf_counter)
+
+    def complete(self, outputs: dict[str, Any]) -> None:
+        """Write the marker last: only a stage that finished has one."""
+        payload = {"fingerprint": self.fingerprint, "mlflow_run_id": self.run.run_id, **outputs}
+        tmp = self.dir / f".{STAGE_MARKER}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, self.dir / STAGE_MARKER)
+
+    def report(self, summary: Summary, metrics: dict[str, Any]) -> None:
+        status = "reused" if self.marker is not None else "done"
+        elapsed = time.perf_counter() - self.started
+        summary.stages.append(StageReport(self.name, status, elapsed, metrics))
 
 
-def _write_marker(stage_dir: Path, payload: dict[str, Any]) -> None:
-    tmp = stage_dir / f".{STAGE_MARKER}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, stage_dir / STAGE_MARKER)
-
-
-def _stage_run(
-    inputs: Inputs, parent: tracking.RunRef, name: str, marker: dict[str, Any] | None
-) -> tracking.RunRef:
-    tags: dict[str, Any] = {"raypipe.reused": str(marker is not None).lower()}
+@contextlib.contextmanager
+def _stage(cfg: PipelineConfig, inputs: Inputs, parent: tracking.RunRef, name: str, fp: str):
+    """Open a stage: reuse it when its marker exists, else prepare its directory. The stage's
+    MLflow run ends FINISHED, or FAILED if the body raises."""
+    stage_dir = inputs.storage / cfg.name / f"{name}-{fp[:12]}"
+    marker_path = stage_dir / STAGE_MARKER
+    marker = json.loads(marker_path.read_text()) if marker_path.is_file() else None
+    tags = {"raypipe.reused": str(marker is not None).lower(), "raypipe.fingerprint": fp}
     if marker is not None:
         tags["raypipe.reused_from_run"] = marker["mlflow_run_id"]
-    return tracking.start_run(
+        print(f"[{name}] reusing the completed stage {stage_dir}", flush=True)
+    else:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+    run = tracking.start_run(
         tracking_uri=inputs.tracking_uri,
         experiment_id=inputs.experiment_id,
         name=name,
@@ -256,6 +283,12 @@ def _stage_run(
         parent=parent,
         tags=tags,
     )
+    try:
+        yield _Stage(name, stage_dir, fp, run, marker)
+    except BaseException:
+        tracking.end_run(run, "FAILED")
+        raise
+    tracking.end_run(run)
 
 
 def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
@@ -272,23 +305,14 @@ def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
         cfg.seed,
         datafiles.manifest_digest(inputs.unlabeled),
     )
-    stage_dir = inputs.storage / cfg.name / f"pretrain-{fp[:12]}"
-    marker = _read_marker(stage_dir)
-    started = time.perf_counter()
-    run = _stage_run(inputs, parent, "pretrain", marker)
-    logger = tracking.RunLogger(run)
-    try:
-        if marker is not None:
-            ckpt = marker["checkpoint"]
-            out = {"steps": marker["steps"], "final_loss": marker["final_loss"]}
-            print(f"[pretrain] reusing completed stage {stage_dir.name}", flush=True)
-        else:
+    with _stage(cfg, inputs, parent, "pretrain", fp) as stage:
+        out = stage.marker
+        if out is None:
             from raypipe.stages.pretrain import run_pretrain
 
             tokenizer_json = _tokenizer_json(cfg, inputs, None)
             spec = _model_spec(cfg, tokenizer_json)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+            logger = tracking.RunLogger(stage.run)
             logger.log_params({"fingerprint": fp, "model": spec["config"], **p.model_dump()})
             result = run_pretrain(
                 cfg=p,
@@ -296,33 +320,22 @@ def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
                 files=inputs.unlabeled,
                 text_column=cfg.data.unlabeled.text_column,
                 tokenizer_json=tokenizer_json,
-                stage_dir=str(stage_dir),
-                run=run,
+                stage_dir=str(stage.dir),
+                run=stage.run,
                 seed=cfg.seed,
                 fingerprint=fp,
             )
-            ckpt = result.checkpoint
-            out = {"steps": result.steps, "final_loss": result.final_loss}
-            _write_marker(
-                stage_dir,
-                {"fingerprint": fp, "checkpoint": ckpt, "mlflow_run_id": run.run_id, **out},
-            )
-        logger.log_metrics(
-            {"final/loss": out["final_loss"], "final/steps": out["steps"]}, out["steps"]
-        )
-        logger.set_tags({"raypipe.checkpoint": ckpt, "raypipe.fingerprint": fp})
-        tracking.end_run(run)
-    except BaseException:
-        tracking.end_run(run, "FAILED")
-        raise
-    summary.stages.append(
-        StageReport(
-            "pretrain",
-            "reused" if marker else "done",
-            time.perf_counter() - started,
-            {"steps": out["steps"], "final loss": round(out["final_loss"], 4)},
-        )
-    )
+            out = {
+                "checkpoint": result.checkpoint,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+            }
+            stage.complete(out)
+        # A reused stage's run carries the same outcome as the run that computed it.
+        tracking.RunLogger(stage.run).log_metrics({"final/loss": out["final_loss"]}, out["steps"])
+        tracking.RunLogger(stage.run).set_tags({"raypipe.checkpoint": out["checkpoint"]})
+    stage.report(summary, {"steps": out["steps"], "final loss": round(out["final_loss"], 4)})
+    ckpt = out["checkpoint"]
     spec = read_spec(ckpt)
     return ckpt, read_tokenizer(ckpt), {"type": spec["type"], "config": spec["config"]}, fp
 
@@ -342,18 +355,10 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
         datafiles.manifest_digest(inputs.train + inputs.validation),
         cfg.tracking.registered_model,
     )
-    stage_dir = inputs.storage / cfg.name / f"finetune-{fp[:12]}"
-    marker = _read_marker(stage_dir)
-    started = time.perf_counter()
-    run = _stage_run(inputs, parent, "finetune", marker)
-    logger = tracking.RunLogger(run)
-    try:
-        if marker is not None:
-            arms, model = marker["arms"], marker["model"]
-            print(f"[finetune] reusing completed stage {stage_dir.name}", flush=True)
-        else:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+    with _stage(cfg, inputs, parent, "finetune", fp) as stage:
+        out = stage.marker
+        if out is None:
+            logger = tracking.RunLogger(stage.run)
             logger.log_params(
                 {
                     "fingerprint": fp,
@@ -384,60 +389,52 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
                 print(
                     f"[finetune] sweeping the {arm} arm: {f.sweep.num_samples} trial(s)", flush=True
                 )
-                arms[arm] = asdict(
-                    run_arm(
-                        arm=arm,
-                        cfg=f,
-                        init_checkpoint=ckpt,
-                        model_spec=spec,
-                        tokenizer_json=tokenizer_json,
-                        train_ds=datasets["train"],
-                        val_ds=datasets["validation"],
-                        num_train_rows=num_train,
-                        stage_dir=str(stage_dir),
-                        parent=run,
-                        seed=cfg.seed,
-                        fingerprint=fp,
-                    )
+                result = run_arm(
+                    arm=arm,
+                    cfg=f,
+                    init_checkpoint=ckpt,
+                    model_spec=spec,
+                    tokenizer_json=tokenizer_json,
+                    train_ds=datasets["train"],
+                    val_ds=datasets["validation"],
+                    num_train_rows=num_train,
+                    stage_dir=str(stage.dir),
+                    parent=stage.run,
+                    seed=cfg.seed,
+                    fingerprint=fp,
                 )
-            model = _register_best(cfg, run, arms, tokenizer_json, stage_dir)
-            _write_marker(
-                stage_dir,
-                {"fingerprint": fp, "mlflow_run_id": run.run_id, "arms": arms, "model": model},
-            )
-        metric = f.sweep.metric
-        best_metrics = {
-            f"best/{arm}/{metric}": a["best_metric"]
-            for arm, a in arms.items()
+                arms[arm] = asdict(result)
+            model = _register_best(cfg, stage.run, arms, tokenizer_json, stage.dir)
+            out = {"arms": arms, "model": model}
+            stage.complete(out)
+        best = {
+            f"best/{arm}/{f.sweep.metric}": a["best_metric"]
+            for arm, a in out["arms"].items()
             if a["best_metric"] is not None
         }
-        logger.log_metrics(best_metrics, 0)
-        logger.set_tags(
-            {"raypipe.fingerprint": fp, "raypipe.best_checkpoint": model.get("checkpoint")}
+        tracking.RunLogger(stage.run).log_metrics(best, 0)
+        tracking.RunLogger(stage.run).set_tags(
+            {"raypipe.best_checkpoint": out["model"]["checkpoint"]}
         )
-        tracking.end_run(run)
-    except BaseException:
-        tracking.end_run(run, "FAILED")
-        raise
+    arms = out["arms"]
     summary.metric = f.sweep.metric
     summary.arms = arms
-    summary.model = model
-    summary.stages.append(
-        StageReport(
-            "finetune",
-            "reused" if marker else "done",
-            time.perf_counter() - started,
-            {
-                "trials": sum(a["num_trials"] for a in arms.values()),
-                "stopped early": sum(a["num_stopped_early"] for a in arms.values()),
-            },
-        )
+    summary.model = out["model"]
+    stage.report(
+        summary,
+        {
+            "trials": sum(a["num_trials"] for a in arms.values()),
+            "stopped early": sum(a["num_stopped_early"] for a in arms.values()),
+        },
     )
 
 
 def _check_labels(datasets: dict, num_classes: int) -> None:
+    from ray.data.aggregate import Max, Min
+
     for split, ds in datasets.items():
-        lo, hi = ds.min("label"), ds.max("label")
+        bounds = ds.aggregate(Min("label"), Max("label"))
+        lo, hi = bounds["min(label)"], bounds["max(label)"]
         if lo < 0 or hi >= num_classes:
             raise UserError(
                 f"data.labeled.{split}: labels range over [{lo}, {hi}] but finetune.num_classes is "

@@ -176,6 +176,7 @@ def test_rerun_reuses_completed_stages(first_run):
         [exp], filter_string=f"tags.`mlflow.parentRunId` = '{again.run_id}'"
     )
     assert {r.data.tags["raypipe.reused"] for r in stages} == {"true"}
+    assert all(r.data.metrics for r in stages)  # a reused stage's run still shows its outcome
     assert len(client.search_model_versions("name='tiny'")) == 1
 
 
