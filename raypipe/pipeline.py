@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,12 +165,29 @@ def _forward_progress_only() -> None:
     dispatcher.add_handler("raypipe_progress", forward)
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a cluster address nothing listens on (Ray itself retries for minutes)."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or "/" in target:
+        return  # "auto", "local" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(
+            f"cannot reach the Ray cluster at '{address}' ({e.strerror or e}); check --address "
+            "or RAY_ADDRESS, or leave both unset to start a local Ray"
+        ) from None
+
+
 def _init_ray(address: str | None, *, verbose: bool) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
+    if address:
+        _check_reachable(address)
     try:
         ray.init(
             address=address or None,
@@ -262,9 +280,12 @@ class _Stage:
 
 
 @contextlib.contextmanager
-def _stage(cfg: PipelineConfig, inputs: Inputs, parent: tracking.RunRef, name: str, fp: str):
-    """Open a stage: reuse it when its marker exists, else prepare its directory. The stage's
-    MLflow run ends FINISHED, or FAILED if the body raises."""
+def _stage(
+    cfg: PipelineConfig, inputs: Inputs, parent: tracking.RunRef, name: str, fp: str, need_ray
+):
+    """Open a stage: reuse it when its marker exists, else prepare its directory and make sure
+    Ray is up (`need_ray()`). The stage's MLflow run ends FINISHED, or FAILED if the body
+    raises."""
     stage_dir = inputs.storage / cfg.name / f"{name}-{fp[:12]}"
     marker_path = stage_dir / STAGE_MARKER
     marker = json.loads(marker_path.read_text()) if marker_path.is_file() else None
@@ -275,6 +296,7 @@ def _stage(cfg: PipelineConfig, inputs: Inputs, parent: tracking.RunRef, name: s
     else:
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+        need_ray()
     run = tracking.start_run(
         tracking_uri=inputs.tracking_uri,
         experiment_id=inputs.experiment_id,
@@ -291,7 +313,7 @@ def _stage(cfg: PipelineConfig, inputs: Inputs, parent: tracking.RunRef, name: s
     tracking.end_run(run)
 
 
-def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
+def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dict, str]:
     """Returns (checkpoint dir, tokenizer json, model spec, stage fingerprint)."""
     from raypipe.engine.checkpoint import read_spec, read_tokenizer
 
@@ -305,7 +327,7 @@ def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
         cfg.seed,
         datafiles.manifest_digest(inputs.unlabeled),
     )
-    with _stage(cfg, inputs, parent, "pretrain", fp) as stage:
+    with _stage(cfg, inputs, parent, "pretrain", fp, need_ray) as stage:
         out = stage.marker
         if out is None:
             from raypipe.stages.pretrain import run_pretrain
@@ -340,7 +362,9 @@ def _run_pretrain(cfg, inputs, parent, summary) -> tuple[str, str, dict, str]:
     return ckpt, read_tokenizer(ckpt), {"type": spec["type"], "config": spec["config"]}, fp
 
 
-def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ckpt, upstream):
+def _run_finetune(
+    cfg, inputs, parent, summary, need_ray, *, tokenizer_json, spec, init_ckpt, upstream
+):
     from raypipe.stages.finetune import labeled_dataset, run_arm
 
     f = cfg.finetune
@@ -355,7 +379,7 @@ def _run_finetune(cfg, inputs, parent, summary, *, tokenizer_json, spec, init_ck
         datafiles.manifest_digest(inputs.train + inputs.validation),
         cfg.tracking.registered_model,
     )
-    with _stage(cfg, inputs, parent, "finetune", fp) as stage:
+    with _stage(cfg, inputs, parent, "finetune", fp, need_ray) as stage:
         out = stage.marker
         if out is None:
             logger = tracking.RunLogger(stage.run)
@@ -501,13 +525,20 @@ def run_pipeline(
     )
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
+
+    def need_ray() -> None:
+        # Ray starts only when a stage has work to do: a fully reused pipeline never waits for it.
+        nonlocal started_ray
+        started_ray = _init_ray(address, verbose=verbose) or started_ray
+
     try:
         tracking.log_text(parent, to_yaml(cfg), "config/pipeline.yaml")
         tracking.RunLogger(parent).log_params(cfg.model_dump(mode="json"))
-        started_ray = _init_ray(address, verbose=verbose)
         ckpt, pre_fp = None, None
         if cfg.pretrain is not None:
-            ckpt, tokenizer_json, spec, pre_fp = _run_pretrain(cfg, inputs, parent, summary)
+            ckpt, tokenizer_json, spec, pre_fp = _run_pretrain(
+                cfg, inputs, parent, summary, need_ray
+            )
         else:
             tokenizer_json = _tokenizer_json(cfg, inputs, None)
             spec = _model_spec(cfg, tokenizer_json)
@@ -519,6 +550,7 @@ def run_pipeline(
                 inputs,
                 parent,
                 summary,
+                need_ray,
                 tokenizer_json=tokenizer_json,
                 spec=spec,
                 init_ckpt=init_ckpt,

@@ -239,6 +239,17 @@ def test_cli_runs_the_quickstart_at_smoke_size(ray_session, tmp_path):
     assert (tmp_path / "raypipe-runs" / "mlflow.db").is_file()
     assert "Traceback" not in proc.stderr
 
+    # The same command again reuses both stages and never needs Ray: pointing it at an address
+    # where nothing listens proves no connection is attempted.
+    again = _cli(
+        "run", str(ROOT / "pipelines" / "quickstart.yaml"), "--address", "127.0.0.1:1",
+        "--set", "pretrain.max_steps=20", "--set", "model.dim=32", "--set", "model.layers=1",
+        "--set", "finetune.epochs=1", "--set", "finetune.sweep.num_samples=1",
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "pretrain  reused" in again.stdout and "finetune  reused" in again.stdout
+
 
 def test_cli_bad_data_path_fails_before_anything_starts(tmp_path):
     (tmp_path / "p.yaml").write_text(
@@ -263,3 +274,15 @@ def test_error_inside_every_trial_surfaces_as_one_user_error(
     raw["finetune"]["sweep"] = {"num_samples": 1}
     with pytest.raises(UserError, match="gives no full batch of 512 rows per worker"):
         run_pipeline(parse_config(raw))
+
+
+def test_cli_unreachable_cluster_fails_fast(tmp_path, quickstart_data):
+    import yaml
+
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    proc = _cli("run", "p.yaml", "--address", "127.0.0.1:1", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(
+        "raypipe: error: cannot reach the Ray cluster at '127.0.0.1:1'"
+    )
