@@ -281,8 +281,14 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                 "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
                 "'scratch' or a checkpoint directory"
             )
-        if f.init not in ("pretrain", "scratch") and not Path(f.init).is_dir():
-            problems.append(f"finetune.init: checkpoint directory '{f.init}' does not exist")
+        if f.init not in ("pretrain", "scratch"):
+            if not Path(f.init).is_dir():
+                problems.append(f"finetune.init: checkpoint directory '{f.init}' does not exist")
+            if cfg.pretrain is not None:
+                problems.append(
+                    "finetune.init: a checkpoint directory takes the place of this pipeline's "
+                    "pretrain stage; remove the pretrain section or set init to 'pretrain'"
+                )
         if f.compare_scratch and f.init == "scratch":
             problems.append(
                 "finetune.compare_scratch: has no effect when init is 'scratch'; remove it"

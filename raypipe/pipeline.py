@@ -205,7 +205,8 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
     return True
 
 
-def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs, pretrain_ckpt: str | None) -> str:
+def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str:
+    """The tokenizer for a pipeline's first stage: given, from the init checkpoint, or trained."""
     from raypipe.data.text import check_tokenizer, load_tokenizer, train_tokenizer
     from raypipe.engine.checkpoint import read_tokenizer
 
@@ -213,8 +214,6 @@ def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs, pretrain_ckpt: str | No
         text = Path(cfg.tokenizer.path).read_text()
         check_tokenizer(load_tokenizer(text))
         return text
-    if pretrain_ckpt:
-        return read_tokenizer(pretrain_ckpt)
     if cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch"):
         return read_tokenizer(cfg.finetune.init)
     if inputs.unlabeled:
@@ -332,7 +331,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
         if out is None:
             from raypipe.stages.pretrain import run_pretrain
 
-            tokenizer_json = _tokenizer_json(cfg, inputs, None)
+            tokenizer_json = _tokenizer_json(cfg, inputs)
             spec = _model_spec(cfg, tokenizer_json)
             logger = tracking.RunLogger(stage.run)
             logger.log_params({"fingerprint": fp, "model": spec["config"], **p.model_dump()})
@@ -540,7 +539,7 @@ def run_pipeline(
                 cfg, inputs, parent, summary, need_ray
             )
         else:
-            tokenizer_json = _tokenizer_json(cfg, inputs, None)
+            tokenizer_json = _tokenizer_json(cfg, inputs)
             spec = _model_spec(cfg, tokenizer_json)
         if cfg.finetune is not None:
             init = cfg.finetune.init

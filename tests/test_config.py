@@ -113,6 +113,7 @@ def test_negative_learning_rate_is_rejected():
             {"finetune": {"init": "/no/such/checkpoint"}},
             "checkpoint directory '/no/such/checkpoint' does not exist",
         ),
+        ({"finetune": {"init": "/"}}, "takes the place of this pipeline's pretrain stage"),
         (
             {"data": {"labeled": {"train": {"path": "a"}, "validation": {"path": "b"}}}},
             "data.unlabeled: required by the pretrain stage",

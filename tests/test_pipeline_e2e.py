@@ -286,3 +286,24 @@ def test_cli_unreachable_cluster_fails_fast(tmp_path, quickstart_data):
     assert proc.stderr.strip().startswith(
         "raypipe: error: cannot reach the Ray cluster at '127.0.0.1:1'"
     )
+
+
+def test_finetune_from_a_checkpoint_directory(first_run, quickstart_data, tmp_path):
+    """init: <checkpoint dir> takes the model, its weights and its tokenizer from there."""
+    from raypipe.engine.checkpoint import read_meta
+
+    cfg, summary, storage = first_run
+    (stage_dir,) = (storage / "tiny").glob("pretrain-*")
+    checkpoint = stage_dir / "train" / "step-00000030"
+    raw = tiny_config(quickstart_data, tmp_path / "runs", name="from-ckpt")
+    del raw["pretrain"]
+    del raw["data"]["unlabeled"]
+    raw["finetune"].update(init=str(checkpoint), epochs=1)
+    raw["finetune"]["sweep"] = {"num_samples": 1}
+    result = run_pipeline(parse_config(raw))
+    assert set(result.arms) == {"pretrained", "scratch"}
+    best = result.arms["pretrained"]["best_checkpoint"]
+    assert read_meta(best)["init_checkpoint"] == str(checkpoint)
+    assert (Path(best) / "tokenizer.json").read_text() == (
+        checkpoint / "tokenizer.json"
+    ).read_text()
