@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             print(f"raypipe: {args.pipeline} is valid", file=sys.stderr)
             return 0
-        from raypipe.pipeline import format_summary, run_pipeline
+        from raypipe.pipeline import run_pipeline
         from raypipe.stages.common import find_user_error
+        from raypipe.summary import format_summary
 
         if not args.verbose:
             _quiet_driver()

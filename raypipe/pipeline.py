@@ -23,29 +23,9 @@ from raypipe.config import PipelineConfig, to_yaml
 from raypipe.data import files as datafiles
 from raypipe.errors import UserError
 from raypipe.progress import PROGRESS_MARK
+from raypipe.summary import StageReport, Summary
 
 STAGE_MARKER = "stage.json"
-
-
-@dataclass
-class StageReport:
-    name: str
-    status: str  # "done" or "reused"
-    seconds: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Summary:
-    name: str
-    run_id: str
-    tracking_uri: str
-    storage: str
-    seconds: float = 0.0
-    stages: list[StageReport] = field(default_factory=list)
-    metric: str | None = None
-    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -448,6 +428,7 @@ def _run_finetune(
         {
             "trials": sum(a["num_trials"] for a in arms.values()),
             "stopped early": sum(a["num_stopped_early"] for a in arms.values()),
+            "failed": sum(a["num_failed"] for a in arms.values()),
         },
     )
 
@@ -567,28 +548,3 @@ def run_pipeline(
 
             ray.shutdown()
     return summary
-
-
-def format_summary(s: Summary) -> str:
-    lines = [f"raypipe: pipeline '{s.name}' finished in {s.seconds:.0f}s"]
-    for st in s.stages:
-        details = ", ".join(f"{k} {v}" for k, v in st.metrics.items())
-        lines.append(f"  {st.name:<9} {st.status:<7} {st.seconds:6.0f}s  {details}")
-    if s.arms:
-        lines.append(f"  best {s.metric} on the validation split:")
-        for arm, a in s.arms.items():
-            value = "n/a" if a["best_metric"] is None else f"{a['best_metric']:.4f}"
-            lines.append(f"    {arm:<10} {value}  ({a['best_trial'] or 'no trial finished'})")
-        pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
-        if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
-            lines.append(
-                f"    gap        {pre['best_metric'] - scr['best_metric']:+.4f} (pretrained - scratch)"
-            )
-    if s.model:
-        lines.append(
-            f"  model     registered '{s.model['name']}' version {s.model['version']} "
-            f"({s.model['arm']} arm, {s.model['trial']})"
-        )
-    lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
-    lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
-    return "\n".join(lines)

@@ -114,11 +114,6 @@ def test_pooling_reference():
     assert torch.equal(pool_hidden(h, mask, "last"), torch.stack([h[0, 1], h[1, 2]]))
 
 
-def test_head_parameters_exclude_the_backbone():
-    task = Classification(tiny(), num_classes=2)
-    assert {id(p) for p in task.head_parameters()} == {id(p) for p in task.head.parameters()}
-
-
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     objective = CausalLM(tiny())

@@ -15,7 +15,8 @@ import torch
 
 from raypipe.config import parse_config
 from raypipe.errors import UserError
-from raypipe.pipeline import format_summary, run_pipeline
+from raypipe.pipeline import run_pipeline
+from raypipe.summary import format_summary
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent

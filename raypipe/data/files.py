@@ -61,10 +61,6 @@ def manifest_digest(files: list[str]) -> str:
     return h.hexdigest()
 
 
-def count_rows(files: list[str]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
 def read_column_sample(files: list[str], column: str, max_rows: int) -> list[str]:
     """Up to `max_rows` values of a text column, read shard by shard (for tokenizer training)."""
     out: list[str] = []

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -78,6 +79,20 @@ def evaluate(
             totals[k] = totals.get(k, 0) + v.detach().float()
     module.train(was_training)
     return totals
+
+
+def all_reduce_sum(
+    values: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Sum scalar tensors over all ranks in one collective (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    flat = torch.stack(
+        [torch.as_tensor(values[k], device=device, dtype=torch.float64) for k in keys]
+    )
+    dist.all_reduce(flat)
+    return dict(zip(keys, flat.unbind(), strict=True))
 
 
 @dataclass

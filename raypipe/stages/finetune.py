@@ -17,7 +17,6 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from ray import tune
 from ray.train import CheckpointConfig, DataConfig
 from ray.train.torch import TorchTrainer
@@ -36,7 +35,7 @@ from raypipe.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from raypipe.engine.loop import Meter, evaluate, train_step
+from raypipe.engine.loop import Meter, all_reduce_sum, evaluate, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.errors import UserError
 from raypipe.models import build_model
@@ -81,6 +80,15 @@ def labeled_dataset(
     return ds.materialize()
 
 
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _trial_name(arm: str, trial_id: str) -> str:
+    """Deterministic: Tune's trial ids end in the trial's index (`..._00003`)."""
+    return f"{arm}-{trial_id.rsplit('_', 1)[-1]}"
+
+
 def _search_space(space: dict[str, Distribution]) -> dict[str, Any]:
     out = {}
     for key, dist_ in space.items():
@@ -106,17 +114,6 @@ def _hyperparameters(cfg: FinetuneConfig, sampled: dict[str, Any]) -> dict[str, 
     }
     assert set(base) == set(TUNABLE)
     return {**base, **{k: sampled[k] for k in TUNABLE if k in sampled}}
-
-
-def _all_reduce(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return stats
-    keys = sorted(stats)
-    flat = torch.stack(
-        [torch.as_tensor(stats[k], device=device, dtype=torch.float64) for k in keys]
-    )
-    dist.all_reduce(flat)
-    return dict(zip(keys, flat.unbind(), strict=True))
 
 
 def _finetune_loop(loop: dict[str, Any]) -> None:
@@ -204,8 +201,8 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
         val_batches = itertools.islice(
             val_data.iter_torch_batches(batch_size=256, device=device), rank, None, world
         )
-        val_totals = _all_reduce(evaluate(module, val_batches, device=device), device)
-        train_totals = _all_reduce(train_totals, device)
+        val_totals = all_reduce_sum(evaluate(module, val_batches, device=device), device)
+        train_totals = all_reduce_sum(train_totals, device)
         metrics = {
             "epoch": epoch,
             **{f"train/{k}": v for k, v in task.summarize(train_totals).items()},
@@ -219,9 +216,8 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                 f"val/loss {metrics['val/loss']:.4f} {metric} {metrics[metric]:.4f}"
             )
         value = metrics[metric]
-        improved = best is None or (value > best if mode == "max" else value < best)
         save = None
-        if improved:
+        if _is_better(value, best, mode):
             best = value
 
             def save(directory, epoch=epoch, metrics=metrics):
@@ -256,7 +252,7 @@ def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) 
     trial_id = tune.get_context().get_trial_id()
     arm = static["arm"]
     hp = _hyperparameters(cfg, params)
-    name = f"{arm}-{trial_id.rsplit('_', 1)[-1]}"
+    name = _trial_name(arm, trial_id)
     run = tracking.start_run(
         tracking_uri=static["parent"].tracking_uri,
         experiment_id=static["parent"].experiment_id,
@@ -399,12 +395,13 @@ def run_arm(
             df[sweep.metric].idxmax() if sweep.mode == "max" else df[sweep.metric].idxmin()
         ]
         value = float(row[sweep.metric])
-        better = best.best_metric is None or (
-            value > best.best_metric if sweep.mode == "max" else value < best.best_metric
-        )
-        if better and Path(row["checkpoint_path"]).is_dir():
+        if (
+            _is_better(value, best.best_metric, sweep.mode)
+            and Path(row["checkpoint_path"]).is_dir()
+        ):
             best.best_metric = value
             best.best_checkpoint = str(row["checkpoint_path"])
-            best.best_trial = f"{arm}-{result.metrics['trial_id'].rsplit('_', 1)[-1]}"
-            best.best_params = _hyperparameters(cfg, result.config)
+            best.best_trial = _trial_name(arm, result.metrics["trial_id"])
+            searched = _hyperparameters(cfg, result.config)
+            best.best_params = {k: searched[k] for k in sweep.space}
     return best

@@ -28,7 +28,7 @@ from raypipe.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from raypipe.engine.loop import Meter, train_step
+from raypipe.engine.loop import Meter, all_reduce_sum, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.errors import UserError
 from raypipe.models import build_model
@@ -163,7 +163,8 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
 
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
-            final_loss = loss.item()
+            # The mean over ranks: every rank saw different data (a collective, so all ranks log).
+            final_loss = all_reduce_sum({"loss": loss}, device)["loss"].item() / world
             metrics = {
                 "train/loss": final_loss,
                 "train/lr": scheduler.get_last_lr()[0],

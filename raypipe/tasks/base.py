@@ -18,7 +18,6 @@ class Task(nn.Module):
       (including "count"), so statistics over many batches and ranks add up exactly.
     - `summarize(stats) -> metrics`: turns summed stats into the reported metrics.
     - `predictor()`: a module mapping raw model inputs to predictions, for serving.
-    - `head_parameters()`: what a linear probe (frozen backbone) trains.
     """
 
     columns: ClassVar[tuple[str, ...]] = ()
@@ -38,10 +37,6 @@ class Task(nn.Module):
 
     def predictor(self) -> nn.Module:
         raise NotImplementedError
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        backbone = {id(p) for p in self.backbone.parameters()}
-        return [p for p in self.parameters() if id(p) not in backbone]
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return batch[self.columns[0]].numel()
