@@ -40,6 +40,43 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "validate", parents=[overrides], help="check a pipeline file and its data; start nothing"
     )
+    prep = sub.add_parser(
+        "prepare",
+        help="turn raw files into Parquet shards",
+        description="Kinds: text FILES/DIRS (a row per line, paragraph or file); table FILE "
+        "(TSV/CSV/JSONL with text and label); images DIR|ZIP (class = parent folder); "
+        "captions IMAGES_DIR CAPTIONS_FILE; parallel SOURCE TARGET (line-aligned). "
+        "Files may be gzipped.",
+    )
+    prep.add_argument("kind", choices=["text", "table", "images", "captions", "parallel"])
+    prep.add_argument("inputs", nargs="+", help="input files or folders")
+    prep.add_argument("--out", required=True, help="output folder for the shards")
+    prep.add_argument(
+        "--unit",
+        choices=["line", "paragraph", "file"],
+        default="line",
+        help="text: one row per line, blank-line paragraph, or file",
+    )
+    prep.add_argument("--text-column", default="sentence", help="table: the text column")
+    prep.add_argument("--label-column", default="label", help="table: the label column")
+    prep.add_argument(
+        "--format",
+        choices=["auto", "tsv", "csv", "jsonl"],
+        default="auto",
+        help="table: file format (auto: from the extension)",
+    )
+    prep.add_argument(
+        "--regression", action="store_true", help="table: labels are numbers, not classes"
+    )
+    prep.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction (by image for captions) into OUT/validation",
+    )
+    prep.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet shard")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -60,8 +97,39 @@ def _error(message: str) -> int:
     return EXIT_USER_ERROR
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raypipe.data.prepare import prepare
+
+    if not 0 <= args.validation_fraction < 1:
+        return _error(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    if args.shard_rows is not None and args.shard_rows < 1:
+        return _error(f"--shard-rows must be >= 1, got {args.shard_rows}")
+    media = args.kind in ("images", "captions")
+    options = {
+        "unit": args.unit,
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "format": args.format,
+        "regression": args.regression,
+        "validation_fraction": args.validation_fraction,
+        "shard_rows": args.shard_rows or (1_000 if media else 10_000),
+        "seed": args.seed,
+        "overwrite": args.overwrite,
+    }
+    try:
+        report = prepare(args.kind, args.inputs, out=args.out, options=options)
+    except UserError as e:
+        return _error(str(e))
+    print(report.describe(Path(args.out)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "prepare":
+        return _prepare(args)
     from raypipe.config import load_config, to_yaml
 
     try:

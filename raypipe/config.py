@@ -42,13 +42,22 @@ class Strict(BaseModel):
 # --- data ---------------------------------------------------------------------------------------
 
 
-class TextSource(Strict):
+class Source(Strict):
     path: str = Field(description="A Parquet file, a directory of shards, or a glob.")
-    text_column: str = Field("text", description="Column holding the text.")
+    text_column: str = Field("text", description="Column holding text (or a caption).")
+    image_column: str = Field(
+        "image", description="Column holding images: encoded bytes (PNG/JPEG) or uint8 arrays."
+    )
+    max_rows: PositiveInt | None = Field(
+        None, description="Read only the first this many rows (a quick run on big data)."
+    )
 
 
-class LabeledSource(TextSource):
-    label_column: str = Field("label", description="Column holding the integer label.")
+class LabeledSource(Source):
+    label_column: str = Field(
+        "label", description="Column holding the label (an integer class, or a number)."
+    )
+    target_column: str = Field("target", description="Translation: column holding the target text.")
 
 
 class LabeledData(Strict):
@@ -62,8 +71,10 @@ class DataConfig(Strict):
     generate: Literal["quickstart"] | None = Field(
         None, description="Write this built-in synthetic dataset to the paths below when missing."
     )
-    unlabeled: TextSource | None = Field(None, description="Unlabeled text for pretraining.")
-    labeled: LabeledData | None = Field(None, description="Labeled text for fine-tuning.")
+    unlabeled: Source | None = Field(
+        None, description="Unlabeled data for pretraining (text, images or image-text pairs)."
+    )
+    labeled: LabeledData | None = Field(None, description="Labeled data for fine-tuning.")
 
 
 class TokenizerConfig(Strict):
@@ -87,6 +98,9 @@ class ModelConfig(Strict):
     max_len: PositiveInt = Field(128, description="Longest sequence the model accepts.")
     mlp_ratio: PositiveInt = Field(4, description="MLP hidden size as a multiple of dim.")
     dropout: Fraction = Field(0.0, description="Dropout in the backbone.")
+    image_size: PositiveInt = Field(32, description="Image models: images are resized to this.")
+    patch_size: PositiveInt = Field(4, description="ViT: patch side in pixels.")
+    channels: Literal[1, 3] = Field(3, description="Image models: 1 (grayscale) or 3 (RGB).")
 
 
 class OptimizerBase(Strict):
@@ -127,6 +141,10 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 class PretrainConfig(Strict):
     objective: str = Field("causal_lm", description="Registered objective or 'pkg.module:Class'.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Objective settings, e.g. {mask_prob: 0.15} or {temperature: 0.1}.",
+    )
     max_steps: PositiveInt = Field(description="Optimizer steps to train for.")
     batch_size: PositiveInt = Field(32, description="Micro-batch size per worker.")
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
@@ -180,11 +198,23 @@ class Distribution(Strict):
 
 class SweepConfig(Strict):
     num_samples: PositiveInt = Field(4, description="Trials per arm (times each grid point).")
-    scheduler: Literal["asha", "fifo"] = Field("asha", description="Early stopping scheduler.")
+    search: Literal["random", "optuna"] = Field(
+        "random", description="random (and grid) sampling, or Optuna's TPE."
+    )
+    scheduler: Literal["asha", "fifo", "pbt"] = Field(
+        "asha", description="asha: stop weak trials early; pbt: population based training."
+    )
+    perturbation_interval: PositiveInt = Field(
+        1, description="PBT: epochs between exploit/explore steps."
+    )
     grace_period: PositiveInt = Field(1, description="ASHA: epochs before a trial can be stopped.")
     reduction_factor: Annotated[float, Field(gt=1)] = Field(2.0, description="ASHA halving rate.")
-    metric: str = Field("val/accuracy", description="Metric that picks the best trial.")
-    mode: Literal["min", "max"] = Field("max", description="Whether metric is minimised.")
+    metric: str | None = Field(
+        None, description="Metric that picks the best trial; default the task's first metric."
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None, description="Whether metric is minimised; default min for losses and errors."
+    )
     space: dict[str, Distribution] = Field(
         default_factory=dict, description="Search space over fine-tune settings."
     )
@@ -207,6 +237,9 @@ class FinetuneConfig(Strict):
     epochs: PositiveInt = Field(3, description="Epochs per trial (the scheduler may stop earlier).")
     batch_size: PositiveInt = Field(32, description="Micro-batch size per worker.")
     max_len: PositiveInt | None = Field(None, description="Tokens per example; default max_len.")
+    input: Literal["text", "image"] | None = Field(
+        None, description="Which input the task reads; default the model's first modality."
+    )
     pool: Literal["mean", "last"] = Field("mean", description="How token states become one vector.")
     freeze_backbone: bool = Field(False, description="Linear probe: train the head only.")
     dropout: Fraction = Field(0.1, description="Dropout before the head.")
@@ -214,6 +247,9 @@ class FinetuneConfig(Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Task settings, e.g. {max_new_tokens: 48}."
+    )
 
 
 # --- top level ----------------------------------------------------------------------------------
@@ -252,7 +288,7 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
     m = cfg.model
     if not registry.is_known("model", m.type):
         problems.append(f"model.type: {registry.unknown_message('model', m.type)}")
-    if m.dim % m.heads:
+    if m.type != "cnn" and m.dim % m.heads:
         problems.append(f"model.heads: must divide model.dim ({m.dim}), got {m.heads}")
     if cfg.pretrain is None and cfg.finetune is None:
         problems.append("pretrain, finetune: give at least one stage")
@@ -307,7 +343,23 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                 problems.append(
                     f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
                 )
+        s = f.sweep
+        grids = [k for k, d in s.space.items() if d.kind == "grid"]
+        if s.search == "optuna" and grids:
+            problems.append(
+                f"finetune.sweep.space: optuna cannot search grid dimensions {grids}; use choice"
+            )
+        if s.scheduler == "pbt" and not s.space:
+            problems.append("finetune.sweep.space: pbt needs a search space to perturb")
+        if s.scheduler == "pbt" and s.search == "optuna":
+            problems.append(
+                "finetune.sweep.search: pbt picks its own settings; use search: random with pbt"
+            )
         metrics = registry.TASK_METRICS.get(f.task)
+        s.metric = s.metric or (metrics[0] if metrics else "val/loss")
+        if s.mode is None:
+            lower_is_better = s.metric.endswith(("loss", "mse", "mae", "error"))
+            s.mode = "min" if lower_is_better else "max"
         if metrics is not None and f.sweep.metric not in metrics:
             problems.append(
                 f"finetune.sweep.metric: '{f.sweep.metric}' is not reported by task "

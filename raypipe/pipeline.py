@@ -22,6 +22,7 @@ from raypipe import tracking
 from raypipe.config import PipelineConfig, to_yaml
 from raypipe.data import files as datafiles
 from raypipe.errors import UserError
+from raypipe.plan import Plan, make_plan
 from raypipe.progress import PROGRESS_MARK
 from raypipe.summary import StageReport, Summary
 
@@ -35,6 +36,7 @@ class Inputs:
     storage: Path
     tracking_uri: str
     experiment_id: str
+    plan: Plan
     unlabeled: list[str] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
     validation: list[str] = field(default_factory=list)
@@ -82,7 +84,7 @@ def _check_storage(storage: str) -> Path:
     return path
 
 
-def _data_files(cfg: PipelineConfig) -> dict[str, list[str]]:
+def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
     """Resolve and check every shard a stage will read."""
     d = cfg.data
     out: dict[str, list[str]] = {"unlabeled": [], "train": [], "validation": []}
@@ -90,13 +92,14 @@ def _data_files(cfg: PipelineConfig) -> dict[str, list[str]]:
         out["unlabeled"] = datafiles.resolve_parquet_files(
             d.unlabeled.path, key="data.unlabeled.path"
         )
-        datafiles.check_columns(out["unlabeled"], [d.unlabeled.text_column], key="data.unlabeled")
+        columns = plan.pretrain_columns(d.unlabeled)
+        datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
     if cfg.finetune is not None and d.labeled is not None:
         for split in ("train", "validation"):
             src = getattr(d.labeled, split)
             key = f"data.labeled.{split}"
             out[split] = datafiles.resolve_parquet_files(src.path, key=f"{key}.path")
-            datafiles.check_columns(out[split], [src.text_column, src.label_column], key=key)
+            datafiles.check_columns(out[split], plan.labeled_columns(src), key=key)
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
         raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
     return out
@@ -104,14 +107,16 @@ def _data_files(cfg: PipelineConfig) -> dict[str, list[str]]:
 
 def prepare_offline(cfg: PipelineConfig) -> None:
     """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
+    plan = make_plan(cfg)
     if all(Path(p).exists() for p in _generated_paths(cfg)):
-        _data_files(cfg)
+        _data_files(cfg, plan)
 
 
 def prepare(cfg: PipelineConfig) -> Inputs:
     """All the checks that need no cluster; raises UserError naming the cause and the fix."""
+    plan = make_plan(cfg)
     _generate_if_missing(cfg)
-    files = _data_files(cfg)
+    files = _data_files(cfg, plan)
     storage = _check_storage(cfg.storage)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri, str(storage))
     default_store = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
@@ -120,7 +125,7 @@ def prepare(cfg: PipelineConfig) -> Inputs:
         cfg.tracking.experiment,
         artifact_root=str(storage / "mlartifacts") if default_store else None,
     )
-    return Inputs(storage, uri, experiment_id, **files)
+    return Inputs(storage, uri, experiment_id, plan, **files)
 
 
 def _forward_progress_only() -> None:
@@ -185,53 +190,47 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
     return True
 
 
-def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str:
-    """The tokenizer for a pipeline's first stage: given, from the init checkpoint, or trained."""
+def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str | None:
+    """The tokenizer for a pipeline's first stage: given, from the init checkpoint, or trained.
+    None when no stage reads text."""
     from raypipe.data.text import check_tokenizer, load_tokenizer, train_tokenizer
-    from raypipe.engine.checkpoint import read_tokenizer
+    from raypipe.engine.checkpoint import TOKENIZER_FILE, read_tokenizer
 
+    if not inputs.plan.needs_tokenizer():
+        return None
     if cfg.tokenizer.path:
         text = Path(cfg.tokenizer.path).read_text()
         check_tokenizer(load_tokenizer(text))
         return text
     if cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch"):
+        if not (Path(cfg.finetune.init) / TOKENIZER_FILE).is_file():
+            raise UserError(
+                f"finetune.init: checkpoint '{cfg.finetune.init}' has no tokenizer (it was "
+                "pretrained on images); fine-tune it on images, or give tokenizer.path"
+            )
         return read_tokenizer(cfg.finetune.init)
-    if inputs.unlabeled:
-        files, column = inputs.unlabeled, cfg.data.unlabeled.text_column
-    else:
-        files, column = inputs.train, cfg.data.labeled.train.text_column
-    texts = datafiles.read_column_sample(files, column, cfg.tokenizer.sample_rows)
+    split, columns = inputs.plan.tokenizer_columns(cfg)
+    files = inputs.unlabeled if split == "unlabeled" else inputs.train
+    texts: list[str] = []
+    for column in columns:
+        texts += datafiles.read_column_sample(files, column, cfg.tokenizer.sample_rows)
     t = cfg.tokenizer
     return train_tokenizer(
         texts, kind=t.type, vocab_size=t.vocab_size, lowercase=t.lowercase
     ).to_str()
 
 
-def _model_spec(cfg: PipelineConfig, tokenizer_json: str) -> dict[str, Any]:
-    from raypipe import registry
-    from raypipe.data.text import PAD_ID, load_tokenizer
+def _model_spec(cfg: PipelineConfig, inputs: Inputs, tokenizer_json: str | None) -> dict:
+    from raypipe.data.text import load_tokenizer
+    from raypipe.plan import model_spec
 
     if cfg.finetune and cfg.pretrain is None and cfg.finetune.init not in ("pretrain", "scratch"):
         from raypipe.engine.checkpoint import read_spec
 
         spec = read_spec(cfg.finetune.init)
         return {"type": spec["type"], "config": spec["config"]}
-    overrides = {}
-    if cfg.pretrain is not None:
-        overrides = dict(registry.resolve("objective", cfg.pretrain.objective).model_overrides)
-    m = cfg.model
-    config = {
-        "vocab_size": load_tokenizer(tokenizer_json).get_vocab_size(),
-        "dim": m.dim,
-        "num_layers": m.layers,
-        "num_heads": m.heads,
-        "max_len": m.max_len,
-        "mlp_ratio": m.mlp_ratio,
-        "dropout": m.dropout,
-        "pad_id": PAD_ID,
-        **overrides,
-    }
-    return {"type": m.type, "config": config}
+    vocab = load_tokenizer(tokenizer_json).get_vocab_size() if tokenizer_json else None
+    return model_spec(cfg, inputs.plan.objective, vocab_size=vocab)
 
 
 @dataclass
@@ -294,7 +293,7 @@ def _stage(
 
 def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dict, str]:
     """Returns (checkpoint dir, tokenizer json, model spec, stage fingerprint)."""
-    from raypipe.engine.checkpoint import read_spec, read_tokenizer
+    from raypipe.engine.checkpoint import TOKENIZER_FILE, read_spec, read_tokenizer
 
     p = cfg.pretrain
     fp = _fingerprint(
@@ -312,14 +311,15 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
             from raypipe.stages.pretrain import run_pretrain
 
             tokenizer_json = _tokenizer_json(cfg, inputs)
-            spec = _model_spec(cfg, tokenizer_json)
+            spec = _model_spec(cfg, inputs, tokenizer_json)
             logger = tracking.RunLogger(stage.run)
             logger.log_params({"fingerprint": fp, "model": spec["config"], **p.model_dump()})
             result = run_pretrain(
                 cfg=p,
                 model_spec=spec,
                 files=inputs.unlabeled,
-                text_column=cfg.data.unlabeled.text_column,
+                source=cfg.data.unlabeled,
+                data_kind=inputs.plan.pretrain_kind,
                 tokenizer_json=tokenizer_json,
                 stage_dir=str(stage.dir),
                 run=stage.run,
@@ -338,7 +338,8 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
     stage.report(summary, {"steps": out["steps"], "final loss": round(out["final_loss"], 4)})
     ckpt = out["checkpoint"]
     spec = read_spec(ckpt)
-    return ckpt, read_tokenizer(ckpt), {"type": spec["type"], "config": spec["config"]}, fp
+    tokenizer_json = read_tokenizer(ckpt) if (Path(ckpt) / TOKENIZER_FILE).is_file() else None
+    return ckpt, tokenizer_json, {"type": spec["type"], "config": spec["config"]}, fp
 
 
 def _run_finetune(
@@ -348,6 +349,10 @@ def _run_finetune(
 
     f = cfg.finetune
     lab = cfg.data.labeled
+    task_cls = inputs.plan.task
+    # The task may require a form of the backbone (translation decodes causally).
+    overrides = {k: v for k, v in task_cls.model_overrides.items() if k in spec["config"]}
+    spec = {"type": spec["type"], "config": {**spec["config"], **overrides}}
     fp = _fingerprint(
         "finetune",
         f.model_dump(),
@@ -372,17 +377,21 @@ def _run_finetune(
             datasets = {
                 split: labeled_dataset(
                     files,
-                    text_column=src.text_column,
-                    label_column=src.label_column,
+                    source=src,
+                    kind=task_cls.data_kind,
+                    input=inputs.plan.finetune_input,
+                    label_dtype=task_cls.label_dtype,
                     tokenizer_json=tokenizer_json,
                     max_len=f.max_len,
+                    model_config=spec["config"],
                 )
                 for split, files, src in (
                     ("train", inputs.train, lab.train),
                     ("validation", inputs.validation, lab.validation),
                 )
             }
-            _check_labels(datasets, f.num_classes)
+            if "num_classes" in task_cls.option_names:
+                _check_labels(datasets, f.num_classes)
             num_train = datasets["train"].count()
             plan = ([("pretrained", init_ckpt)] if init_ckpt else []) + (
                 [("scratch", None)] if f.compare_scratch or not init_ckpt else []
@@ -397,6 +406,7 @@ def _run_finetune(
                     cfg=f,
                     init_checkpoint=ckpt,
                     model_spec=spec,
+                    finetune_input=inputs.plan.finetune_input,
                     tokenizer_json=tokenizer_json,
                     train_ds=datasets["train"],
                     val_ds=datasets["validation"],
@@ -447,13 +457,11 @@ def _check_labels(datasets: dict, num_classes: int) -> None:
 
 
 def _register_best(
-    cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str, stage_dir: Path
+    cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | None, stage_dir: Path
 ) -> dict:
     """Log the best trial's model (pt2, no pickled code) into the finetune run and register it."""
-    import numpy as np
     import torch
 
-    from raypipe.data.text import BOS_ID
     from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
 
     f = cfg.finetune
@@ -463,17 +471,20 @@ def _register_best(
         raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
     best = max(candidates, key=lambda a: sign * a["best_metric"])
     task = load_task(best["best_checkpoint"]).eval()
-    example = np.full((2, 8), BOS_ID, dtype=np.int64)
-    tok_file = stage_dir / TOKENIZER_FILE
-    tok_file.write_text(tokenizer_json)
+    extra_files = []
+    if tokenizer_json is not None:
+        tok_file = stage_dir / TOKENIZER_FILE
+        tok_file.write_text(tokenizer_json)
+        extra_files.append(str(tok_file))
     meta = read_meta(best["best_checkpoint"])
     with torch.no_grad():
         uri, version = tracking.log_registered_model(
             run,
             model=task.predictor(),
-            input_example=example,
+            input_example=task.example_input(),
+            spec=task.serving_spec(),
             registered_name=cfg.tracking.registered_model,
-            extra_files=[str(tok_file)],
+            extra_files=extra_files,
             tags={
                 "raypipe.arm": best["arm"],
                 "raypipe.trial": best["best_trial"],
@@ -521,7 +532,7 @@ def run_pipeline(
             )
         else:
             tokenizer_json = _tokenizer_json(cfg, inputs)
-            spec = _model_spec(cfg, tokenizer_json)
+            spec = _model_spec(cfg, inputs, tokenizer_json)
         if cfg.finetune is not None:
             init = cfg.finetune.init
             init_ckpt = ckpt if init == "pretrain" else (None if init == "scratch" else init)

@@ -11,17 +11,31 @@ from typing import Any
 
 MODELS = {
     "transformer": "raypipe.models.transformer:Transformer",
+    "vit": "raypipe.models.vision:ViT",
+    "cnn": "raypipe.models.vision:CNN",
+    "clip": "raypipe.models.multimodal:DualEncoder",
+    "captioner": "raypipe.models.multimodal:Captioner",
 }
 OBJECTIVES = {
     "causal_lm": "raypipe.objectives.lm:CausalLM",
+    "masked_lm": "raypipe.objectives.lm:MaskedLM",
+    "masked_image": "raypipe.objectives.masked_image:MaskedImage",
+    "simclr": "raypipe.objectives.contrastive:SimCLR",
+    "clip": "raypipe.objectives.contrastive:CLIP",
+    "captioning": "raypipe.objectives.captioning:Captioning",
+    "gan": "raypipe.objectives.gan:GAN",
 }
 TASKS = {
     "classification": "raypipe.tasks.classification:Classification",
+    "regression": "raypipe.tasks.regression:Regression",
+    "translation": "raypipe.tasks.translation:Translation",
 }
 
 #: Metrics each built-in task reports per epoch (what `finetune.sweep.metric` may name).
 TASK_METRICS = {
-    "classification": ["val/accuracy", "val/loss", "train/loss"],
+    "classification": ["val/accuracy", "val/macro_f1", "val/loss", "train/loss"],
+    "regression": ["val/mse", "val/mae", "val/loss", "train/loss"],
+    "translation": ["val/bleu", "val/loss", "train/loss"],
 }
 
 _KINDS = {"model": MODELS, "objective": OBJECTIVES, "task": TASKS}

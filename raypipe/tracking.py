@@ -162,6 +162,7 @@ def log_registered_model(
     *,
     model,
     input_example,
+    spec: dict[str, tuple],
     registered_name: str,
     extra_files: list[str],
     tags: dict[str, Any],
@@ -174,9 +175,10 @@ def log_registered_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    (in_name, in_dtype, in_shape), (out_name, out_dtype, out_shape) = spec["input"], spec["output"]
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1), "input_ids")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), "logits")]),
+        inputs=Schema([TensorSpec(np.dtype(in_dtype), tuple(in_shape), in_name)]),
+        outputs=Schema([TensorSpec(np.dtype(out_dtype), tuple(out_shape), out_name)]),
     )
     # log_model works on MLflow's global tracking URI (and exports it to the environment):
     # set it for this call only, so the caller's process is left as it was.

@@ -35,3 +35,29 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def media_data(tmp_path_factory) -> dict[str, str]:
+    """Small generated image, caption, translation and regression shards: {name: directory}."""
+    from raypipe.data.synthetic import generate_regression, generate_shapes, generate_translation
+
+    root = tmp_path_factory.mktemp("media")
+    dirs = {
+        name: str(root / name)
+        for name in (
+            "shapes_train",
+            "shapes_val",
+            "pairs_train",
+            "pairs_val",
+            "reg_train",
+            "reg_val",
+        )
+    }
+    generate_shapes(dirs["shapes_train"], num_rows=128, seed=1)
+    generate_shapes(dirs["shapes_val"], num_rows=32, seed=2)
+    generate_translation(dirs["pairs_train"], num_rows=96, seed=1)
+    generate_translation(dirs["pairs_val"], num_rows=16, seed=2)
+    generate_regression(dirs["reg_train"], num_rows=64, seed=1)
+    generate_regression(dirs["reg_val"], num_rows=32, seed=2)
+    return dirs

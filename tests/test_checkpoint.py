@@ -114,7 +114,7 @@ def test_fine_tuned_task_roundtrip(tmp_path):
     save_checkpoint(tmp_path / "ft", module=task, spec=spec, meta={})
     loaded = load_task(tmp_path / "ft").eval()
     x = torch.randint(1, 40, (2, 6))
-    assert torch.allclose(task.eval().logits(x), loaded.logits(x))
+    assert torch.allclose(task.eval().predict(x), loaded.predict(x))
     # The backbone of a fine-tuned checkpoint loads alone with the prefix.
     backbone = _model()
     load_weights(tmp_path / "ft", backbone, prefix="backbone.")

@@ -236,3 +236,75 @@ def test_cli_validate_quickstart_succeeds(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["name"] == "quickstart"
     assert not (tmp_path / "data").exists()  # validate generates nothing
+
+
+# --- plan: the build checks that need the registered classes --------------------------------
+
+
+def _plan_error(raw) -> str:
+    from raypipe.plan import make_plan
+
+    with pytest.raises(UserError) as info:
+        make_plan(parse_config(raw))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"pretrain__objective": "masked_image"}, "needs a model with .*model.type: vit"),
+        ({"pretrain__objective": "clip", "model__type": "vit"}, "model.type: clip"),
+        ({"pretrain__options": {"mask_prob": 0.2}}, r"pretrain.options: unknown option\(s\) \['mask_prob'\]"),
+        ({"pretrain__objective": "masked_lm", "pretrain__options": {"mask_prob": 1.5}}, "mask_prob must be in"),
+        ({"finetune__task": "regression", "finetune__num_classes": 3, "finetune__sweep__metric": "val/mse"}, "finetune.num_classes: task 'regression' does not use it"),
+        ({"finetune__input": "image"}, "finetune.input: model 'transformer' reads \\['text'\\]"),
+        ({"finetune__options": {"beam": 4}}, r"finetune.options: unknown option\(s\) \['beam'\]"),
+        ({"model__type": "vit", "model__patch_size": 5, "pretrain__objective": "masked_image"}, "patch_size \\(5\\) must divide"),
+        ({"model__type": "cnn", "pretrain__objective": "gan", "model__image_size": 20, "finetune__input": "image"}, "divisible by 8"),
+    ],
+)  # fmt: skip
+def test_plan_rejects_what_cannot_be_built(changes, expected):
+    import re
+
+    message = _plan_error(_with(**changes))
+    assert re.search(expected, message), message
+    assert "\n" not in message
+
+
+def test_sweep_metric_and_mode_default_from_the_task():
+    cfg = parse_config(_with(finetune__task="regression"))
+    assert (cfg.finetune.sweep.metric, cfg.finetune.sweep.mode) == ("val/mse", "min")
+    cfg = parse_config(_with(finetune__task="translation"))
+    assert (cfg.finetune.sweep.metric, cfg.finetune.sweep.mode) == ("val/bleu", "max")
+
+
+def test_plan_picks_columns_and_tokenizer_need():
+    from raypipe.plan import make_plan
+
+    plan = make_plan(parse_config(_with(
+        model={"type": "clip"}, pretrain__objective="clip", finetune__input="image",
+        data__unlabeled__text_column="caption",
+    )))  # fmt: skip
+    cfg_src = parse_config(_with(data__unlabeled__text_column="caption")).data
+    assert plan.pretrain_columns(cfg_src.unlabeled) == ["image", "caption"]
+    assert plan.labeled_columns(cfg_src.labeled.train) == ["image", "label"]
+    assert plan.needs_tokenizer()
+    images_only = make_plan(parse_config(_with(
+        model={"type": "cnn"}, pretrain__objective="simclr", finetune__input="image",
+    )))  # fmt: skip
+    assert not images_only.needs_tokenizer()
+
+
+@pytest.mark.parametrize(
+    ("sweep", "expected"),
+    [
+        ({"search": "optuna", "space": {"lr": {"grid": [1e-4, 1e-3]}}}, "optuna cannot search grid"),
+        ({"scheduler": "pbt", "space": {}}, "pbt needs a search space"),
+        ({"scheduler": "pbt", "search": "optuna"}, "use search: random with pbt"),
+        ({"metric": "val/bleu"}, "not reported by task 'classification'"),
+    ],
+)  # fmt: skip
+def test_sweep_rules(sweep, expected):
+    raw = _with()
+    raw["finetune"]["sweep"].update(sweep)
+    assert any(expected in p for p in _problems(raw))

@@ -12,7 +12,6 @@ from raypipe.engine.loop import Meter, evaluate, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.models import build_model
 from raypipe.models.transformer import Transformer, TransformerConfig
-from raypipe.objectives import build_objective
 from raypipe.objectives.lm import CausalLM
 from raypipe.tasks import build_task
 from raypipe.tasks.classification import Classification, pool_hidden
@@ -27,16 +26,21 @@ def tiny(causal: bool = True, **kw) -> Transformer:
 
 
 def test_registry_builds_every_registered_kind():
+    import tiny
+
+    for name in registry.OBJECTIVES:
+        assert isinstance(tiny.build(name), torch.nn.Module)
     model = build_model(
         {
             "type": "transformer",
             "config": {"vocab_size": 20, "dim": 16, "num_layers": 1, "num_heads": 2},
         }
     )
-    for name in registry.OBJECTIVES:
-        assert isinstance(build_objective(name, model), torch.nn.Module)
+    options = {"classification": {"num_classes": 3}, "regression": {}, "translation": {}}
+    tok = '{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}'
     for name in registry.TASKS:
-        assert isinstance(build_task(name, model, {"num_classes": 3}), torch.nn.Module)
+        task = build_task(name, model, options[name], tokenizer_json=tok)
+        assert isinstance(task, torch.nn.Module)
     assert registry.resolve("objective", "raypipe.objectives.lm:CausalLM") is CausalLM
     with pytest.raises(KeyError, match="did you mean 'causal_lm'"):
         registry.resolve("objective", "causal_lmm")
@@ -85,7 +89,7 @@ def test_causal_lm_loss_matches_reference():
     nll = [-logp[b, t, ids[b, t + 1]] for b in range(3) for t in range(8)]
     assert abs(loss.item() - torch.stack(nll).mean().item()) < 1e-6
     assert metrics == {}
-    assert objective.tokens_in({"input_ids": ids}) == 3 * 8
+    assert objective.items_in({"input_ids": ids}) == 3 * 8
 
 
 def test_classification_loss_and_stats_match_reference():
@@ -95,7 +99,7 @@ def test_classification_loss_and_stats_match_reference():
     ids[0, 6:] = 0
     labels = torch.tensor([0, 2, 1, 2])
     loss, stats = task({"input_ids": ids, "label": labels})
-    logits = task.logits(ids).double()
+    logits = task.predict(ids).double()
     ref = [-(logits[i] - logits[i].exp().sum().log())[labels[i]] for i in range(4)]
     ref_loss = torch.stack(ref)
     assert abs(loss.item() - ref_loss.mean().item()) < 1e-6
@@ -191,8 +195,8 @@ def test_meter_reports_data_wait_share():
 
     meter = Meter()
     meter.timed_next(slow_batches())
-    meter.steps, meter.tokens = 1, 100
+    meter.steps, meter.items = 1, 100
     time.sleep(0.2)  # "compute"
     out = meter.read_and_reset()
     assert 0.2 < out["data_wait_share"] < 0.8  # about half the wall time was spent waiting
-    assert out["tokens_per_s"] > 0 and meter.tokens == 0 and meter.steps == 0
+    assert out["tokens_per_s"] > 0 and meter.items == 0 and meter.steps == 0

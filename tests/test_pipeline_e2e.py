@@ -159,7 +159,7 @@ def test_registered_model_loads_and_predicts(first_run, quickstart_data):
     ids = torch.from_numpy(batch["input_ids"]).long()
     with torch.no_grad():
         logits = model(ids)
-        expected = load_task(summary.model["checkpoint"]).eval().logits(ids)
+        expected = load_task(summary.model["checkpoint"]).eval().predict(ids)
     assert logits.shape == (16, 2)
     assert torch.allclose(logits, expected, atol=1e-4)
     mv = _client(summary.tracking_uri).get_model_version("tiny", version)

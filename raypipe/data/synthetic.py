@@ -117,3 +117,96 @@ def generate_quickstart(
     _write(Path(train_dir), labeled(num_train, seen), num_shards=1)
     _write(Path(validation_dir), labeled(num_validation, everything), num_shards=1)
     return {"unlabeled": num_unlabeled, "train": num_train, "validation": num_validation}
+
+
+# --- images, captions, translation pairs, regression targets (test and demo data) -------------
+
+SHAPES = ["square", "circle", "bar", "cross"]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}  # fmt: skip
+PLACES = ["left", "right", "top", "bottom"]
+
+
+def shape_image(rng: random.Random, shape: int, colour: str, place: str, size: int) -> bytes:
+    """A PNG of one coloured shape on a noisy background; the shape decides the class."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    bg = tuple(rng.randint(0, 70) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    s = max(3, size // 3)
+    x0 = {"left": 1, "right": half, "top": rng.randint(1, half), "bottom": rng.randint(1, half)}
+    y0 = {"left": rng.randint(1, half), "right": rng.randint(1, half), "top": 1, "bottom": half}
+    x, y = x0[place], y0[place]
+    fill = COLOURS[colour]
+    name = SHAPES[shape]
+    if name == "square":
+        draw.rectangle([x, y, x + s, y + s], fill=fill)
+    elif name == "circle":
+        draw.ellipse([x, y, x + s, y + s], fill=fill)
+    elif name == "bar":
+        draw.rectangle([x, y + s // 3, x + s, y + 2 * s // 3], fill=fill)
+    else:
+        draw.line([x, y, x + s, y + s], fill=fill, width=2)
+        draw.line([x, y + s, x + s, y], fill=fill, width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_shapes(directory: str | Path, *, num_rows: int, size: int = 16, seed: int = 0) -> int:
+    """Rows of {image: PNG bytes, label: shape index, caption: "a red circle on the left"}."""
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"image": [], "label": [], "caption": []}
+    for _ in range(num_rows):
+        shape, colour, place = (
+            rng.randrange(len(SHAPES)),
+            rng.choice(list(COLOURS)),
+            rng.choice(PLACES),
+        )
+        rows["image"].append(shape_image(rng, shape, colour, place, size))
+        rows["label"].append(shape)
+        rows["caption"].append(f"a {colour} {SHAPES[shape]} on the {place}")
+    _write(Path(directory), rows, num_shards=2)
+    return num_rows
+
+
+_EN = {
+    "the": "le", "a": "un", "red": "rouge", "small": "petit", "big": "grand", "cat": "chat",
+    "dog": "chien", "man": "homme", "woman": "femme", "sees": "voit", "likes": "aime",
+    "house": "maison", "car": "voiture", "green": "vert", "old": "vieux", "child": "enfant",
+}  # fmt: skip
+_SUBJECTS = ["cat", "dog", "man", "woman", "child"]
+_OBJECTS = ["house", "car", "cat", "dog"]
+_ADJ = ["red", "small", "big", "green", "old"]
+
+
+def generate_translation(directory: str | Path, *, num_rows: int, seed: int = 0) -> int:
+    """Rows of {text: an English sentence, target: its word-by-word pseudo-French}."""
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"text": [], "target": []}
+    for _ in range(num_rows):
+        words = ["the", rng.choice(_ADJ), rng.choice(_SUBJECTS), rng.choice(["sees", "likes"]),
+                 "a", rng.choice(_ADJ), rng.choice(_OBJECTS)]  # fmt: skip
+        rows["text"].append(" ".join(words))
+        rows["target"].append(" ".join(_EN[w] for w in words))
+    _write(Path(directory), rows, num_shards=1)
+    return num_rows
+
+
+def generate_regression(directory: str | Path, *, num_rows: int, seed: int = 0) -> int:
+    """Reviews scored in [-1, 1]: (positive - negative adjectives) / all sentiment adjectives."""
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"text": [], "label": []}
+    for _ in range(num_rows):
+        pos, neg = rng.randint(0, 3), rng.randint(0, 3)
+        if pos + neg == 0:
+            pos = 1
+        words = rng.sample(POSITIVE, pos) + rng.sample(NEGATIVE, neg)
+        rng.shuffle(words)
+        rows["text"].append(f"the {rng.choice(NOUNS)} was " + " and ".join(words) + " .")
+        rows["label"].append((pos - neg) / (pos + neg))
+    _write(Path(directory), rows, num_shards=1)
+    return num_rows

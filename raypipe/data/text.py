@@ -13,10 +13,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from raypipe.errors import UserError
+from raypipe.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 
-PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
-SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, MASK]
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS"]
 
 
 def train_tokenizer(
@@ -85,6 +84,39 @@ def pack_blocks(
     return {"input_ids": stream[: num_blocks * block_size].reshape(num_blocks, block_size)}
 
 
+def _pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
+    out = np.full((len(rows), length), PAD_ID, dtype=np.int32)
+    for i, row in enumerate(rows):
+        row = row[:length]
+        out[i, : len(row)] = row
+    return out
+
+
+def encode_texts(
+    batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, length: int, eos: bool
+) -> np.ndarray:
+    """<bos> + tokens (+ <eos>), truncated to `length` and right-padded with <pad>: (B, length)."""
+    ids = _encode(load_tokenizer(tokenizer_json), _texts(batch, text_column))
+    return _pad_rows([[BOS_ID, *doc, *([EOS_ID] if eos else [])] for doc in ids], length)
+
+
+def labels_as(values: np.ndarray, dtype: str, *, column: str) -> np.ndarray:
+    """Integer class labels (int64) or real-valued targets (float32), checked."""
+    if dtype == "int64":
+        if values.dtype.kind not in "iu":
+            raise UserError(
+                f"label column '{column}' must hold integers, got dtype {values.dtype}; "
+                "`raypipe prepare table` maps string labels to integers"
+            )
+        return values.astype(np.int64)
+    if values.dtype.kind not in "iuf":
+        raise UserError(f"label column '{column}' must hold numbers, got dtype {values.dtype}")
+    out = values.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise UserError(f"label column '{column}' holds NaN or infinite values; drop them first")
+    return out
+
+
 def encode_labeled(
     batch: dict[str, np.ndarray],
     *,
@@ -92,16 +124,37 @@ def encode_labeled(
     text_column: str,
     label_column: str,
     max_len: int,
+    label_dtype: str = "int64",
 ) -> dict[str, np.ndarray]:
-    """<bos> + tokens, truncated to `max_len` and right-padded with <pad>; labels as int64."""
-    ids = _encode(load_tokenizer(tokenizer_json), _texts(batch, text_column))
-    out = np.full((len(ids), max_len), PAD_ID, dtype=np.int32)
-    for i, doc in enumerate(ids):
-        row = [BOS_ID] + doc[: max_len - 1]
-        out[i, : len(row)] = row
-    labels = batch[label_column]
-    if labels.dtype.kind not in "iu":
-        raise UserError(
-            f"label column '{label_column}' must hold integers, got dtype {labels.dtype}"
-        )
-    return {"input_ids": out, "label": labels.astype(np.int64)}
+    """<bos> + tokens, truncated to `max_len` and right-padded with <pad>; labels checked."""
+    ids = encode_texts(
+        batch, tokenizer_json=tokenizer_json, text_column=text_column, length=max_len, eos=False
+    )
+    return {
+        "input_ids": ids,
+        "label": labels_as(batch[label_column], label_dtype, column=label_column),
+    }
+
+
+def encode_translation(
+    batch: dict[str, np.ndarray],
+    *,
+    tokenizer_json: str,
+    text_column: str,
+    target_column: str,
+    max_len: int,
+) -> dict[str, np.ndarray]:
+    """One decoder-only sequence per pair: <bos> source <eos> target <eos>, right-padded.
+
+    The source keeps at most half of `max_len`, so every target has room. `target_start` is the
+    index of the first target token (what greedy decoding starts from).
+    """
+    tok = load_tokenizer(tokenizer_json)
+    src = _encode(tok, _texts(batch, text_column))
+    tgt = _encode(tok, _texts(batch, target_column))
+    rows, starts = [], []
+    for s_ids, t_ids in zip(src, tgt, strict=True):
+        prompt = [BOS_ID, *s_ids[: max_len // 2 - 2], EOS_ID]
+        rows.append(prompt + [*t_ids, EOS_ID])
+        starts.append(len(prompt))
+    return {"input_ids": _pad_rows(rows, max_len), "target_start": np.asarray(starts, np.int64)}

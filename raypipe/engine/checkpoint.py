@@ -142,6 +142,12 @@ def load_task(directory: str | os.PathLike):
         raise CheckpointError(
             f"checkpoint {directory} holds no fine-tuned task (model.json has no 'task')"
         )
-    task = build_task(spec["task"]["name"], build_model(spec), spec["task"]["options"])
+    has_tokenizer = (Path(directory) / TOKENIZER_FILE).is_file()
+    task = build_task(
+        spec["task"]["name"],
+        build_model(spec),
+        spec["task"]["options"],
+        tokenizer_json=read_tokenizer(directory) if has_tokenizer else None,
+    )
     load_weights(directory, task)
     return task

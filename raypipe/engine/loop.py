@@ -84,26 +84,30 @@ def evaluate(
 def all_reduce_sum(
     values: dict[str, torch.Tensor], device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Sum scalar tensors over all ranks in one collective (identity without a process group)."""
+    """Sum tensors of any shape over all ranks in one collective (identity without a group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
     keys = sorted(values)
-    flat = torch.stack(
-        [torch.as_tensor(values[k], device=device, dtype=torch.float64) for k in keys]
-    )
+    tensors = [torch.as_tensor(values[k], device=device, dtype=torch.float64) for k in keys]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    return dict(zip(keys, flat.unbind(), strict=True))
+    out, at = {}, 0
+    for k, t in zip(keys, tensors, strict=True):
+        out[k] = flat[at : at + t.numel()].reshape(t.shape)
+        at += t.numel()
+    return out
 
 
 @dataclass
 class Meter:
-    """Throughput and data-wait accounting between two log points.
+    """Throughput (`unit`s per second) and data-wait accounting between two log points.
 
-    `wait()` wraps fetching the next batch, so `data_wait_share` is the fraction of wall time the
+    `timed_next()` wraps fetching the next batch, so `data_wait_share` is the fraction of wall time the
     step loop spent waiting for input.
     """
 
-    tokens: int = 0
+    unit: str = "tokens"
+    items: int = 0
     steps: int = 0
     waited: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -118,10 +122,10 @@ class Meter:
         now = time.perf_counter()
         elapsed = max(now - self.started, 1e-9)
         out = {
-            "tokens_per_s": self.tokens / elapsed,
+            f"{self.unit}_per_s": self.items / elapsed,
             "steps_per_s": self.steps / elapsed,
             "step_time_s": elapsed / max(self.steps, 1),
             "data_wait_share": self.waited / elapsed,
         }
-        self.tokens, self.steps, self.waited, self.started = 0, 0, 0.0, now
+        self.items, self.steps, self.waited, self.started = 0, 0, 0.0, now
         return out

@@ -25,6 +25,18 @@ class TransformerConfig:
         return asdict(self)
 
 
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool (B, T, D) states over real tokens: their mean, or the last real one."""
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if how != "last":
+        raise ValueError(f"pool must be 'mean' or 'last', got {how!r}")
+    # Inputs are right-padded, so the last real token sits at length - 1.
+    last = mask.long().sum(1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -99,28 +111,54 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    #: What the backbone reads from a batch (fine-tuning picks its input column from this).
+    modalities = ("text",)
+
     @property
     def dim(self) -> int:
         return self.config.dim
 
     def forward(
-        self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`padding_mask` (B, T) is True at real tokens; padded keys are never attended to."""
+        """Hidden states (B, T, dim) of the tokens.
+
+        `padding_mask` (B, T) is True at real tokens; padded keys are never attended to.
+        `prefix` (B, P, dim) are embeddings placed before the tokens (an image, for captioning);
+        every token attends to all of them, and only the tokens' states are returned.
+        """
         t = input_ids.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len {self.config.max_len}")
         pos = torch.arange(t, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        num_prefix = 0
+        if prefix is not None:
+            num_prefix = prefix.shape[1]
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+            if padding_mask is None:
+                padding_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=x.device)
+            ones = torch.ones(x.shape[0], num_prefix, dtype=torch.bool, device=x.device)
+            padding_mask = torch.cat([ones, padding_mask], dim=1)
         attn_mask = None
         if padding_mask is not None:
+            n = x.shape[1]
             attn_mask = padding_mask[:, None, None, :]  # (B, 1, 1, T): which keys are visible
             if self.config.causal:
-                causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+                causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
                 attn_mask = attn_mask & causal
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.ln_f(x)
+        return self.ln_f(x[:, num_prefix:])
+
+    def pooled(self, batch: dict[str, torch.Tensor], pool: str = "mean") -> torch.Tensor:
+        """One vector per example (B, dim) from `batch["input_ids"]` (right-padded)."""
+        ids = batch["input_ids"].long()
+        mask = ids != self.config.pad_id
+        return pool_hidden(self(ids, padding_mask=mask), mask, pool)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.tok_emb.weight)

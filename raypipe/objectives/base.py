@@ -9,21 +9,34 @@ from torch import nn
 
 from raypipe import registry
 
+#: What an objective reads, which decides the Ray Data pipeline that feeds it:
+#: "text_blocks" packed token blocks -> input_ids; "images" -> image;
+#: "image_views" two augmented views -> view1, view2; "image_text" -> image, input_ids.
+DATA_KINDS = ("text_blocks", "images", "image_views", "image_text")
+
 
 class Objective(nn.Module):
     """Wraps the model being pretrained and turns a batch into a loss.
 
     Being a module, an objective carries its own parameters (a learnable temperature, a
-    projection head) and DDP wraps it whole: `ddp(batch)` runs `forward` on every rank.
+    projection head, an MAE decoder, a GAN generator) and DDP wraps it whole: `ddp(batch)`
+    runs `forward` on every rank. Only `self.model` is the backbone handed to fine-tuning.
 
-    - `columns`: the batch columns it reads.
+    - `data_kind`: one of DATA_KINDS; `text_extra`: tokens per text row beyond seq_len
+      (a causal LM's blocks hold seq_len + 1 tokens: inputs and shifted targets).
     - `model_overrides`: model hyperparameters it requires (a causal LM needs `causal=True`).
     - `forward(batch) -> (loss, metrics)`: a scalar loss to minimise and scalar tensors to log
       (kept as tensors so the loop syncs with the host only when it logs).
+    - `unit`: what throughput counts ("tokens" or "images"), `items_in(batch)` how many.
+    - `owns_step`: the objective runs its own optimisation step (`step`) over the optimizers
+      made from `param_groups()` — for alternating updates such as a GAN's.
     """
 
-    columns: ClassVar[tuple[str, ...]] = ()
+    data_kind: ClassVar[str] = "text_blocks"
+    text_extra: ClassVar[int] = 0
     model_overrides: ClassVar[dict[str, Any]] = {}
+    unit: ClassVar[str] = "tokens"
+    owns_step: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -34,10 +47,30 @@ class Objective(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many input positions one batch holds (for throughput)."""
-        first = batch[self.columns[0]]
-        return first.numel()
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """One list of parameters per optimizer (one optimizer unless the objective owns its step)."""
+        return [list(self.parameters())]
+
+    def items_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Throughput units in one batch: tokens of `input_ids`, or images."""
+        if self.unit == "images":
+            return next(iter(batch.values())).shape[0]
+        ids = batch["input_ids"]
+        return ids.shape[0] * (ids.shape[1] - self.text_extra)
+
+    def step(self, module: nn.Module, optimizers, micro_batches, *, grad_clip, autocast):
+        """Owners of their step implement this; see objectives/gan.py."""
+        raise NotImplementedError
+
+
+def require(model: nn.Module, objective: str, *attrs: str, hint: str) -> None:
+    """Fail at build time (on the driver, before Ray) when the model lacks what we need."""
+    missing = [a for a in attrs if not hasattr(model, a)]
+    if missing:
+        raise ValueError(
+            f"objective '{objective}' needs a model with {missing} ({type(model).__name__} "
+            f"has none); {hint}"
+        )
 
 
 def build_objective(

@@ -8,6 +8,7 @@ ever compares trials of one arm with each other.
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from ray import tune
 from ray.train import CheckpointConfig, DataConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raypipe import tracking
-from raypipe.config import TUNABLE, Distribution, FinetuneConfig
-from raypipe.data.text import encode_labeled
+from raypipe import registry, tracking
+from raypipe.config import TUNABLE, Distribution, FinetuneConfig, LabeledSource
+from raypipe.data.text import encode_labeled, encode_translation
+from raypipe.data.vision import encode_labeled_images
 from raypipe.engine.checkpoint import (
     load_train_state,
     load_weights,
@@ -39,6 +41,7 @@ from raypipe.engine.loop import Meter, all_reduce_sum, evaluate, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.errors import UserError
 from raypipe.models import build_model
+from raypipe.plan import task_options
 from raypipe.progress import progress
 from raypipe.stages.common import find_user_error, report, scaling_config
 from raypipe.tasks import build_task
@@ -59,23 +62,57 @@ class ArmResult:
 def labeled_dataset(
     files: list[str],
     *,
-    text_column: str,
-    label_column: str,
-    tokenizer_json: str,
+    source: LabeledSource,
+    kind: str,
+    input: str,
+    label_dtype: str,
+    tokenizer_json: str | None,
     max_len: int,
+    model_config: dict[str, Any],
 ) -> ray.data.Dataset:
-    """Tokenized once and materialized: every trial and epoch re-reads the same blocks."""
-    ds = ray.data.read_parquet(files, columns=[text_column, label_column]).map_batches(
-        encode_labeled,
-        batch_format="numpy",
-        batch_size=1024,
-        fn_kwargs={
-            "tokenizer_json": tokenizer_json,
-            "text_column": text_column,
-            "label_column": label_column,
-            "max_len": max_len,
-        },
-    )
+    """Encoded once and materialized: every trial and epoch re-reads the same blocks.
+
+    kind "labeled": one input column (text or image) + label; "pairs": source -> target text.
+    """
+    if kind == "pairs":
+        columns = [source.text_column, source.target_column]
+        fn, kwargs = (
+            encode_translation,
+            {
+                "tokenizer_json": tokenizer_json,
+                "text_column": source.text_column,
+                "target_column": source.target_column,
+                "max_len": max_len,
+            },
+        )
+    elif input == "image":
+        columns = [source.image_column, source.label_column]
+        fn, kwargs = (
+            encode_labeled_images,
+            {
+                "image_column": source.image_column,
+                "label_column": source.label_column,
+                "label_dtype": label_dtype,
+                "image_size": model_config["image_size"],
+                "channels": model_config["channels"],
+            },
+        )
+    else:
+        columns = [source.text_column, source.label_column]
+        fn, kwargs = (
+            encode_labeled,
+            {
+                "tokenizer_json": tokenizer_json,
+                "text_column": source.text_column,
+                "label_column": source.label_column,
+                "label_dtype": label_dtype,
+                "max_len": max_len,
+            },
+        )
+    ds = ray.data.read_parquet(files, columns=columns)
+    if source.max_rows:
+        ds = ds.limit(source.max_rows)
+    ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, fn_kwargs=kwargs)
     ds.context.execution_options.preserve_order = True  # the same rows in the same order
     return ds.materialize()
 
@@ -103,6 +140,20 @@ def _search_space(space: dict[str, Distribution]) -> dict[str, Any]:
     return out
 
 
+def _mutations(space: dict[str, Distribution]) -> dict[str, Any]:
+    """PBT's explore step resamples from the same distributions (lists for discrete ones)."""
+    out = {}
+    for key, dist_ in space.items():
+        value = getattr(dist_, dist_.kind)
+        if dist_.kind in ("choice", "grid"):
+            out[key] = list(value)
+        elif dist_.kind == "randint":
+            out[key] = list(range(value[0], value[1] + 1))
+        else:
+            out[key] = _search_space({key: dist_})[key]
+    return out
+
+
 def _hyperparameters(cfg: FinetuneConfig, sampled: dict[str, Any]) -> dict[str, Any]:
     base = {
         "lr": cfg.optimizer.lr,
@@ -127,8 +178,9 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
     backbone = build_model(loop["model_spec"])
     if loop["init_checkpoint"]:
         load_weights(loop["init_checkpoint"], backbone)  # weights only: new head, new optimizer
-    task_options = {"num_classes": cfg.num_classes, "pool": cfg.pool, "dropout": hp["dropout"]}
-    task = build_task(cfg.task, backbone, task_options).to(device)
+    task_cls = registry.resolve("task", cfg.task)
+    options = task_options(cfg, task_cls, loop["finetune_input"], hp["dropout"])
+    task = build_task(cfg.task, backbone, options, tokenizer_json=loop["tokenizer_json"]).to(device)
     if hp["freeze_backbone"]:
         backbone.requires_grad_(False)
 
@@ -155,14 +207,37 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
             set_rng_state(state["rng"])
             start_epoch = state["epoch"]
             best = read_meta(d)["metrics"][metric]
-    module = ray.train.torch.prepare_model(task)
+    elif loop.get("continue_from"):
+        # PBT: continue from a trial's checkpoint (its own, or a better trial's it cloned) with
+        # this trial's possibly perturbed settings: weights and moments carry over, the
+        # learning-rate schedule restarts from the same step under the new peak rate.
+        d = loop["continue_from"]
+        load_weights(d, task)
+        state = load_train_state(d)
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = hp["lr"]
+            if group["weight_decay"]:
+                group["weight_decay"] = hp["weight_decay"]
+        scheduler.base_lrs = [hp["lr"] for _ in optimizer.param_groups]
+        done = min(state.get("steps", 0), total_steps)
+        scheduler.last_epoch = done - 1
+        scheduler.step()
+        set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+    # A two-tower backbone (CLIP, captioner) leaves the tower the task does not read unused.
+    multi = len(getattr(backbone, "modalities", ())) > 1
+    module = ray.train.torch.prepare_model(
+        task, parallel_strategy_kwargs={"find_unused_parameters": True} if multi else None
+    )
     logger = tracking.logger_for(loop["run"], rank)
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("validation")
-    spec = {**loop["model_spec"], "task": {"name": cfg.task, "options": task_options}}
+    spec = {**loop["model_spec"], "task": {"name": cfg.task, "options": options}}
+    stop_epoch = loop.get("stop_epoch") or cfg.epochs
 
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        meter = Meter()
+    for epoch in range(start_epoch + 1, stop_epoch + 1):
+        meter = Meter(unit=task.unit)
         train_totals: dict[str, torch.Tensor] = {}
         batches = iter(
             train_shard.iter_torch_batches(
@@ -191,7 +266,7 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
             for k, v in stats.items():
                 train_totals[k] = train_totals.get(k, 0) + v
             meter.steps += 1
-            meter.tokens += task.tokens_in(batch) * world
+            meter.items += task.items_in(batch) * world
         if not train_totals:
             raise UserError(
                 f"finetune: the labeled training data gives no full batch of {hp['batch_size']} "
@@ -201,7 +276,13 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
         val_batches = itertools.islice(
             val_data.iter_torch_batches(batch_size=256, device=device), rank, None, world
         )
-        val_totals = all_reduce_sum(evaluate(module, val_batches, device=device), device)
+        val_totals = evaluate(module, val_batches, device=device)
+        if not val_totals:
+            # Fewer validation batches than ranks: this rank adds zeros of the right shapes, so
+            # every rank joins the same collective.
+            first = next(iter(val_data.iter_torch_batches(batch_size=256, device=device)))
+            val_totals = {k: v * 0 for k, v in evaluate(module, [first], device=device).items()}
+        val_totals = all_reduce_sum(val_totals, device)
         train_totals = all_reduce_sum(train_totals, device)
         metrics = {
             "epoch": epoch,
@@ -217,8 +298,9 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
             )
         value = metrics[metric]
         save = None
-        if _is_better(value, best, mode):
-            best = value
+        # PBT continues from the latest state, so it saves every epoch; otherwise the best only.
+        if _is_better(value, best, mode) or loop.get("save_every_epoch"):
+            best = value if _is_better(value, best, mode) else best
 
             def save(directory, epoch=epoch, metrics=metrics):
                 return save_checkpoint(
@@ -237,6 +319,7 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                     },
                     train_state={
                         "epoch": epoch,
+                        "steps": scheduler.last_epoch,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": rng_state(),
@@ -246,41 +329,101 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
         report(metrics, rank=rank, save=save, checkpoint_name=f"epoch-{epoch:04d}")
 
 
-def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) -> None:
-    """A Tune trial: open its MLflow run, then drive one TorchTrainer run."""
-    cfg: FinetuneConfig = static["finetune"]
-    trial_id = tune.get_context().get_trial_id()
-    arm = static["arm"]
-    hp = _hyperparameters(cfg, params)
-    name = _trial_name(arm, trial_id)
+def _trial_run(static: dict[str, Any], trial_id: str, name: str, hp: dict) -> tracking.RunRef:
+    """The trial's MLflow run: reopened when PBT restarts the trial, else created."""
+    parent = static["parent"]
+    for run in tracking.child_runs(parent):
+        if run.data.tags.get("raypipe.trial_id") == trial_id:
+            ref = tracking.RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)
+            tracking.RunLogger(ref).set_tags({"raypipe.settings_now": hp})
+            return ref
     run = tracking.start_run(
-        tracking_uri=static["parent"].tracking_uri,
-        experiment_id=static["parent"].experiment_id,
+        tracking_uri=parent.tracking_uri,
+        experiment_id=parent.experiment_id,
         name=name,
         kind="trial",
-        parent=static["parent"],
+        parent=parent,
         tags={
-            "raypipe.arm": arm,
+            "raypipe.arm": static["arm"],
             "raypipe.trial_id": trial_id,
             "raypipe.init_checkpoint": static["init_checkpoint"] or "none",
         },
     )
     tracking.RunLogger(run).log_params(hp)
-    trainer = TorchTrainer(
+    return run
+
+
+def _trainer(static, loop_config, name, datasets, *, callbacks, num_to_keep) -> TorchTrainer:
+    cfg: FinetuneConfig = static["finetune"]
+    return TorchTrainer(
         _finetune_loop,
-        train_loop_config={**static, "hp": hp, "run": run, "trial_name": name},
+        train_loop_config=loop_config,
         scaling_config=scaling_config(cfg.scaling),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=static["trials_dir"],
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         ),
-        datasets={"train": train_ds, "validation": val_ds},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    tracking.end_run(run, "FINISHED" if result.error is None else "FAILED")
+
+
+def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) -> None:
+    """A Tune trial: open its MLflow run, then drive TorchTrainer runs.
+
+    ASHA/FIFO: one TorchTrainer run, each epoch reported to Tune as it happens. PBT: one
+    TorchTrainer run per perturbation interval, each continuing from the trial's checkpoint
+    (Tune hands a trial a better trial's checkpoint when it exploits), reported to Tune with
+    that checkpoint so PBT can clone it.
+    """
+    cfg: FinetuneConfig = static["finetune"]
+    trial_id = tune.get_context().get_trial_id()
+    hp = _hyperparameters(cfg, params)
+    name = _trial_name(static["arm"], trial_id)
+    run = _trial_run(static, trial_id, name, hp)
+    datasets = {"train": train_ds, "validation": val_ds}
+    loop_config = {**static, "hp": hp, "run": run, "trial_name": name}
+    if cfg.sweep.scheduler != "pbt":
+        trainer = _trainer(
+            static, loop_config, name, datasets, callbacks=[TuneReportCallback()], num_to_keep=1
+        )
+        result = trainer.fit()
+        tracking.end_run(run, "FINISHED" if result.error is None else "FAILED")
+        return
+    interval = cfg.sweep.perturbation_interval
+    tune_ckpt = tune.get_checkpoint()
+    epoch = 0
+    continue_from = None
+    if tune_ckpt is not None:
+        continue_from = tune_ckpt.to_directory()
+        epoch = read_meta(continue_from)["epoch"]
+    segment = 0
+    while epoch < cfg.epochs:
+        stop = min(epoch + interval, cfg.epochs)
+        segment += 1
+        trainer = _trainer(
+            static,
+            {**loop_config, "continue_from": continue_from, "stop_epoch": stop,
+             "save_every_epoch": True},
+            f"{name}-{epoch:03d}-{stop:03d}-{segment}",
+            datasets,
+            callbacks=[],
+            num_to_keep=None,
+        )  # fmt: skip
+        result = trainer.fit()
+        if result.error is not None:
+            tracking.end_run(run, "FAILED")
+            raise result.error
+        continue_from = result.checkpoint.path
+        metrics = read_meta(continue_from)["metrics"]
+        epoch = stop
+        tune.report(
+            {**metrics, "checkpoint_path": continue_from},
+            checkpoint=ray.tune.Checkpoint.from_directory(continue_from),
+        )
+    tracking.end_run(run, "FINISHED")
 
 
 def _close_trial_runs(parent: tracking.RunRef, arm: str, grid, epochs: int) -> int:
@@ -310,7 +453,8 @@ def run_arm(
     cfg: FinetuneConfig,
     init_checkpoint: str | None,
     model_spec: dict[str, Any],
-    tokenizer_json: str,
+    finetune_input: str,
+    tokenizer_json: str | None,
     train_ds: ray.data.Dataset,
     val_ds: ray.data.Dataset,
     num_train_rows: int,
@@ -325,6 +469,7 @@ def run_arm(
         "arm": arm,
         "init_checkpoint": init_checkpoint,
         "model_spec": model_spec,
+        "finetune_input": finetune_input,
         "tokenizer_json": tokenizer_json,
         "num_train_rows": num_train_rows,
         "trials_dir": str(Path(stage_dir) / "trials"),
@@ -332,6 +477,7 @@ def run_arm(
         "seed": seed,
         "fingerprint": fingerprint,
     }
+    space = _search_space(sweep.space)
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="epoch",
@@ -339,8 +485,29 @@ def run_arm(
             grace_period=min(sweep.grace_period, cfg.epochs),
             reduction_factor=sweep.reduction_factor,
         )
+    elif sweep.scheduler == "pbt":
+        # PBT draws its explore/exploit choices from Python's global `random` (no seed argument).
+        random.seed(seed)
+        scheduler = PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=sweep.perturbation_interval,
+            hyperparam_mutations=_mutations(sweep.space),
+        )
     else:
         scheduler = FIFOScheduler()
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        # TPE seeded alike in every arm: the arms start from the same suggestions.
+        search_alg = ConcurrencyLimiter(
+            OptunaSearch(seed=seed), max_concurrent=sweep.max_concurrent_trials
+        )
+    else:
+        # The same seed in every arm: the arms sample the same settings.
+        search_alg = BasicVariantGenerator(
+            random_state=seed, max_concurrent=sweep.max_concurrent_trials
+        )
     trainable = tune.with_resources(
         tune.with_parameters(_trial, static=static, train_ds=train_ds, val_ds=val_ds),
         # The trial function only waits on its TorchTrainer: reserving a CPU for it would
@@ -349,16 +516,13 @@ def run_arm(
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=_search_space(sweep.space),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
             mode=sweep.mode,
             num_samples=sweep.num_samples,
             scheduler=scheduler,
-            # The same seed in every arm: the arms sample the same settings.
-            search_alg=BasicVariantGenerator(
-                random_state=seed, max_concurrent=sweep.max_concurrent_trials
-            ),
+            search_alg=search_alg,
         ),
         run_config=tune.RunConfig(name=f"sweep-{arm}", storage_path=stage_dir, verbose=0),
     )

@@ -18,8 +18,9 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from raypipe.config import PretrainConfig
+from raypipe.config import PretrainConfig, Source
 from raypipe.data.text import pack_blocks
+from raypipe.data.vision import decode_images, encode_image_text, simclr_views
 from raypipe.engine.checkpoint import (
     load_train_state,
     load_weights,
@@ -30,9 +31,11 @@ from raypipe.engine.checkpoint import (
 )
 from raypipe.engine.loop import Meter, all_reduce_sum, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
+from raypipe.engine.precision import autocast_for
 from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.objectives import build_objective
+from raypipe.objectives.base import DATA_KINDS
 from raypipe.progress import progress
 from raypipe.stages.common import report, scaling_config
 from raypipe.tracking import RunRef, logger_for
@@ -46,19 +49,53 @@ class PretrainOutput:
 
 
 def build_dataset(
-    files: list[str], *, text_column: str, tokenizer_json: str, block_size: int
+    files: list[str],
+    *,
+    kind: str,
+    source: Source,
+    tokenizer_json: str | None,
+    seq_len: int,
+    text_extra: int,
+    model_config: dict[str, Any],
 ) -> ray.data.Dataset:
-    """Lazy: read shards -> tokenize and pack on CPU tasks, streamed into the trainer."""
-    return ray.data.read_parquet(files, columns=[text_column]).map_batches(
-        pack_blocks,
-        batch_format="numpy",
-        batch_size=1024,
-        fn_kwargs={
+    """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
+
+    `kind` is the objective's `data_kind`; each kind is one transform over numpy batches.
+    """
+    images = {
+        "image_column": source.image_column,
+        "image_size": model_config.get("image_size"),
+        "channels": model_config.get("channels"),
+    }
+    if kind == "text_blocks":
+        columns, fn, kwargs, batch_size = (
+            [source.text_column],
+            pack_blocks,
+            {
+                "tokenizer_json": tokenizer_json,
+                "text_column": source.text_column,
+                "block_size": seq_len + text_extra,
+            },
+            1024,
+        )
+    elif kind == "images":
+        columns, fn, kwargs, batch_size = [source.image_column], decode_images, images, 256
+    elif kind == "image_views":
+        columns, fn, kwargs, batch_size = [source.image_column], simclr_views, images, 256
+    elif kind == "image_text":
+        columns, fn, batch_size = [source.image_column, source.text_column], encode_image_text, 256
+        kwargs = {
+            **images,
+            "text_column": source.text_column,
             "tokenizer_json": tokenizer_json,
-            "text_column": text_column,
-            "block_size": block_size,
-        },
-    )
+            "text_len": seq_len + text_extra,
+        }
+    else:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {DATA_KINDS}")
+    ds = ray.data.read_parquet(files, columns=columns)
+    if source.max_rows:
+        ds = ds.limit(source.max_rows)
+    return ds.map_batches(fn, batch_format="numpy", batch_size=batch_size, fn_kwargs=kwargs)
 
 
 def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int):
@@ -78,8 +115,8 @@ def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int
             yield batch
         if count == 0:
             raise UserError(
-                f"pretrain: the unlabeled data yields no full batch of {cfg.batch_size} blocks per "
-                "worker; lower pretrain.batch_size or pretrain.seq_len, or add data"
+                f"pretrain: the unlabeled data yields no full batch of {cfg.batch_size} rows per "
+                "worker; lower pretrain.batch_size (or pretrain.seq_len for text), or add data"
             )
         epoch += 1
 
@@ -91,17 +128,25 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     torch.manual_seed(loop["seed"])  # identical init on every rank
 
-    objective = build_objective(cfg.objective, build_model(loop["model_spec"])).to(device)
+    objective = build_objective(cfg.objective, build_model(loop["model_spec"]), cfg.options).to(
+        device
+    )
+    # Identical init on every rank above; from here each rank draws its own masks and noise.
+    torch.manual_seed(loop["seed"] * 1000 + rank)
     opt = cfg.optimizer
-    optimizer = build_optimizer(
-        objective.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas
-    )
-    scheduler = warmup_cosine(
-        optimizer,
-        warmup_steps=opt.warmup_steps,
-        total_steps=cfg.max_steps,
-        min_lr_ratio=opt.min_lr_ratio,
-    )
+    optimizers = [
+        build_optimizer(params, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas)
+        for params in objective.param_groups()
+    ]
+    schedulers = [
+        warmup_cosine(
+            o,
+            warmup_steps=opt.warmup_steps,
+            total_steps=cfg.max_steps,
+            min_lr_ratio=opt.min_lr_ratio,
+        )
+        for o in optimizers
+    ]
     step, final_loss = 0, float("nan")
     resumed = ray.train.get_checkpoint()
     if resumed:
@@ -109,12 +154,15 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             load_weights(d, objective.model)
             state = load_train_state(d)
             objective.load_state_dict({**objective.state_dict(), **state["objective"]}, strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            for o, o_state in zip(optimizers, state["optimizers"], strict=True):
+                o.load_state_dict(o_state)
+            for sch, sch_state in zip(schedulers, state["schedulers"], strict=True):
+                sch.load_state_dict(sch_state)
             set_rng_state(state["rng"])
             step = state["step"]
             final_loss = read_meta(d).get("loss", final_loss)
-    module = ray.train.torch.prepare_model(objective)
+    ddp_kwargs = {"find_unused_parameters": True} if objective.owns_step else None
+    module = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=ddp_kwargs)
     logger = logger_for(loop["run"], rank)
     if rank == 0 and not resumed:
         logger.log_params({"num_parameters": sum(p.numel() for p in objective.parameters())})
@@ -135,8 +183,8 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             },
             train_state={
                 "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "schedulers": [sch.state_dict() for sch in schedulers],
                 "rng": rng_state(),
                 "objective": extra,
             },
@@ -145,21 +193,32 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     batches = _batches_forever(
         ray.train.get_dataset_shard("train"), cfg, device, seed=loop["seed"] + rank
     )
-    meter = Meter()
+    meter = Meter(unit=objective.unit)
     while step < cfg.max_steps:
         micro = [meter.timed_next(batches) for _ in range(cfg.grad_accum_steps)]
-        loss, stats = train_step(
-            module,
-            optimizer,
-            scheduler,
-            micro,
-            grad_clip=opt.grad_clip,
-            device=device,
-            precision=cfg.precision,
-        )
+        if objective.owns_step:  # e.g. a GAN's alternating updates
+            loss, stats = objective.step(
+                module,
+                optimizers,
+                micro,
+                grad_clip=opt.grad_clip,
+                autocast=lambda: autocast_for(device, cfg.precision),
+            )
+            for sch in schedulers:
+                sch.step()
+        else:
+            loss, stats = train_step(
+                module,
+                optimizers[0],
+                schedulers[0],
+                micro,
+                grad_clip=opt.grad_clip,
+                device=device,
+                precision=cfg.precision,
+            )
         step += 1
         meter.steps += 1
-        meter.tokens += sum(objective.tokens_in(b) for b in micro) * world
+        meter.items += sum(objective.items_in(b) for b in micro) * world
 
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
@@ -167,15 +226,16 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             final_loss = all_reduce_sum({"loss": loss}, device)["loss"].item() / world
             metrics = {
                 "train/loss": final_loss,
-                "train/lr": scheduler.get_last_lr()[0],
+                "train/lr": schedulers[0].get_last_lr()[0],
                 **{f"train/{k}": float(v) for k, v in stats.items()},
                 **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
             }
             logger.log_metrics(metrics, step)
             if rank == 0:
+                unit = objective.unit
                 progress(
                     f"pretrain step {step}/{cfg.max_steps} loss {final_loss:.4f} "
-                    f"{metrics['perf/tokens_per_s']:.0f} tok/s "
+                    f"{metrics[f'perf/{unit}_per_s']:.0f} {unit}/s "
                     f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
                 )
         if step % cfg.checkpoint_every == 0 or last:
@@ -193,16 +253,25 @@ def run_pretrain(
     cfg: PretrainConfig,
     model_spec: dict[str, Any],
     files: list[str],
-    text_column: str,
-    tokenizer_json: str,
+    source: Source,
+    data_kind: str,
+    tokenizer_json: str | None,
     stage_dir: str,
     run: RunRef,
     seed: int,
     fingerprint: str,
 ) -> PretrainOutput:
-    # Blocks hold seq_len + 1 tokens: the objective predicts each of seq_len next tokens.
+    from raypipe import registry
+
+    text_extra = registry.resolve("objective", cfg.objective).text_extra
     dataset = build_dataset(
-        files, text_column=text_column, tokenizer_json=tokenizer_json, block_size=cfg.seq_len + 1
+        files,
+        kind=data_kind,
+        source=source,
+        tokenizer_json=tokenizer_json,
+        seq_len=cfg.seq_len,
+        text_extra=text_extra,
+        model_config=model_spec["config"],
     )
     trainer = TorchTrainer(
         _train_loop,

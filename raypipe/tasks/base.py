@@ -4,27 +4,49 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from raypipe import registry
+from raypipe.vocab import BOS_ID
+
+#: The batch column each input modality arrives in.
+INPUT_COLUMNS = {"text": "input_ids", "image": "image"}
 
 
 class Task(nn.Module):
     """A backbone plus a task head.
 
-    - `columns`: the batch columns it reads.
+    - `option_names`: the `finetune` settings its constructor takes (num_classes, pool, ...);
+      setting one a task does not take is a config error, never a silent no-op.
+    - `data_kind`: "labeled" (one input column + `label`, as `label_dtype`) or "pairs"
+      (source text -> target text).
+    - `model_overrides`: backbone hyperparameters it requires (translation decodes causally).
     - `forward(batch) -> (loss, stats)`: the mean loss to minimise and per-batch *sums*
       (including "count"), so statistics over many batches and ranks add up exactly.
     - `summarize(stats) -> metrics`: turns summed stats into the reported metrics.
-    - `predictor()`: a module mapping raw model inputs to predictions, for serving.
+    - `predictor()`: a module mapping the raw input tensor to predictions, for serving;
+      `serving_spec()` its input and output (name, dtype, shape with -1 for free dims).
     """
 
-    columns: ClassVar[tuple[str, ...]] = ()
+    option_names: ClassVar[tuple[str, ...]] = ()
+    data_kind: ClassVar[str] = "labeled"
+    label_dtype: ClassVar[str] = "int64"
+    model_overrides: ClassVar[dict[str, Any]] = {}
+    needs_tokenizer: ClassVar[bool] = False
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, *, input: str = "text"):
         super().__init__()
+        if input not in INPUT_COLUMNS:
+            raise ValueError(f"input must be one of {list(INPUT_COLUMNS)}, got {input!r}")
+        if input not in getattr(backbone, "modalities", ("text",)):
+            raise ValueError(
+                f"model {type(backbone).__name__} reads {list(backbone.modalities)}, not {input}"
+            )
         self.backbone = backbone
+        self.input = input
+        self.input_column = INPUT_COLUMNS[input]
 
     def forward(
         self, batch: dict[str, torch.Tensor]
@@ -35,13 +57,58 @@ class Task(nn.Module):
     def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
         raise NotImplementedError
 
-    def predictor(self) -> nn.Module:
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch[self.columns[0]].numel()
+    def predictor(self) -> nn.Module:
+        return _Predictor(self)
+
+    @property
+    def unit(self) -> str:
+        return "images" if self.input == "image" else "tokens"
+
+    def items_in(self, batch: dict[str, torch.Tensor]) -> int:
+        x = batch[self.input_column]
+        return x.shape[0] if self.input == "image" else x.numel()
+
+    def example_input(self) -> np.ndarray:
+        if self.input == "image":
+            cfg = self.backbone.config
+            return np.zeros((2, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.uint8)
+        return np.full((2, 8), BOS_ID, dtype=np.int64)
+
+    def serving_spec(self) -> dict[str, tuple]:
+        example = self.example_input()
+        shape = (-1, *example.shape[1:]) if self.input == "image" else (-1, -1)
+        with torch.no_grad():
+            out = self.predict(torch.as_tensor(example))
+        out_shape = (-1, *out.shape[1:])
+        return {
+            "input": (self.input_column, example.dtype, shape),
+            "output": (self.output_name, np.dtype(np.float32), out_shape),
+        }
+
+    output_name: ClassVar[str] = "logits"
 
 
-def build_task(name: str, backbone: nn.Module, options: dict[str, Any] | None = None) -> Task:
+class _Predictor(nn.Module):
+    """The raw input tensor -> the task's predictions (what the registered model serves)."""
+
+    def __init__(self, task: Task):
+        super().__init__()
+        self.task = task
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.task.predict(inputs)
+
+
+def build_task(
+    name: str,
+    backbone: nn.Module,
+    options: dict[str, Any] | None = None,
+    *,
+    tokenizer_json: str | None = None,
+) -> Task:
     cls = registry.resolve("task", name)
-    return cls(backbone, **(options or {}))
+    extra = {"tokenizer_json": tokenizer_json} if cls.needs_tokenizer else {}
+    return cls(backbone, **(options or {}), **extra)

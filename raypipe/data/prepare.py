@@ -1,0 +1,424 @@
+"""`raypipe prepare`: common raw layouts -> Parquet shards raypipe reads.
+
+Kinds (columns written):
+    text      text files or folders of them (.gz too), a row per line / paragraph / file -> text
+    table     TSV / CSV / JSONL with a text and a label column                       -> text, label
+    images    a folder tree or a zip of one, class = the image's parent folder         -> image, label, path
+    captions  images plus a captions file (CSV image,caption or Flickr `img#k<TAB>caption`)
+                                                                                         -> image, caption, path
+    parallel  two line-aligned text files (source, target)                              -> text, target
+
+Unreadable inputs (undecodable text, malformed rows, images Pillow cannot open, captions of
+missing images) are counted and named, never fatal. Shards are written into a temporary
+directory renamed into place, and an existing output is never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypipe.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".gz"}
+
+
+@dataclass
+class Report:
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    labels: list[str] | None = None
+
+    def describe(self, out: Path) -> str:
+        written = ", ".join(
+            f"{n} rows to {out / s}" if s else f"{n} rows to {out}" for s, n in self.rows.items()
+        )
+        lines = [f"wrote {written}"]
+        if self.labels is not None:
+            lines.append(
+                "labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(self.labels))
+            )
+        if self.skipped:
+            shown = "; ".join(self.skipped[:10])
+            more = f" (and {len(self.skipped) - 10} more)" if len(self.skipped) > 10 else ""
+            lines.append(f"skipped {len(self.skipped)} unreadable input(s): {shown}{more}")
+        return "\n".join(lines)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def _existing(paths: list[str], what: str) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"prepare {what}: input '{p}' does not exist")
+        out.append(p)
+    return out
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _write_split(directory: Path, rows: dict[str, list], shard_rows: int) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(next(iter(rows.values())))
+    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
+        part = {k: v[start : start + shard_rows] for k, v in rows.items()}
+        pq.write_table(pa.table(part), directory / f"part-{i:05d}.parquet")
+    return n
+
+
+def _write(
+    out: Path,
+    rows: dict[str, list],
+    report: Report,
+    *,
+    shard_rows: int,
+    validation_fraction: float,
+    seed: int,
+    group: list | None = None,
+    overwrite: bool,
+    manifest: dict,
+) -> None:
+    """Write `rows` to `out` (or to out/train and out/validation), atomically."""
+    n = len(next(iter(rows.values())))
+    if n == 0:
+        raise UserError(
+            f"prepare: no readable rows found ({len(report.skipped)} unreadable input(s)"
+            + (f", e.g. {report.skipped[0]}" if report.skipped else "")
+            + "); check the input paths and format"
+        )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"prepare: output '{out}' already exists and is not empty; choose another --out "
+                "or pass --overwrite"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if validation_fraction > 0:
+            # Split by group (an image's captions stay together), seeded.
+            keys = group if group is not None else list(range(n))
+            unique = sorted(set(keys), key=str)
+            random.Random(seed).shuffle(unique)
+            held = set(unique[: max(1, int(round(len(unique) * validation_fraction)))])
+            for split, keep in (("train", False), ("validation", True)):
+                idx = [i for i in range(n) if (keys[i] in held) == keep]
+                part = {k: [v[i] for i in idx] for k, v in rows.items()}
+                report.rows[split] = _write_split(tmp / split, part, shard_rows)
+        else:
+            report.rows[""] = _write_split(tmp, rows, shard_rows)
+        manifest = {**manifest, "rows": report.rows, "labels": report.labels,
+                    "skipped": report.skipped}  # fmt: skip
+        (tmp / "prepare.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- readers ------------------------------------------------------------------------------------
+
+
+def _text_files(inputs: list[Path]) -> Iterator[Path]:
+    for p in inputs:
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        else:
+            yield p
+
+
+def read_text(inputs: list[Path], unit: str, report: Report) -> dict[str, list]:
+    texts: list[str] = []
+    for f in _text_files(inputs):
+        try:
+            with _open_text(f) as fh:
+                content = fh.read()
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            report.skipped.append(f"{f} ({type(e).__name__})")
+            continue
+        content = content.replace("\r\n", "\n")
+        if unit == "file":
+            parts = [content]
+        elif unit == "paragraph":
+            parts = [" ".join(p.split()) for p in content.split("\n\n")]
+        else:
+            parts = content.split("\n")
+        texts.extend(p.strip() for p in parts if p.strip())
+    return {"text": texts}
+
+
+def _table_rows(path: Path, fmt: str, report: Report) -> Iterator[tuple[str, dict]]:
+    if fmt == "auto":
+        name = path.name.removesuffix(".gz")
+        fmt = (
+            "jsonl"
+            if name.endswith((".jsonl", ".json"))
+            else "csv"
+            if name.endswith(".csv")
+            else "tsv"
+        )
+    with _open_text(path) as fh:
+        if fmt == "jsonl":
+            for i, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    report.skipped.append(f"{path}:{i} (not JSON)")
+                    continue
+                if isinstance(row, dict):
+                    yield f"{path}:{i}", row
+                else:
+                    report.skipped.append(f"{path}:{i} (not an object)")
+            return
+        reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        for i, values in enumerate(reader, start=2):
+            if not values:
+                continue
+            if len(values) != len(header):
+                report.skipped.append(
+                    f"{path}:{i} ({len(values)} fields, header has {len(header)})"
+                )
+                continue
+            yield f"{path}:{i}", dict(zip(header, values, strict=True))
+
+
+def read_table(
+    inputs: list[Path],
+    *,
+    text_column: str,
+    label_column: str,
+    fmt: str,
+    regression: bool,
+    report: Report,
+) -> dict[str, list]:
+    texts, raw_labels = [], []
+    for path in inputs:
+        for where, row in _table_rows(path, fmt, report):
+            if text_column not in row or label_column not in row:
+                raise UserError(
+                    f"prepare table: {where} has no column '{text_column}' or '{label_column}' "
+                    f"(columns: {sorted(row)}); set --text-column and --label-column"
+                )
+            text, label = row[text_column], row[label_column]
+            if text is None or not str(text).strip() or label is None or str(label).strip() == "":
+                report.skipped.append(f"{where} (empty text or label)")
+                continue
+            texts.append(str(text).strip())
+            raw_labels.append(str(label).strip())
+    if regression:
+        labels: list = []
+        keep_t = []
+        for t, v in zip(texts, raw_labels, strict=True):
+            try:
+                labels.append(float(v))
+                keep_t.append(t)
+            except ValueError:
+                report.skipped.append(f"label {v!r} is not a number")
+        return {"text": keep_t, "label": labels}
+    try:
+        return {"text": texts, "label": [int(v) for v in raw_labels]}
+    except ValueError:
+        names = sorted(set(raw_labels))
+        report.labels = names
+        index = {n: i for i, n in enumerate(names)}
+        return {"text": texts, "label": [index[v] for v in raw_labels]}
+
+
+def _check_image(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        return None
+    except Exception as e:  # Pillow raises many types for bad data
+        return type(e).__name__
+
+
+def _image_entries(source: Path) -> Iterator[tuple[str, bytes | Exception]]:
+    """(relative path, bytes) of every image file in a folder tree or a zip of one."""
+    if source.is_file():
+        try:
+            archive = zipfile.ZipFile(source)
+        except zipfile.BadZipFile:
+            raise UserError(
+                f"prepare images: '{source}' is neither a folder nor a zip file"
+            ) from None
+        with archive:
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                if not info.is_dir() and Path(info.filename).suffix.lower() in IMAGE_SUFFIXES:
+                    try:
+                        yield info.filename, archive.read(info)
+                    except (zipfile.BadZipFile, OSError) as e:
+                        yield info.filename, e
+        return
+    for f in sorted(p for p in source.rglob("*") if p.is_file()):
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                yield str(f.relative_to(source)), f.read_bytes()
+            except OSError as e:
+                yield str(f.relative_to(source)), e
+
+
+def read_images(source: Path, report: Report) -> dict[str, list]:
+    rows: dict[str, list] = {"image": [], "label": [], "path": []}
+    classes: list[str] = []
+    for rel, data in _image_entries(source):
+        problem = type(data).__name__ if isinstance(data, Exception) else _check_image(data)
+        if problem:
+            report.skipped.append(f"{rel} ({problem})")
+            continue
+        parts = Path(rel).parts
+        if len(parts) < 2:
+            report.skipped.append(f"{rel} (not inside a class folder)")
+            continue
+        rows["image"].append(data)
+        rows["label"].append(parts[-2])
+        rows["path"].append(rel)
+    classes = sorted(set(rows["label"]))
+    index = {c: i for i, c in enumerate(classes)}
+    rows["label"] = [index[c] for c in rows["label"]]
+    report.labels = classes
+    return rows
+
+
+def _caption_rows(path: Path, report: Report) -> Iterator[tuple[str, str]]:
+    with _open_text(path) as fh:
+        first = fh.readline()
+        if "\t" in first:  # Flickr: image.jpg#k<TAB>caption, no header
+            lines = [first, *fh]
+            for i, line in enumerate(lines, start=1):
+                name, sep, caption = line.rstrip("\r\n").partition("\t")
+                if not sep or not caption.strip():
+                    report.skipped.append(f"{path}:{i} (no caption)")
+                    continue
+                yield name.split("#", 1)[0], caption.strip()
+            return
+        header = next(csv.reader([first]))
+        if [h.strip() for h in header][:2] != ["image", "caption"]:
+            raise UserError(
+                f"prepare captions: '{path}' must be CSV with header 'image,caption' or Flickr's "
+                "'image.jpg#k<TAB>caption' lines"
+            )
+        for i, values in enumerate(csv.reader(fh), start=2):
+            if len(values) < 2 or not values[1].strip():
+                report.skipped.append(f"{path}:{i} (no caption)")
+                continue
+            yield values[0].strip(), values[1].strip()
+
+
+def read_captions(images: Path, captions: Path, report: Report) -> dict[str, list]:
+    rows: dict[str, list] = {"image": [], "caption": [], "path": []}
+    cache: dict[str, bytes | None] = {}
+    missing: set[str] = set()
+    for name, caption in _caption_rows(captions, report):
+        if name not in cache:
+            f = images / name
+            if not f.is_file():
+                cache[name] = None
+                missing.add(name)
+            else:
+                data = f.read_bytes()
+                problem = _check_image(data)
+                if problem:
+                    report.skipped.append(f"{name} ({problem})")
+                cache[name] = None if problem else data
+        if cache[name] is None:
+            continue
+        rows["image"].append(cache[name])
+        rows["caption"].append(caption)
+        rows["path"].append(name)
+    report.skipped.extend(f"{name} (captioned, not in {images})" for name in sorted(missing))
+    return rows
+
+
+def read_parallel(source: Path, target: Path, report: Report) -> dict[str, list]:
+    with _open_text(source) as fs, _open_text(target) as ft:
+        src = fs.read().replace("\r\n", "\n").split("\n")
+        tgt = ft.read().replace("\r\n", "\n").split("\n")
+    while src and not src[-1].strip() and tgt and not tgt[-1].strip():
+        src.pop()
+        tgt.pop()
+    if len(src) != len(tgt):
+        raise UserError(
+            f"prepare parallel: '{source}' has {len(src)} lines but '{target}' has {len(tgt)}; "
+            "the files must be line-aligned"
+        )
+    rows: dict[str, list] = {"text": [], "target": []}
+    for i, (s, t) in enumerate(zip(src, tgt, strict=True), start=1):
+        if not s.strip() or not t.strip():
+            report.skipped.append(f"line {i} (empty side)")
+            continue
+        rows["text"].append(s.strip())
+        rows["target"].append(t.strip())
+    return rows
+
+
+def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Report:
+    """Run one kind of preparation; returns what was written and skipped."""
+    report = Report()
+    paths = _existing(inputs, kind)
+    if kind == "text":
+        rows = read_text(paths, options.get("unit", "line"), report)
+    elif kind == "table":
+        rows = read_table(
+            paths,
+            text_column=options.get("text_column", "sentence"),
+            label_column=options.get("label_column", "label"),
+            fmt=options.get("format", "auto"),
+            regression=options.get("regression", False),
+            report=report,
+        )
+    elif kind == "images":
+        if len(paths) != 1:
+            raise UserError("prepare images: give one folder or zip")
+        rows = read_images(paths[0], report)
+    elif kind == "captions":
+        if len(paths) != 2 or not paths[0].is_dir():
+            raise UserError("prepare captions: give IMAGES_FOLDER CAPTIONS_FILE")
+        rows = read_captions(paths[0], paths[1], report)
+    elif kind == "parallel":
+        if len(paths) != 2:
+            raise UserError("prepare parallel: give SOURCE_FILE TARGET_FILE")
+        rows = read_parallel(paths[0], paths[1], report)
+    else:
+        raise UserError(f"prepare: unknown kind '{kind}'")
+    _write(
+        Path(out),
+        rows,
+        report,
+        shard_rows=options.get("shard_rows", 10_000),
+        validation_fraction=options.get("validation_fraction", 0.0),
+        seed=options.get("seed", 0),
+        group=rows.get("path") if kind == "captions" else None,
+        overwrite=options.get("overwrite", False),
+        manifest={"kind": kind, "inputs": [str(p) for p in paths], "options": options},
+    )
+    return report

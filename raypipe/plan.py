@@ -1,0 +1,183 @@
+"""What a pipeline needs, worked out on the driver before Ray starts.
+
+Resolves the objective, task and model classes; builds them once on the `meta` device (no
+memory, no compute) so a bad option or a model that does not fit the objective is a one-line
+config error, not a worker traceback; and decides which columns each stage reads and whether
+a tokenizer is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from raypipe import registry
+from raypipe.config import FinetuneConfig, LabeledSource, PipelineConfig, Source
+from raypipe.errors import UserError
+from raypipe.vocab import PAD_ID
+
+# Task settings of `finetune` that only some tasks take (the others are shared by all).
+_TASK_SETTINGS = ("num_classes", "pool", "input")
+
+
+@dataclass
+class Plan:
+    objective: Any = None  # the Objective class
+    task: Any = None  # the Task class
+    finetune_input: str | None = None  # "text" | "image" for labeled tasks
+
+    @property
+    def pretrain_kind(self) -> str | None:
+        return self.objective.data_kind if self.objective else None
+
+    def needs_tokenizer(self) -> bool:
+        text_pretrain = self.pretrain_kind in ("text_blocks", "image_text")
+        return text_pretrain or self.finetune_input == "text"
+
+    def tokenizer_columns(self, cfg: PipelineConfig) -> tuple[str, list[str]]:
+        """Where to sample text for training a tokenizer: ("unlabeled" | "train", columns)."""
+        if self.pretrain_kind in ("text_blocks", "image_text"):
+            return "unlabeled", [cfg.data.unlabeled.text_column]
+        src = cfg.data.labeled.train
+        if self.task.data_kind == "pairs":
+            return "train", [src.text_column, src.target_column]
+        return "train", [src.text_column]
+
+    def pretrain_columns(self, src: Source) -> list[str]:
+        return {
+            "text_blocks": [src.text_column],
+            "images": [src.image_column],
+            "image_views": [src.image_column],
+            "image_text": [src.image_column, src.text_column],
+        }[self.pretrain_kind]
+
+    def labeled_columns(self, src: LabeledSource) -> list[str]:
+        if self.task.data_kind == "pairs":
+            return [src.text_column, src.target_column]
+        column = src.image_column if self.finetune_input == "image" else src.text_column
+        return [column, src.label_column]
+
+
+def _resolve(kind: str, name: str, key: str):
+    try:
+        return registry.resolve(kind, name)
+    except KeyError as e:
+        raise UserError(f"{key}: {e.args[0]}") from None
+
+
+def model_spec(cfg: PipelineConfig, objective=None, *, vocab_size: int | None) -> dict[str, Any]:
+    """{"type", "config"}: the model section mapped onto the model class's own config fields,
+    plus what the objective requires (a causal LM sets causal=True)."""
+    m = cfg.model
+    cls = _resolve("model", m.type, "model.type")
+    known = {
+        "vocab_size": vocab_size,
+        "dim": m.dim,
+        "num_layers": m.layers,
+        "num_heads": m.heads,
+        "max_len": m.max_len,
+        "mlp_ratio": m.mlp_ratio,
+        "dropout": m.dropout,
+        "pad_id": PAD_ID,
+        "image_size": m.image_size,
+        "patch_size": m.patch_size,
+        "channels": m.channels,
+        **(objective.model_overrides if objective else {}),
+    }
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    config = {k: v for k, v in known.items() if k in fields}
+    if "vocab_size" in fields and config.get("vocab_size") is None:
+        config["vocab_size"] = 300  # a placeholder for build checks; runs pass the tokenizer's
+    return {"type": m.type, "config": config}
+
+
+def _option_error(key: str, cls, options: dict, err: Exception) -> UserError:
+    params = [
+        p
+        for p in list(inspect.signature(cls.__init__).parameters)[2:]
+        if p not in ("tokenizer_json",)
+    ]
+    unknown = [k for k in options if k not in params]
+    if isinstance(err, TypeError) and unknown:
+        return UserError(
+            f"{key}: unknown option(s) {unknown} for {cls.__name__}; it takes {params}"
+        )
+    return UserError(f"{key}: {err}")
+
+
+def _placeholder_tokenizer() -> str:
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.BPE()).to_str()
+
+
+def task_options(f: FinetuneConfig, task_cls, input_: str | None, dropout: float) -> dict:
+    values = {"num_classes": f.num_classes, "pool": f.pool, "dropout": dropout, "input": input_}
+    return {k: values[k] for k in task_cls.option_names} | dict(f.options)
+
+
+def make_plan(cfg: PipelineConfig) -> Plan:
+    """Resolve and build-check everything; raise UserError naming the config key to fix."""
+    import torch
+
+    from raypipe.models import build_model
+
+    plan = Plan()
+    objective = None
+    if cfg.pretrain is not None:
+        plan.objective = _resolve("objective", cfg.pretrain.objective, "pretrain.objective")
+        spec = model_spec(cfg, plan.objective, vocab_size=None)
+        with torch.device("meta"):
+            try:
+                model = build_model(spec)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"model: {e}") from None
+            try:
+                objective = plan.objective(model, **cfg.pretrain.options)
+            except (TypeError, ValueError) as e:
+                raise _option_error(
+                    "pretrain.options", plan.objective, cfg.pretrain.options, e
+                ) from None
+    if cfg.finetune is not None:
+        f = cfg.finetune
+        plan.task = _resolve("task", f.task, "finetune.task")
+        unused = [
+            k for k in _TASK_SETTINGS if k in f.model_fields_set and k not in plan.task.option_names
+        ]
+        if unused:
+            raise UserError(f"finetune.{unused[0]}: task '{f.task}' does not use it; remove it")
+        if f.init not in ("pretrain", "scratch"):
+            from raypipe.engine.checkpoint import read_spec
+
+            spec = read_spec(f.init)
+            spec = {"type": spec["type"], "config": spec["config"]}
+        else:
+            spec = model_spec(cfg, plan.objective, vocab_size=None)
+        spec["config"].update(
+            {k: v for k, v in plan.task.model_overrides.items() if k in spec["config"]}
+        )
+        model_cls = _resolve("model", spec["type"], "model.type")
+        modalities = getattr(model_cls, "modalities", ("text",))
+        if plan.task.data_kind == "pairs":
+            plan.finetune_input = "text"
+        else:
+            plan.finetune_input = f.input or modalities[0]
+        if plan.finetune_input not in modalities:
+            raise UserError(
+                f"finetune.input: model '{spec['type']}' reads {list(modalities)}, not "
+                f"'{plan.finetune_input}'"
+            )
+        if plan.finetune_input == "image" and "pool" in f.model_fields_set and f.pool != "mean":
+            raise UserError("finetune.pool: image models pool by 'mean' only; remove it")
+        with torch.device("meta"):
+            backbone = build_model(spec) if objective is None else objective.model
+            options = task_options(f, plan.task, plan.finetune_input, f.dropout)
+            try:
+                from raypipe.tasks import build_task
+
+                build_task(f.task, backbone, options, tokenizer_json=_placeholder_tokenizer())
+            except (TypeError, ValueError) as e:
+                raise _option_error("finetune.options", plan.task, f.options, e) from None
+    return plan
