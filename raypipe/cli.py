@@ -75,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         help="hold out this fraction (by image for captions) into OUT/validation",
     )
     prep.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet shard")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
+    prep.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="table, images, captions: keep input order (default: seeded shuffle)",
+    )
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
@@ -117,6 +122,7 @@ def _prepare(args: argparse.Namespace) -> int:
         "shard_rows": args.shard_rows or (1_000 if media else 10_000),
         "seed": args.seed,
         "overwrite": args.overwrite,
+        **({"shuffle": False} if args.keep_order else {}),
     }
     try:
         report = prepare(args.kind, args.inputs, out=args.out, options=options)

@@ -51,7 +51,7 @@ def test_table_tsv_with_string_labels_and_bad_rows(tmp_path):
     f.write_text(
         "sentence\tlabel\r\ngood film\tpos\r\nbad film\tneg\r\nbroken row\r\n\tpos\r\nok\tpos\r\n"
     )
-    rep = prepare("table", [str(f)], out=str(tmp_path / "out"), options={})
+    rep = prepare("table", [str(f)], out=str(tmp_path / "out"), options={"shuffle": False})
     rows = read(tmp_path / "out")
     assert rows == {"text": ["good film", "bad film", "ok"], "label": [1, 0, 1]}
     assert rep.labels == ["neg", "pos"]
@@ -88,7 +88,7 @@ def test_image_folder_tree_or_zip(tmp_path, as_zip):
         for name, data in files.items():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes(data)
-    rep = prepare("images", [str(src)], out=str(tmp_path / "out"), options={})
+    rep = prepare("images", [str(src)], out=str(tmp_path / "out"), options={"shuffle": False})
     rows = read(tmp_path / "out")
     assert rows["label"] == [0, 0, 1] and rep.labels == ["cat", "dog"]
     assert rows["path"] == ["train/cat/1.png", "train/cat/4.png", "train/dog/2.png"]
@@ -115,8 +115,24 @@ def test_captions_csv_and_flickr_format_with_holdout_by_image(tmp_path):
                                           f"missing.jpg (captioned, not in {imgs})"])  # fmt: skip
     csv_file = tmp_path / "caps.csv"
     csv_file.write_text('image,caption\n0.jpg,a red thing\n1.jpg,"another, one"\n')
-    prepare("captions", [str(imgs), str(csv_file)], out=str(tmp_path / "csv"), options={})
+    prepare("captions", [str(imgs), str(csv_file)], out=str(tmp_path / "csv"),
+            options={"shuffle": False})  # fmt: skip
     assert read(tmp_path / "csv")["caption"] == ["a red thing", "another, one"]
+
+
+def test_class_sorted_inputs_are_shuffled_reproducibly(tmp_path):
+    src = tmp_path / "imgs"
+    for cls in ("a", "b", "c"):
+        for i in range(10):
+            (src / cls).mkdir(parents=True, exist_ok=True)
+            (src / cls / f"{i}.png").write_bytes(png())
+    labels = []
+    for run in ("x", "y"):
+        prepare("images", [str(src)], out=str(tmp_path / run), options={"seed": 3})
+        labels.append(read(tmp_path / run)["label"])
+    assert labels[0] == labels[1]  # seeded
+    assert sorted(labels[0]) == [0] * 10 + [1] * 10 + [2] * 10  # a permutation
+    assert labels[0][:10] != [0] * 10  # no longer one class after another
 
 
 def test_parallel_files_must_align(tmp_path):

@@ -94,11 +94,19 @@ def _write(
     validation_fraction: float,
     seed: int,
     group: list | None = None,
+    shuffle: bool,
     overwrite: bool,
     manifest: dict,
 ) -> None:
     """Write `rows` to `out` (or to out/train and out/validation), atomically."""
     n = len(next(iter(rows.values())))
+    if shuffle and n:
+        # Raw layouts are often sorted by class (a folder per class): streamed in that order,
+        # every batch would hold one class. A seeded shuffle keeps runs reproducible.
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        rows = {k: [v[i] for i in order] for k, v in rows.items()}
+        group = [group[i] for i in order] if group is not None else None
     if n == 0:
         raise UserError(
             f"prepare: no readable rows found ({len(report.skipped)} unreadable input(s)"
@@ -418,6 +426,8 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Report:
         validation_fraction=options.get("validation_fraction", 0.0),
         seed=options.get("seed", 0),
         group=rows.get("path") if kind == "captions" else None,
+        # Text keeps its order (neighbouring lines are context); labeled and image rows shuffle.
+        shuffle=options.get("shuffle", kind in ("table", "images", "captions")),
         overwrite=options.get("overwrite", False),
         manifest={"kind": kind, "inputs": [str(p) for p in paths], "options": options},
     )
