@@ -91,7 +91,11 @@ def _pretrain_figures(tracking_uri: str) -> dict:
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    losses = client.get_metric_history(pre.info.run_id, "train/loss")
+    # A GAN's headline loss is the generator's; its discriminator's is what must fall.
+    key = "train/loss"
+    if "train/discriminator_loss" in pre.data.metrics:
+        key = "train/discriminator_loss"
+    losses = client.get_metric_history(pre.info.run_id, key)
     unit = "tokens" if "perf/tokens_per_s" in pre.data.metrics else "images"
     rates = [m.value for m in client.get_metric_history(pre.info.run_id, f"perf/{unit}_per_s")]
     steady = rates[1:] or rates  # the first window includes start-up
@@ -120,7 +124,7 @@ def main() -> None:
         cmd = RAYPIPE + ["run", str(ROOT / "pipelines" / f"{name}.yaml"),
                          "--set", f"storage={workdir / 'runs'}",
                          "--set", f"pretrain.max_steps={args.steps}",
-                         "--set", f"pretrain.log_every={max(1, args.steps // 6)}",
+                         "--set", f"pretrain.log_every={max(1, args.steps // 30)}",
                          "--set", f"pretrain.checkpoint_every={args.steps}",
                          *[x for o in overrides for x in ("--set", o)]]  # fmt: skip
         t0 = time.perf_counter()
@@ -131,17 +135,21 @@ def main() -> None:
             print(proc.stderr[-3000:], flush=True)
             rows.append((name, "FAILED", seconds))
             continue
-        rows.append(
-            (name, _pretrain_figures(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}"), seconds)
-        )
-    print("\npipeline      loss first -> last (step)        throughput       wall")
+        fig = _pretrain_figures(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+        lines = [line.strip() for line in proc.stdout.splitlines()]
+        best = [line.split()[1] for line in lines if line.startswith("pretrained ")]
+        metric = [line.split()[1] for line in lines if line.startswith("best ")]
+        fig["finetune"] = f"{metric[0]} {best[0]}" if best else "-"
+        rows.append((name, fig, seconds))
+    print("\npipeline      loss first -> last (step)        throughput       wall    fine-tuned")
     for name, fig, seconds in rows:
         if fig == "FAILED":
             print(f"{name:13s} FAILED{'':39s}{seconds:6.0f} s")
             continue
         first, last = fig["first"], fig["last"]
         print(f"{name:13s} {first.value:7.4f} (step {first.step:3d}) -> {last.value:7.4f} "
-              f"(step {last.step:3d})  {fig['rate']:8.0f} {fig['unit']}/s  {seconds:6.0f} s")  # fmt: skip
+              f"(step {last.step:3d})  {fig['rate']:8.0f} {fig['unit']}/s  {seconds:6.0f} s  "
+              f"{fig['finetune']}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -93,6 +93,24 @@ def model_spec(cfg: PipelineConfig, objective=None, *, vocab_size: int | None) -
     return {"type": m.type, "config": config}
 
 
+#: model section keys -> the model config field they set
+_MODEL_FIELDS = {"layers": "num_layers", "heads": "num_heads"}
+
+
+def _check_model_fields(cfg: PipelineConfig) -> None:
+    """A model setting the chosen model does not take is an error, not a silent no-op."""
+    cls = _resolve("model", cfg.model.type, "model.type")
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unused = sorted(
+        k for k in cfg.model.model_fields_set - {"type"} if _MODEL_FIELDS.get(k, k) not in fields
+    )
+    if unused:
+        raise UserError(
+            f"model.{unused[0]}: model '{cfg.model.type}' does not use "
+            f"{', '.join(unused)}; remove {'it' if len(unused) == 1 else 'them'}"
+        )
+
+
 def _option_error(key: str, cls, options: dict, err: Exception) -> UserError:
     params = [
         p
@@ -126,6 +144,9 @@ def make_plan(cfg: PipelineConfig) -> Plan:
 
     plan = Plan()
     objective = None
+    # The model section builds the model unless fine-tuning starts from a checkpoint directory.
+    if cfg.pretrain is not None or cfg.finetune.init in ("pretrain", "scratch"):
+        _check_model_fields(cfg)
     if cfg.pretrain is not None:
         plan.objective = _resolve("objective", cfg.pretrain.objective, "pretrain.objective")
         spec = model_spec(cfg, plan.objective, vocab_size=None)

@@ -261,6 +261,8 @@ def _plan_error(raw) -> str:
         ({"finetune__options": {"beam": 4}}, r"finetune.options: unknown option\(s\) \['beam'\]"),
         ({"model__type": "vit", "model__patch_size": 5, "pretrain__objective": "masked_image"}, "patch_size \\(5\\) must divide"),
         ({"model__type": "cnn", "pretrain__objective": "gan", "model__image_size": 20, "finetune__input": "image"}, "divisible by 8"),
+        ({"model": {"type": "cnn", "heads": 8}, "pretrain__objective": "simclr"}, "model.heads: model 'cnn' does not use heads"),
+        ({"model": {"type": "vit", "max_len": 8, "patch_size": 8}, "pretrain__objective": "masked_image"}, "model.max_len: model 'vit' does not use max_len"),
     ],
 )  # fmt: skip
 def test_plan_rejects_what_cannot_be_built(changes, expected):
@@ -308,3 +310,20 @@ def test_sweep_rules(sweep, expected):
     raw = _with()
     raw["finetune"]["sweep"].update(sweep)
     assert any(expected in p for p in _problems(raw))
+
+
+def test_own_objective_task_and_model_plug_in_by_reference():
+    from raypipe.objectives.lm import MaskedLM
+    from raypipe.plan import make_plan
+    from raypipe.tasks.regression import Regression
+
+    raw = _with(
+        model={"type": "raypipe.models.transformer:Transformer"},
+        pretrain__objective="raypipe.objectives.lm:MaskedLM",
+        finetune__task="raypipe.tasks.regression:Regression",
+    )
+    raw["finetune"]["sweep"]["metric"] = "val/mse"
+    plan = make_plan(parse_config(raw))
+    assert plan.objective is MaskedLM and plan.task is Regression
+    bad = _with(pretrain__objective="raypipe.objectives.lm:NoSuchThing")
+    assert "cannot load objective" in _plan_error(bad)

@@ -13,7 +13,7 @@ from raypipe.pipeline import run_pipeline
 pytestmark = pytest.mark.slow
 
 TWO = {"num_workers": 2, "cpus_per_worker": 0.5}
-IMAGE_MODEL = {"dim": 32, "layers": 2, "heads": 2, "image_size": 16, "patch_size": 4}
+IMAGE_MODEL = {"dim": 32, "layers": 2, "image_size": 16}
 
 
 def _pretrain(objective: str, **extra) -> dict:
@@ -25,7 +25,10 @@ def _pretrain(objective: str, **extra) -> dict:
 def test_two_workers(objective, ray_session, media_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    model = {"gan": {"type": "cnn"}, "clip": {"type": "clip", "max_len": 16}}[objective]
+    model = {
+        "gan": {"type": "cnn"},
+        "clip": {"type": "clip", "max_len": 16, "heads": 2, "patch_size": 4},
+    }[objective]
     raw = {
         "name": f"two-{objective}",
         "storage": str(tmp_path),

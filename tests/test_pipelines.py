@@ -19,8 +19,8 @@ PIPELINES = sorted(p.name for p in (ROOT / "pipelines").glob("*.yaml"))
 SMALL_TEXT = [
     "model.dim=32", "model.layers=2", "model.heads=2", "model.max_len=32", "tokenizer.vocab_size=300",
 ]  # fmt: skip
-SMALL_IMAGE = ["model.dim=32", "model.layers=2", "model.heads=2", "model.image_size=16",
-               "model.patch_size=4"]  # fmt: skip
+SMALL_CNN = ["model.dim=32", "model.layers=2", "model.image_size=16"]
+SMALL_IMAGE = [*SMALL_CNN, "model.heads=2", "model.patch_size=4"]
 PRETRAIN = ["pretrain.max_steps=4", "pretrain.batch_size=8", "pretrain.log_every=2",
             "pretrain.checkpoint_every=4"]  # fmt: skip
 FINETUNE = ["finetune.epochs=1", "finetune.batch_size=16", "finetune.sweep.num_samples=1",
@@ -47,9 +47,9 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
         "masked_image.yaml": [*images, *SMALL_IMAGE, *PRETRAIN, *FINETUNE, "finetune.epochs=2",
                               "finetune.sweep.num_samples=2", "finetune.sweep.perturbation_interval=1",
                               "finetune.num_classes=4", "pretrain.options.decoder_dim=32"],
-        "simclr.yaml": [*images, *SMALL_IMAGE, *PRETRAIN, *FINETUNE, "finetune.num_classes=4",
+        "simclr.yaml": [*images, *SMALL_CNN, *PRETRAIN, *FINETUNE, "finetune.num_classes=4",
                         "finetune.sweep.num_samples=2"],
-        "gan.yaml": [*images, *SMALL_IMAGE, *PRETRAIN, *FINETUNE, "finetune.num_classes=4",
+        "gan.yaml": [*images, *SMALL_CNN, *PRETRAIN, *FINETUNE, "finetune.num_classes=4",
                      "pretrain.options.generator_width=16"],
         "clip.yaml": [*images, *SMALL_IMAGE, *SMALL_TEXT, *PRETRAIN, *FINETUNE,
                       "finetune.num_classes=4", "model.max_len=16"],
