@@ -35,7 +35,7 @@ PREPARE = {
     ],
     "multi30k": [
         ["text", "{d}/translation/multi30k/train.en.gz", "{d}/translation/multi30k/train.de.gz",
-         "--out", "data/multi30k/text"],
+         "--shuffle", "--out", "data/multi30k/text"],
         ["parallel", "{d}/translation/multi30k/train.en.gz",
          "{d}/translation/multi30k/train.de.gz", "--out", "data/multi30k/train"],
         ["parallel", "{d}/translation/multi30k/test_2016_flickr.en.gz",

@@ -76,7 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet shard")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
-    prep.add_argument(
+    order = prep.add_mutually_exclusive_group()
+    order.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="text, parallel: shuffle rows (seeded); for corpora of independent lines, e.g. "
+        "several languages one after the other",
+    )
+    order.add_argument(
         "--keep-order",
         action="store_true",
         help="table, images, captions: keep input order (default: seeded shuffle)",
@@ -122,7 +129,7 @@ def _prepare(args: argparse.Namespace) -> int:
         "shard_rows": args.shard_rows or (1_000 if media else 10_000),
         "seed": args.seed,
         "overwrite": args.overwrite,
-        **({"shuffle": False} if args.keep_order else {}),
+        **({"shuffle": False} if args.keep_order else {"shuffle": True} if args.shuffle else {}),
     }
     try:
         report = prepare(args.kind, args.inputs, out=args.out, options=options)

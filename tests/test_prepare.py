@@ -152,6 +152,17 @@ def test_parallel_files_must_align(tmp_path):
                 out=str(tmp_path / "x"), options={})  # fmt: skip
 
 
+def test_cli_shuffle_flag_mixes_text_corpora(tmp_path):
+    (tmp_path / "en.txt").write_text("".join(f"en {i}\n" for i in range(20)))
+    (tmp_path / "de.txt").write_text("".join(f"de {i}\n" for i in range(20)))
+    cmd = [sys.executable, "-m", "raypipe", "prepare", "text", str(tmp_path / "en.txt"),
+           str(tmp_path / "de.txt"), "--shuffle", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    rows = read(tmp_path / "out")["text"]
+    assert sorted(rows) == sorted([f"en {i}" for i in range(20)] + [f"de {i}" for i in range(20)])
+    assert {r[:2] for r in rows[:20]} == {"en", "de"}  # no longer one language then the other
+
+
 def test_cli_reports_rows_and_never_overwrites(tmp_path):
     (tmp_path / "a.txt").write_text("hello\nworld\n")
     cmd = [sys.executable, "-m", "raypipe", "prepare", "text", str(tmp_path / "a.txt"),
