@@ -224,11 +224,6 @@ def _model_spec(cfg: PipelineConfig, inputs: Inputs, tokenizer_json: str | None)
     from raypipe.data.text import load_tokenizer
     from raypipe.plan import model_spec
 
-    if cfg.finetune and cfg.pretrain is None and cfg.finetune.init not in ("pretrain", "scratch"):
-        from raypipe.engine.checkpoint import read_spec
-
-        spec = read_spec(cfg.finetune.init)
-        return {"type": spec["type"], "config": spec["config"]}
     vocab = load_tokenizer(tokenizer_json).get_vocab_size() if tokenizer_json else None
     return model_spec(cfg, inputs.plan.objective, vocab_size=vocab)
 
@@ -320,6 +315,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
                 files=inputs.unlabeled,
                 source=cfg.data.unlabeled,
                 data_kind=inputs.plan.pretrain_kind,
+                text_extra=inputs.plan.objective.text_extra,
                 tokenizer_json=tokenizer_json,
                 stage_dir=str(stage.dir),
                 run=stage.run,

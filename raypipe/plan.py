@@ -67,34 +67,37 @@ def _resolve(kind: str, name: str, key: str):
         raise UserError(f"{key}: {e.args[0]}") from None
 
 
+#: model section keys -> the model config field they set (the others keep their names)
+_MODEL_FIELDS = {"layers": "num_layers", "heads": "num_heads"}
+
+
 def model_spec(cfg: PipelineConfig, objective=None, *, vocab_size: int | None) -> dict[str, Any]:
     """{"type", "config"}: the model section mapped onto the model class's own config fields,
-    plus what the objective requires (a causal LM sets causal=True)."""
+    plus what the objective requires (a causal LM sets causal=True).
+
+    Fine-tuning from a checkpoint directory takes that checkpoint's model instead.
+    """
+    f = cfg.finetune
+    if cfg.pretrain is None and f is not None and f.init not in ("pretrain", "scratch"):
+        from raypipe.engine.checkpoint import read_spec
+
+        spec = read_spec(f.init)
+        return {"type": spec["type"], "config": spec["config"]}
     m = cfg.model
     cls = _resolve("model", m.type, "model.type")
     known = {
+        **{_MODEL_FIELDS.get(k, k): v for k, v in m.model_dump(exclude={"type"}).items()},
         "vocab_size": vocab_size,
-        "dim": m.dim,
-        "num_layers": m.layers,
-        "num_heads": m.heads,
-        "max_len": m.max_len,
-        "mlp_ratio": m.mlp_ratio,
-        "dropout": m.dropout,
         "pad_id": PAD_ID,
-        "image_size": m.image_size,
-        "patch_size": m.patch_size,
-        "channels": m.channels,
         **(objective.model_overrides if objective else {}),
     }
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     config = {k: v for k, v in known.items() if k in fields}
     if "vocab_size" in fields and config.get("vocab_size") is None:
-        config["vocab_size"] = 300  # a placeholder for build checks; runs pass the tokenizer's
+        # Build checks run before any tokenizer exists; a run without text (an image task on a
+        # two-tower model) never feeds this text tower.
+        config["vocab_size"] = 300
     return {"type": m.type, "config": config}
-
-
-#: model section keys -> the model config field they set
-_MODEL_FIELDS = {"layers": "num_layers", "heads": "num_heads"}
 
 
 def _check_model_fields(cfg: PipelineConfig) -> None:
@@ -169,13 +172,7 @@ def make_plan(cfg: PipelineConfig) -> Plan:
         ]
         if unused:
             raise UserError(f"finetune.{unused[0]}: task '{f.task}' does not use it; remove it")
-        if f.init not in ("pretrain", "scratch"):
-            from raypipe.engine.checkpoint import read_spec
-
-            spec = read_spec(f.init)
-            spec = {"type": spec["type"], "config": spec["config"]}
-        else:
-            spec = model_spec(cfg, plan.objective, vocab_size=None)
+        spec = model_spec(cfg, plan.objective, vocab_size=None)
         spec["config"].update(
             {k: v for k, v in plan.task.model_overrides.items() if k in spec["config"]}
         )

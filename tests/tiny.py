@@ -1,4 +1,8 @@
-"""Tiny models and batches for every objective, shared by the pure-PyTorch tests."""
+"""Tiny models and batches for every objective, shared by the pure-PyTorch tests.
+
+A helper module with no tests of its own: tests/test_objectives.py and
+tests/test_model_objective.py assert on what it builds.
+"""
 
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ def batch(name: str, n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     if kind == "image_views":
         x = images()
         return {"view1": x, "view2": x.flip(-1)}
+    if kind != "image_text":
+        raise ValueError(f"objective {name!r} reads {kind!r}; teach tests/tiny.py to make it")
     ids = tokens(12 + cls.text_extra)
     ids[:, -3:] = 0  # padded captions
     return {"image": images(), "input_ids": ids}

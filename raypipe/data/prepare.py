@@ -19,10 +19,7 @@ import csv
 import gzip
 import io
 import json
-import os
 import random
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypipe.atomic import atomic_directory
 from raypipe.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -119,9 +117,7 @@ def _write(
                 f"prepare: output '{out}' already exists and is not empty; choose another --out "
                 "or pass --overwrite"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         if validation_fraction > 0:
             # Split by group (an image's captions stay together), seeded.
             keys = group if group is not None else list(range(n))
@@ -137,12 +133,6 @@ def _write(
         manifest = {**manifest, "rows": report.rows, "labels": report.labels,
                     "skipped": report.skipped}  # fmt: skip
         (tmp / "prepare.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- readers ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from raypipe.data.text import encode_texts
+from raypipe.data.text import encode_texts, labels_as
 from raypipe.errors import UserError
 
 
@@ -136,8 +136,6 @@ def encode_labeled_images(
     image_size: int,
     channels: int,
 ) -> dict[str, np.ndarray]:
-    from raypipe.data.text import labels_as
-
     out = decode_images(batch, image_column=image_column, image_size=image_size, channels=channels)
     out["label"] = labels_as(batch[label_column], label_dtype, column=label_column)
     return out

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raypipe.atomic import atomic_directory
 from raypipe.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -50,10 +49,7 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically: into a temp dir beside `directory`, then rename."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(_state_for_saving(module), str(tmp / MODEL_FILE))
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -61,13 +57,7 @@ def save_checkpoint(
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def _require(directory: Path, name: str) -> Path:

@@ -255,15 +255,13 @@ def run_pretrain(
     files: list[str],
     source: Source,
     data_kind: str,
+    text_extra: int,
     tokenizer_json: str | None,
     stage_dir: str,
     run: RunRef,
     seed: int,
     fingerprint: str,
 ) -> PretrainOutput:
-    from raypipe import registry
-
-    text_extra = registry.resolve("objective", cfg.objective).text_extra
     dataset = build_dataset(
         files,
         kind=data_kind,
