@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raypipe import registry
+from raypipe import registry, storage
 from raypipe.errors import UserError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -67,6 +67,19 @@ class LabeledData(Strict):
     )
 
 
+class PreprocessConfig(Strict):
+    cpus_per_task: PositiveFloat = Field(
+        1.0,
+        description="CPUs each Ray Data preprocessing task reserves. Preprocessing never asks "
+        "for GPUs, so on a mixed cluster it runs wherever CPUs are offered.",
+    )
+    concurrency: PositiveInt | None = Field(
+        None,
+        description="At most this many preprocessing tasks at once (default: Ray Data scales "
+        "with the cluster's free CPUs).",
+    )
+
+
 class DataConfig(Strict):
     generate: Literal["quickstart"] | None = Field(
         None, description="Write this built-in synthetic dataset to the paths below when missing."
@@ -75,6 +88,10 @@ class DataConfig(Strict):
         None, description="Unlabeled data for pretraining (text, images or image-text pairs)."
     )
     labeled: LabeledData | None = Field(None, description="Labeled data for fine-tuning.")
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig,
+        description="Resources of the Ray Data tasks that decode, augment and tokenize.",
+    )
 
 
 class TokenizerConfig(Strict):
@@ -152,6 +169,11 @@ class PretrainConfig(Strict):
     optimizer: PretrainOptimizer = Field(default_factory=PretrainOptimizer)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: a full copy of the model per worker; fsdp: parameters, gradients and "
+        "optimizer state sharded over the workers (FSDP2), for models beyond one GPU's memory.",
+    )
     log_every: PositiveInt = Field(20, description="Steps between metric reports.")
     checkpoint_every: PositiveInt = Field(100, description="Steps between checkpoints.")
     num_checkpoints_to_keep: PositiveInt = Field(2, description="Checkpoints kept in storage.")
@@ -318,7 +340,8 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                 "'scratch' or a checkpoint directory"
             )
         if f.init not in ("pretrain", "scratch"):
-            if not Path(f.init).is_dir():
+            # A checkpoint in an object store is checked when the plan reads its model.json.
+            if not storage.is_remote(f.init) and not Path(f.init).is_dir():
                 problems.append(f"finetune.init: checkpoint directory '{f.init}' does not exist")
             if cfg.pretrain is not None:
                 problems.append(

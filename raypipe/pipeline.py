@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe import tracking
+from raypipe import storage, tracking
 from raypipe.config import PipelineConfig, to_yaml
 from raypipe.data import files as datafiles
 from raypipe.errors import UserError
@@ -33,7 +34,7 @@ STAGE_MARKER = "stage.json"
 class Inputs:
     """Everything resolved before Ray starts."""
 
-    storage: Path
+    storage: str  # a local path made absolute, or a URI (s3://…)
     tracking_uri: str
     experiment_id: str
     plan: Plan
@@ -60,8 +61,14 @@ def _generated_paths(cfg: PipelineConfig) -> list[str]:
 
 def _generate_if_missing(cfg: PipelineConfig) -> None:
     paths = _generated_paths(cfg)
-    if all(Path(p).exists() for p in paths):
+    if all(storage.exists(p) for p in paths):
         return
+    remote = [p for p in paths if storage.is_remote(p)]
+    if remote:
+        raise UserError(
+            f"data.generate: writes local files, but '{remote[0]}' is in an object store and "
+            "missing; generate the data locally and upload it, or set data.generate to null"
+        )
     from raypipe.data.synthetic import generate_quickstart
 
     rows = generate_quickstart(
@@ -70,18 +77,24 @@ def _generate_if_missing(cfg: PipelineConfig) -> None:
     print(f"[data] generated quickstart data: {rows}", flush=True)
 
 
-def _check_storage(storage: str) -> Path:
-    path = Path(storage).resolve()
+def _check_storage(location: str) -> str:
+    """Write and delete a probe file: fail now, not after an hour of training."""
+    where = storage.normalize(location)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".raypipe-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        storage.makedirs(where)
+        probe = storage.join(where, ".raypipe-write-test")
+        storage.write_text(probe, "ok")
+        storage.delete_file(probe)
     except OSError as e:
-        raise UserError(
-            f"storage: '{storage}' is not writable ({e.strerror}); choose a writable directory"
-        ) from None
-    return path
+        reason = e.strerror or str(e).splitlines()[0]
+        fix = (
+            "check the bucket name and the credentials in the environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores)"
+            if storage.is_remote(where)
+            else "choose a writable directory"
+        )
+        raise UserError(f"storage: '{location}' is not writable ({reason}); {fix}") from None
+    return where
 
 
 def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
@@ -100,7 +113,7 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
             key = f"data.labeled.{split}"
             out[split] = datafiles.resolve_parquet_files(src.path, key=f"{key}.path")
             datafiles.check_columns(out[split], plan.labeled_columns(src), key=key)
-    if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
+    if cfg.tokenizer.path and not storage.is_file(cfg.tokenizer.path):
         raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
     return out
 
@@ -108,7 +121,7 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
 def prepare_offline(cfg: PipelineConfig) -> None:
     """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
     plan = make_plan(cfg)
-    if all(Path(p).exists() for p in _generated_paths(cfg)):
+    if all(storage.exists(p) for p in _generated_paths(cfg)):
         _data_files(cfg, plan)
 
 
@@ -117,15 +130,20 @@ def prepare(cfg: PipelineConfig) -> Inputs:
     plan = make_plan(cfg)
     _generate_if_missing(cfg)
     files = _data_files(cfg, plan)
-    storage = _check_storage(cfg.storage)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, str(storage))
+    where = _check_storage(cfg.storage)
     default_store = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if default_store and storage.is_remote(where):
+        raise UserError(
+            f"storage: '{cfg.storage}' is an object store, which cannot hold the default local "
+            "MLflow store; set tracking.uri to an MLflow server (or MLFLOW_TRACKING_URI)"
+        )
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, where)
     experiment_id = tracking.open_experiment(
         uri,
         cfg.tracking.experiment,
-        artifact_root=str(storage / "mlartifacts") if default_store else None,
+        artifact_root=storage.join(where, "mlartifacts") if default_store else None,
     )
-    return Inputs(storage, uri, experiment_id, plan, **files)
+    return Inputs(where, uri, experiment_id, plan, **files)
 
 
 def _forward_progress_only() -> None:
@@ -175,7 +193,9 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
         _check_reachable(address)
     try:
         ray.init(
-            address=address or None,
+            # "local": always a new embedded Ray; a bare ray.init() would join whatever cluster
+            # `ray start` last ran on this machine, even one that is gone.
+            address=address or "local",
             logging_level=logging.INFO if verbose else logging.ERROR,
             log_to_driver=True,
         )
@@ -187,6 +207,17 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         _forward_progress_only()
+    if address:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in alive)
+        gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in alive)
+        print(
+            f"[ray] connected to the Ray cluster at {address}: {len(alive)} node(s), "
+            f"{cpus:g} CPU(s), {gpus:g} GPU(s) now (an autoscaler may add more)",
+            flush=True,
+        )
+    else:
+        print("[ray] started a local Ray on this machine", flush=True)
     return True
 
 
@@ -194,16 +225,16 @@ def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str | None:
     """The tokenizer for a pipeline's first stage: given, from the init checkpoint, or trained.
     None when no stage reads text."""
     from raypipe.data.text import check_tokenizer, load_tokenizer, train_tokenizer
-    from raypipe.engine.checkpoint import TOKENIZER_FILE, read_tokenizer
+    from raypipe.engine.checkpoint import TOKENIZER_FILE, has_file, read_tokenizer
 
     if not inputs.plan.needs_tokenizer():
         return None
     if cfg.tokenizer.path:
-        text = Path(cfg.tokenizer.path).read_text()
+        text = storage.read_text(cfg.tokenizer.path)
         check_tokenizer(load_tokenizer(text))
         return text
     if cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch"):
-        if not (Path(cfg.finetune.init) / TOKENIZER_FILE).is_file():
+        if not has_file(cfg.finetune.init, TOKENIZER_FILE):
             raise UserError(
                 f"finetune.init: checkpoint '{cfg.finetune.init}' has no tokenizer (it was "
                 "pretrained on images); fine-tune it on images, or give tokenizer.path"
@@ -233,7 +264,7 @@ class _Stage:
     """One stage's directory, its MLflow run, and the marker of a previous completed run."""
 
     name: str
-    dir: Path
+    dir: str  # local path or URI
     fingerprint: str
     run: tracking.RunRef
     marker: dict[str, Any] | None
@@ -242,9 +273,9 @@ class _Stage:
     def complete(self, outputs: dict[str, Any]) -> None:
         """Write the marker last: only a stage that finished has one."""
         payload = {"fingerprint": self.fingerprint, "mlflow_run_id": self.run.run_id, **outputs}
-        tmp = self.dir / f".{STAGE_MARKER}.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, self.dir / STAGE_MARKER)
+        storage.write_text(
+            storage.join(self.dir, STAGE_MARKER), json.dumps(payload, indent=2, default=str)
+        )
 
     def report(self, summary: Summary, metrics: dict[str, Any]) -> None:
         status = "reused" if self.marker is not None else "done"
@@ -259,16 +290,16 @@ def _stage(
     """Open a stage: reuse it when its marker exists, else prepare its directory and make sure
     Ray is up (`need_ray()`). The stage's MLflow run ends FINISHED, or FAILED if the body
     raises."""
-    stage_dir = inputs.storage / cfg.name / f"{name}-{fp[:12]}"
-    marker_path = stage_dir / STAGE_MARKER
-    marker = json.loads(marker_path.read_text()) if marker_path.is_file() else None
+    stage_dir = storage.join(inputs.storage, cfg.name, f"{name}-{fp[:12]}")
+    marker_path = storage.join(stage_dir, STAGE_MARKER)
+    marker = json.loads(storage.read_text(marker_path)) if storage.is_file(marker_path) else None
     tags = {"raypipe.reused": str(marker is not None).lower(), "raypipe.fingerprint": fp}
     if marker is not None:
         tags["raypipe.reused_from_run"] = marker["mlflow_run_id"]
         print(f"[{name}] reusing the completed stage {stage_dir}", flush=True)
     else:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+        storage.makedirs(stage_dir)
+        storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
         need_ray()
     run = tracking.start_run(
         tracking_uri=inputs.tracking_uri,
@@ -288,7 +319,7 @@ def _stage(
 
 def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dict, str]:
     """Returns (checkpoint dir, tokenizer json, model spec, stage fingerprint)."""
-    from raypipe.engine.checkpoint import TOKENIZER_FILE, read_spec, read_tokenizer
+    from raypipe.engine.checkpoint import TOKENIZER_FILE, has_file, read_spec, read_tokenizer
 
     p = cfg.pretrain
     fp = _fingerprint(
@@ -317,10 +348,11 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
                 data_kind=inputs.plan.pretrain_kind,
                 text_extra=inputs.plan.objective.text_extra,
                 tokenizer_json=tokenizer_json,
-                stage_dir=str(stage.dir),
+                stage_dir=stage.dir,
                 run=stage.run,
                 seed=cfg.seed,
                 fingerprint=fp,
+                preprocess=cfg.data.preprocess,
             )
             out = {
                 "checkpoint": result.checkpoint,
@@ -334,7 +366,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
     stage.report(summary, {"steps": out["steps"], "final loss": round(out["final_loss"], 4)})
     ckpt = out["checkpoint"]
     spec = read_spec(ckpt)
-    tokenizer_json = read_tokenizer(ckpt) if (Path(ckpt) / TOKENIZER_FILE).is_file() else None
+    tokenizer_json = read_tokenizer(ckpt) if has_file(ckpt, TOKENIZER_FILE) else None
     return ckpt, tokenizer_json, {"type": spec["type"], "config": spec["config"]}, fp
 
 
@@ -380,6 +412,7 @@ def _run_finetune(
                     tokenizer_json=tokenizer_json,
                     max_len=f.max_len,
                     model_config=spec["config"],
+                    preprocess=cfg.data.preprocess,
                 )
                 for split, files, src in (
                     ("train", inputs.train, lab.train),
@@ -407,13 +440,13 @@ def _run_finetune(
                     train_ds=datasets["train"],
                     val_ds=datasets["validation"],
                     num_train_rows=num_train,
-                    stage_dir=str(stage.dir),
+                    stage_dir=stage.dir,
                     parent=stage.run,
                     seed=cfg.seed,
                     fingerprint=fp,
                 )
                 arms[arm] = asdict(result)
-            model = _register_best(cfg, stage.run, arms, tokenizer_json, stage.dir)
+            model = _register_best(cfg, stage.run, arms, tokenizer_json)
             out = {"arms": arms, "model": model}
             stage.complete(out)
         best = {
@@ -452,9 +485,7 @@ def _check_labels(datasets: dict, num_classes: int) -> None:
             )
 
 
-def _register_best(
-    cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | None, stage_dir: Path
-) -> dict:
+def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | None) -> dict:
     """Log the best trial's model (pt2, no pickled code) into the finetune run and register it."""
     import torch
 
@@ -467,13 +498,13 @@ def _register_best(
         raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
     best = max(candidates, key=lambda a: sign * a["best_metric"])
     task = load_task(best["best_checkpoint"]).eval()
-    extra_files = []
-    if tokenizer_json is not None:
-        tok_file = stage_dir / TOKENIZER_FILE
-        tok_file.write_text(tokenizer_json)
-        extra_files.append(str(tok_file))
     meta = read_meta(best["best_checkpoint"])
-    with torch.no_grad():
+    with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp, torch.no_grad():
+        extra_files = []
+        if tokenizer_json is not None:
+            tok_file = Path(tmp) / TOKENIZER_FILE
+            tok_file.write_text(tokenizer_json)
+            extra_files.append(str(tok_file))
         uri, version = tracking.log_registered_model(
             run,
             model=task.predictor(),

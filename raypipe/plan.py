@@ -164,6 +164,11 @@ def make_plan(cfg: PipelineConfig) -> Plan:
                 raise _option_error(
                     "pretrain.options", plan.objective, cfg.pretrain.options, e
                 ) from None
+        if cfg.pretrain.strategy == "fsdp" and plan.objective.owns_step:
+            raise UserError(
+                f"pretrain.strategy: fsdp does not support the '{cfg.pretrain.objective}' "
+                "objective (it runs its own alternating updates); use strategy: ddp"
+            )
     if cfg.finetune is not None:
         f = cfg.finetune
         plan.task = _resolve("task", f.task, "finetune.task")

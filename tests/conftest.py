@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 from raypipe.data.synthetic import generate_quickstart
+
+# Token authentication, Ray's default for a local cluster, for every Ray client in this process
+# (the session's own Ray and the clusters the cluster tests start). Set before Ray reads it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """A test that points MLflow's global tracking or registry URI somewhere (a server that is
+    gone when it ends) must not leave later tests talking to it."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +52,7 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from raypipe.config import parse_config
+from raypipe.engine.checkpoint import read_meta
 from raypipe.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -21,8 +22,9 @@ def _pretrain(objective: str, **extra) -> dict:
             "checkpoint_every": 3, "scaling": TWO, **extra}  # fmt: skip
 
 
-@pytest.mark.parametrize("objective", ["gan", "clip"])
-def test_two_workers(objective, ray_session, media_data, tmp_path):
+# CLIP pretrains sharded (FSDP2); its unsharded checkpoint is what fine-tuning loads.
+@pytest.mark.parametrize(("objective", "strategy"), [("gan", "ddp"), ("clip", "fsdp")])
+def test_two_workers(objective, strategy, ray_session, media_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
     model = {
@@ -41,7 +43,8 @@ def test_two_workers(objective, ray_session, media_data, tmp_path):
             },
         },
         "model": {**IMAGE_MODEL, **model},
-        "pretrain": _pretrain(objective, options={"generator_width": 8} if objective == "gan" else {}),
+        "pretrain": _pretrain(objective, strategy=strategy,
+                              options={"generator_width": 8} if objective == "gan" else {}),
         "finetune": {"input": "image", "num_classes": 4, "epochs": 1, "batch_size": 8,
                      "compare_scratch": False, "scaling": TWO,
                      "sweep": {"num_samples": 1, "scheduler": "fifo"}},
@@ -55,6 +58,8 @@ def test_two_workers(objective, ray_session, media_data, tmp_path):
     # Three logged steps, with throughput counted over both workers.
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "train/loss")] == [1, 2, 3]
     assert pre.data.metrics["perf/images_per_s"] > 0
+    meta = read_meta(pre.data.tags["raypipe.checkpoint"])
+    assert meta["strategy"] == strategy and meta["step"] == 3
     if objective == "gan":
         assert "train/d_real" in pre.data.metrics and "train/generator_loss" in pre.data.metrics
 

@@ -10,6 +10,7 @@ Layout of one checkpoint directory:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
+from raypipe import storage
 from raypipe.atomic import atomic_directory
 from raypipe.errors import UserError
 
@@ -34,23 +37,28 @@ class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete or does not fit the model."""
 
 
-def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
+def _state_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors wants contiguous, unshared CPU tensors.
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(
     directory: str | os.PathLike,
     *,
-    module: nn.Module,
+    module: nn.Module | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
     spec: dict[str, Any],
     meta: dict[str, Any],
     tokenizer_json: str | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: into a temp dir beside `directory`, then rename."""
+    """Write a checkpoint atomically: into a temp dir beside `directory`, then rename.
+    The weights are `module`'s, or `weights` already gathered (unsharded FSDP state)."""
+    if (module is None) == (weights is None):
+        raise ValueError("save_checkpoint takes exactly one of module and weights")
+    state = weights if weights is not None else module.state_dict()
     with atomic_directory(directory) as tmp:
-        save_file(_state_for_saving(module), str(tmp / MODEL_FILE))
+        save_file(_state_for_saving(state), str(tmp / MODEL_FILE))
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         if tokenizer_json is not None:
@@ -60,32 +68,46 @@ def save_checkpoint(
     return Path(directory)
 
 
-def _require(directory: Path, name: str) -> Path:
-    path = directory / name
-    if not path.is_file():
+def split_objective_state(
+    state: dict[str, torch.Tensor], prefix: str = "model."
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An objective's state dict -> (the model's weights, the objective's own: heads, decoders).
+    The model's weights are what a checkpoint's model.safetensors holds."""
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return weights, {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def _require(directory: str | os.PathLike, name: str) -> str:
+    """The file `name` of a checkpoint directory (a local path or a URI such as s3://…)."""
+    path = storage.join(str(directory), name)
+    if not storage.is_file(path):
         raise CheckpointError(
             f"checkpoint {directory} has no {name}: point to a directory written by raypipe"
         )
     return path
 
 
+def has_file(directory: str | os.PathLike, name: str) -> bool:
+    return storage.is_file(storage.join(str(directory), name))
+
+
 def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(_require(Path(directory), SPEC_FILE).read_text())
+    return json.loads(storage.read_text(_require(directory, SPEC_FILE)))
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(_require(Path(directory), META_FILE).read_text())
+    return json.loads(storage.read_text(_require(directory, META_FILE)))
 
 
 def read_tokenizer(directory: str | os.PathLike) -> str:
-    return _require(Path(directory), TOKENIZER_FILE).read_text()
+    return storage.read_text(_require(directory, TOKENIZER_FILE))
 
 
 def load_weights(directory: str | os.PathLike, module: nn.Module, *, prefix: str = "") -> None:
     """Load `model.safetensors` into `module` strictly; `prefix` selects a sub-tree
     (e.g. "backbone." to take a fine-tuned model's backbone)."""
-    path = _require(Path(directory), MODEL_FILE)
-    state = load_file(str(path))
+    path = _require(directory, MODEL_FILE)
+    state = load_safetensors(storage.read_bytes(path))
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     own = module.state_dict()
@@ -105,7 +127,8 @@ def load_weights(directory: str | os.PathLike, module: nn.Module, *, prefix: str
 
 
 def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(_require(Path(directory), STATE_FILE), map_location="cpu", weights_only=True)
+    data = storage.read_bytes(_require(directory, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,7 +155,7 @@ def load_task(directory: str | os.PathLike):
         raise CheckpointError(
             f"checkpoint {directory} holds no fine-tuned task (model.json has no 'task')"
         )
-    has_tokenizer = (Path(directory) / TOKENIZER_FILE).is_file()
+    has_tokenizer = has_file(directory, TOKENIZER_FILE)
     task = build_task(
         spec["task"]["name"],
         build_model(spec),

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from raypipe.engine.parallel import local_value
 from raypipe.engine.precision import autocast_for
 
 
@@ -54,7 +55,8 @@ def train_step(
         for k, v in stats.items():
             total_stats[k] = total_stats.get(k, 0) + v.detach()
     if grad_clip:
-        total_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+        total_stats["grad_norm"] = local_value(norm)  # a DTensor under FSDP
     optimizer.step()
     scheduler.step()
     return total_loss / num_micro, total_stats

@@ -49,11 +49,12 @@ class CLIP(Objective):
         d = model.dim
         self.image_proj = nn.Linear(d, embed_dim, bias=False)
         self.text_proj = nn.Linear(d, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        # Shape (1,), not a scalar: FSDP shards only parameters with a dimension.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         img = gather_with_grad(self.image_proj(self.model.encode_image(batch["image"])))
         txt = gather_with_grad(self.text_proj(self.model.encode_text(batch["input_ids"].long())))
         # CLIP caps the scale at 100 so the softmax cannot collapse.
-        scale = self.logit_scale.clamp(max=math.log(100.0))
+        scale = self.logit_scale.clamp(max=math.log(100.0))[0]
         return clip_loss(img, txt, scale), {"temperature": 1 / scale.detach().exp()}

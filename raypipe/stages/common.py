@@ -9,6 +9,7 @@ from typing import Any
 import ray.train
 from ray.train import ScalingConfig
 
+from raypipe.config import PreprocessConfig
 from raypipe.config import ScalingConfig as ScalingSection
 from raypipe.errors import UserError
 
@@ -22,6 +23,15 @@ def scaling_config(section: ScalingSection) -> ScalingConfig:
         use_gpu=section.use_gpu,
         resources_per_worker=resources,
     )
+
+
+def preprocess_args(section: PreprocessConfig | None) -> dict[str, Any]:
+    """Ray Data map arguments: CPUs only (preprocessing never holds a GPU), optional cap."""
+    section = section or PreprocessConfig()
+    args: dict[str, Any] = {"num_cpus": section.cpus_per_task, "num_gpus": 0}
+    if section.concurrency is not None:
+        args["concurrency"] = section.concurrency
+    return args
 
 
 def report(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,8 +24,14 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raypipe import registry, tracking
-from raypipe.config import TUNABLE, Distribution, FinetuneConfig, LabeledSource
+from raypipe import registry, storage, tracking
+from raypipe.config import (
+    TUNABLE,
+    Distribution,
+    FinetuneConfig,
+    LabeledSource,
+    PreprocessConfig,
+)
 from raypipe.data.text import encode_labeled, encode_translation
 from raypipe.data.vision import encode_labeled_images
 from raypipe.engine.checkpoint import (
@@ -43,7 +48,7 @@ from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.plan import task_options
 from raypipe.progress import progress
-from raypipe.stages.common import find_user_error, report, scaling_config
+from raypipe.stages.common import find_user_error, preprocess_args, report, scaling_config
 from raypipe.tasks import build_task
 
 
@@ -69,6 +74,7 @@ def labeled_dataset(
     tokenizer_json: str | None,
     max_len: int,
     model_config: dict[str, Any],
+    preprocess: PreprocessConfig | None = None,
 ) -> ray.data.Dataset:
     """Encoded once and materialized: every trial and epoch re-reads the same blocks.
 
@@ -112,7 +118,9 @@ def labeled_dataset(
     ds = ray.data.read_parquet(files, columns=columns)
     if source.max_rows:
         ds = ds.limit(source.max_rows)
-    ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, fn_kwargs=kwargs)
+    ds = ds.map_batches(
+        fn, batch_format="numpy", batch_size=256, fn_kwargs=kwargs, **preprocess_args(preprocess)
+    )
     ds.context.execution_options.preserve_order = True  # the same rows in the same order
     return ds.materialize()
 
@@ -397,7 +405,7 @@ def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) 
     epoch = 0
     continue_from = None
     if tune_ckpt is not None:
-        continue_from = tune_ckpt.to_directory()
+        continue_from = tune_ckpt.to_directory()  # a local copy of the cloned trial's state
         epoch = read_meta(continue_from)["epoch"]
     segment = 0
     while epoch < cfg.epochs:
@@ -416,13 +424,14 @@ def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) 
         if result.error is not None:
             tracking.end_run(run, "FAILED")
             raise result.error
-        continue_from = result.checkpoint.path
+        continue_from = storage.qualify(result.checkpoint.path, like=static["trials_dir"])
         metrics = read_meta(continue_from)["metrics"]
         epoch = stop
-        tune.report(
-            {**metrics, "checkpoint_path": continue_from},
-            checkpoint=ray.tune.Checkpoint.from_directory(continue_from),
-        )
+        with result.checkpoint.as_directory() as local:  # Tune persists it from a local dir
+            tune.report(
+                {**metrics, "checkpoint_path": continue_from},
+                checkpoint=ray.tune.Checkpoint.from_directory(local),
+            )
     tracking.end_run(run, "FINISHED")
 
 
@@ -472,7 +481,7 @@ def run_arm(
         "finetune_input": finetune_input,
         "tokenizer_json": tokenizer_json,
         "num_train_rows": num_train_rows,
-        "trials_dir": str(Path(stage_dir) / "trials"),
+        "trials_dir": storage.join(stage_dir, "trials"),
         "parent": parent,
         "seed": seed,
         "fingerprint": fingerprint,
@@ -559,12 +568,10 @@ def run_arm(
             df[sweep.metric].idxmax() if sweep.mode == "max" else df[sweep.metric].idxmin()
         ]
         value = float(row[sweep.metric])
-        if (
-            _is_better(value, best.best_metric, sweep.mode)
-            and Path(row["checkpoint_path"]).is_dir()
-        ):
+        checkpoint = storage.qualify(row["checkpoint_path"], like=stage_dir)
+        if _is_better(value, best.best_metric, sweep.mode) and storage.is_dir(checkpoint):
             best.best_metric = value
-            best.best_checkpoint = str(row["checkpoint_path"])
+            best.best_checkpoint = checkpoint
             best.best_trial = _trial_name(arm, result.metrics["trial_id"])
             searched = _hyperparameters(cfg, result.config)
             best.best_params = {k: searched[k] for k in sweep.space}

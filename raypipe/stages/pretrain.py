@@ -18,7 +18,8 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from raypipe.config import PretrainConfig, Source
+from raypipe import storage
+from raypipe.config import PreprocessConfig, PretrainConfig, Source
 from raypipe.data.text import pack_blocks
 from raypipe.data.vision import decode_images, encode_image_text, simclr_views
 from raypipe.engine.checkpoint import (
@@ -28,16 +29,23 @@ from raypipe.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    split_objective_state,
 )
 from raypipe.engine.loop import Meter, all_reduce_sum, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
+from raypipe.engine.parallel import (
+    full_optimizer_state,
+    full_state_dict,
+    load_optimizer_state,
+    shard,
+)
 from raypipe.engine.precision import autocast_for
 from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.objectives import build_objective
 from raypipe.objectives.base import DATA_KINDS
 from raypipe.progress import progress
-from raypipe.stages.common import report, scaling_config
+from raypipe.stages.common import preprocess_args, report, scaling_config
 from raypipe.tracking import RunRef, logger_for
 
 
@@ -57,6 +65,7 @@ def build_dataset(
     seq_len: int,
     text_extra: int,
     model_config: dict[str, Any],
+    preprocess: PreprocessConfig | None = None,
 ) -> ray.data.Dataset:
     """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
 
@@ -95,7 +104,13 @@ def build_dataset(
     ds = ray.data.read_parquet(files, columns=columns)
     if source.max_rows:
         ds = ds.limit(source.max_rows)
-    return ds.map_batches(fn, batch_format="numpy", batch_size=batch_size, fn_kwargs=kwargs)
+    return ds.map_batches(
+        fn,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_kwargs=kwargs,
+        **preprocess_args(preprocess),
+    )
 
 
 def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int):
@@ -134,6 +149,20 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     # Identical init on every rank above; from here each rank draws its own masks and noise.
     torch.manual_seed(loop["seed"] * 1000 + rank)
     opt = cfg.optimizer
+    step, final_loss, state = 0, float("nan"), None
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            load_weights(d, objective.model)
+            state = load_train_state(d)
+            final_loss = read_meta(d).get("loss", final_loss)
+        objective.load_state_dict({**objective.state_dict(), **state["objective"]}, strict=True)
+    if cfg.strategy == "fsdp":
+        module = shard(objective)  # in place: the objective now holds parameter shards
+    else:
+        ddp_kwargs = {"find_unused_parameters": True} if objective.owns_step else None
+        module = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=ddp_kwargs)
+    # Built after sharding, so each optimizer holds this rank's shards (and moments) only.
     optimizers = [
         build_optimizer(params, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas)
         for params in objective.param_groups()
@@ -147,31 +176,27 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
         )
         for o in optimizers
     ]
-    step, final_loss = 0, float("nan")
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            load_weights(d, objective.model)
-            state = load_train_state(d)
-            objective.load_state_dict({**objective.state_dict(), **state["objective"]}, strict=True)
-            for o, o_state in zip(optimizers, state["optimizers"], strict=True):
-                o.load_state_dict(o_state)
-            for sch, sch_state in zip(schedulers, state["schedulers"], strict=True):
-                sch.load_state_dict(sch_state)
-            set_rng_state(state["rng"])
-            step = state["step"]
-            final_loss = read_meta(d).get("loss", final_loss)
-    ddp_kwargs = {"find_unused_parameters": True} if objective.owns_step else None
-    module = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs=ddp_kwargs)
+    if state is not None:
+        for o, o_state in zip(optimizers, state["optimizers"], strict=True):
+            load_optimizer_state(objective, o, o_state)
+        for sch, sch_state in zip(schedulers, state["schedulers"], strict=True):
+            sch.load_state_dict(sch_state)
+        set_rng_state(state["rng"])
+        step = state["step"]
     logger = logger_for(loop["run"], rank)
     if rank == 0 and not resumed:
         logger.log_params({"num_parameters": sum(p.numel() for p in objective.parameters())})
 
-    def save(directory):
-        extra = {k: v for k, v in objective.state_dict().items() if not k.startswith("model.")}
+    def snapshot() -> tuple[dict, list]:
+        """Weights and optimizer state, unsharded on rank 0 (a collective under FSDP)."""
+        return full_state_dict(objective), [full_optimizer_state(objective, o) for o in optimizers]
+
+    def save(directory, weights_and_optimizers):
+        full, optimizer_states = weights_and_optimizers
+        weights, own = split_objective_state(full)
         return save_checkpoint(
             directory,
-            module=objective.model,
+            weights=weights,
             spec=loop["model_spec"],
             tokenizer_json=loop["tokenizer_json"],
             meta={
@@ -180,13 +205,14 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 "objective": cfg.objective,
                 "fingerprint": loop["fingerprint"],
                 "loss": final_loss,
+                "strategy": cfg.strategy,
             },
             train_state={
                 "step": step,
-                "optimizers": [o.state_dict() for o in optimizers],
+                "optimizers": optimizer_states,
                 "schedulers": [sch.state_dict() for sch in schedulers],
                 "rng": rng_state(),
-                "objective": extra,
+                "objective": own,
             },
         )
 
@@ -239,10 +265,11 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                     f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
                 )
         if step % cfg.checkpoint_every == 0 or last:
+            state_now = snapshot()  # every rank takes part; rank 0 writes
             report(
                 {"step": step, "loss": final_loss},
                 rank=rank,
-                save=save,
+                save=lambda directory, state_now=state_now: save(directory, state_now),
                 checkpoint_name=f"step-{step:08d}",
             )
     return {"steps": step, "final_loss": final_loss}
@@ -261,6 +288,7 @@ def run_pretrain(
     run: RunRef,
     seed: int,
     fingerprint: str,
+    preprocess: PreprocessConfig | None = None,
 ) -> PretrainOutput:
     dataset = build_dataset(
         files,
@@ -270,6 +298,7 @@ def run_pretrain(
         seq_len=cfg.seq_len,
         text_extra=text_extra,
         model_config=model_spec["config"],
+        preprocess=preprocess,
     )
     trainer = TorchTrainer(
         _train_loop,
@@ -296,9 +325,10 @@ def run_pretrain(
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
     out = result.return_value or {}
-    meta = read_meta(result.checkpoint.path)
+    checkpoint = storage.qualify(result.checkpoint.path, like=stage_dir)
+    meta = read_meta(checkpoint)
     return PretrainOutput(
-        checkpoint=result.checkpoint.path,
+        checkpoint=checkpoint,
         steps=int(meta["step"]),
         final_loss=float(out.get("final_loss", meta["loss"])),
     )
