@@ -208,12 +208,12 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
     if not verbose:
         _forward_progress_only()
     if address:
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in alive)
-        gpus = sum(n.get("Resources", {}).get("GPU", 0) for n in alive)
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        total = ray.cluster_resources()
         print(
-            f"[ray] connected to the Ray cluster at {address}: {len(alive)} node(s), "
-            f"{cpus:g} CPU(s), {gpus:g} GPU(s) now (an autoscaler may add more)",
+            f"[ray] connected to the Ray cluster at {address}: {nodes} node(s), "
+            f"{total.get('CPU', 0):g} CPU(s), {total.get('GPU', 0):g} GPU(s) now "
+            "(an autoscaler may add more)",
             flush=True,
         )
     else:

@@ -14,7 +14,6 @@ import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -80,14 +79,9 @@ def is_file(location: str) -> bool:
 
 
 def is_dir(location: str) -> bool:
+    """A directory, or in an object store a key prefix (pyarrow reports those as directories)."""
     fs, path = resolve(location)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        return True
-    if info.type == pafs.FileType.NotFound and is_remote(location):
-        # Object stores have no directories, only key prefixes.
-        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
-    return False
+    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def makedirs(location: str) -> None:
@@ -184,18 +178,3 @@ def file_stamp(location: str) -> str:
 def open_input_file(location: str):
     fs, path = resolve(location)
     return fs.open_input_file(path)
-
-
-@contextlib.contextmanager
-def local_copy(location: str) -> Iterator[str]:
-    """A local directory holding `location`'s files: the directory itself when it is local, else
-    a temporary download removed on exit."""
-    if not is_remote(location):
-        yield resolve(location)[1]
-        return
-    fs, path = resolve(location)
-    with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp:
-        pafs.copy_files(
-            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-        yield tmp

@@ -1,4 +1,5 @@
-"""Real servers on loopback for the cluster tests: a Ray head with Ray's fake multi-node
+"""Real servers on loopback for the cluster and storage tests (a helper module: the tests that
+use it assert on what the servers hold): a Ray head with Ray's fake multi-node
 autoscaler, an MLflow tracking server, and an S3-compatible object store (moto).
 
 Each runs as its own processes with a marker in their environment, so teardown stops exactly
@@ -48,6 +49,8 @@ def _marked_pids(tag: str) -> list[int]:
 
 
 def stop_marked(tag: str, grace: float = 5.0) -> None:
+    """Stop every process carrying the tag; fails if one survives (a leak would slow or break
+    the tests after it)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _marked_pids(tag)
         for pid in pids:
@@ -58,7 +61,9 @@ def stop_marked(tag: str, grace: float = 5.0) -> None:
             time.sleep(0.2)
             pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
         if not pids:
-            return
+            break
+    left = [p for p in _marked_pids(tag) if not _zombie(p)]
+    assert not left, f"processes of {tag} still running after SIGKILL: {left}"
 
 
 def _zombie(pid: int) -> bool:

@@ -31,7 +31,7 @@ def resolve_parquet_files(path: str, *, key: str) -> list[str]:
             raise UserError(f"{key}: no files match '{path}'; check the pattern")
         return files
     try:
-        found = storage.exists(path) or storage.is_dir(path)
+        found = storage.exists(path)
     except OSError as e:  # e.g. a bucket that does not exist, or no credentials
         raise UserError(
             f"{key}: cannot read '{path}' ({e}); check the path and credentials"

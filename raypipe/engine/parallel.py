@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
-
 
 def shard(module: nn.Module) -> nn.Module:
     """Apply `fully_shard` to every block (each element of a ModuleList: transformer and ViT
