@@ -180,6 +180,11 @@ class PretrainConfig(Strict):
     max_failures: Annotated[int, Field(ge=0)] = Field(
         2, description="Worker-group restarts (from the latest checkpoint) before giving up."
     )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN/Inf loss or gradient: stop naming the step (the last good checkpoint "
+        "stays), or skip that batch's update and count it.",
+    )
     prefetch_batches: PositiveInt = Field(2, description="Batches Ray Data prepares ahead.")
     shuffle_buffer: Annotated[int, Field(ge=0)] = Field(
         0, description="Rows in each worker's local shuffle buffer; 0: stream order."
@@ -241,6 +246,11 @@ class SweepConfig(Strict):
         default_factory=dict, description="Search space over fine-tune settings."
     )
     max_concurrent_trials: PositiveInt = Field(2, description="Trials running at once.")
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        1,
+        description="Retries of a crashed trial (it resumes from its latest checkpoint); a trial "
+        "that still fails is recorded as failed and the sweep goes on without it.",
+    )
 
 
 #: Fine-tune settings a sweep may search over (keys of `finetune.sweep.space`).

@@ -28,6 +28,15 @@ from raypipe.progress import PROGRESS_MARK
 from raypipe.summary import StageReport, Summary
 
 STAGE_MARKER = "stage.json"
+#: Pretrain settings that change how a run is carried out, not what it computes: left out of
+#: the fingerprint, so changing one (say, on_nonfinite after a NaN stop) resumes the stage.
+RUN_ONLY_PRETRAIN = {
+    "max_failures",
+    "on_nonfinite",
+    "log_every",
+    "prefetch_batches",
+    "num_checkpoints_to_keep",
+}
 
 
 @dataclass
@@ -293,22 +302,39 @@ def _stage(
     stage_dir = storage.join(inputs.storage, cfg.name, f"{name}-{fp[:12]}")
     marker_path = storage.join(stage_dir, STAGE_MARKER)
     marker = json.loads(storage.read_text(marker_path)) if storage.is_file(marker_path) else None
-    tags = {"raypipe.reused": str(marker is not None).lower(), "raypipe.fingerprint": fp}
+    tags = {"raypipe.stage": name, "raypipe.fingerprint": fp}
+    # A resumed pipeline run already has this stage's run: continue it, never add a second.
+    found = tracking.find_run(
+        tracking_uri=inputs.tracking_uri,
+        experiment_id=inputs.experiment_id,
+        kind="stage",
+        tags=tags,
+        parent=parent,
+    )
     if marker is not None:
-        tags["raypipe.reused_from_run"] = marker["mlflow_run_id"]
         print(f"[{name}] reusing the completed stage {stage_dir}", flush=True)
     else:
         storage.makedirs(stage_dir)
         storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
+        if found is not None:
+            print(f"[{name}] resuming the interrupted stage {stage_dir}", flush=True)
         need_ray()
-    run = tracking.start_run(
-        tracking_uri=inputs.tracking_uri,
-        experiment_id=inputs.experiment_id,
-        name=name,
-        kind="stage",
-        parent=parent,
-        tags=tags,
-    )
+    if found is not None:
+        run, status = found
+        if status != "FINISHED":
+            tracking.reopen_run(run)
+    else:
+        tags["raypipe.reused"] = str(marker is not None).lower()
+        if marker is not None:
+            tags["raypipe.reused_from_run"] = marker["mlflow_run_id"]
+        run = tracking.start_run(
+            tracking_uri=inputs.tracking_uri,
+            experiment_id=inputs.experiment_id,
+            name=name,
+            kind="stage",
+            parent=parent,
+            tags=tags,
+        )
     try:
         yield _Stage(name, stage_dir, fp, run, marker)
     except BaseException:
@@ -326,7 +352,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
         "pretrain",
         cfg.model.model_dump(),
         cfg.tokenizer.model_dump(),
-        p.model_dump(),
+        p.model_dump(exclude=RUN_ONLY_PRETRAIN),
         cfg.data.unlabeled.model_dump(),
         cfg.seed,
         datafiles.manifest_digest(inputs.unlabeled),
@@ -383,7 +409,7 @@ def _run_finetune(
     spec = {"type": spec["type"], "config": {**spec["config"], **overrides}}
     fp = _fingerprint(
         "finetune",
-        f.model_dump(),
+        f.model_dump(exclude={"sweep": {"max_failures"}}),
         lab.model_dump(),
         cfg.seed,
         spec,
@@ -530,17 +556,31 @@ def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | 
     }
 
 
+def _pipeline_run(cfg: PipelineConfig, inputs: Inputs) -> tracking.RunRef:
+    """The pipeline's MLflow run: the interrupted run of this same pipeline (same config, same
+    data) continues, so a rerun after a crash keeps one run tree; otherwise a new run."""
+    fp = _fingerprint(
+        "pipeline",
+        cfg.model_dump(mode="json"),
+        datafiles.manifest_digest(inputs.unlabeled + inputs.train + inputs.validation),
+    )
+    where = {"tracking_uri": inputs.tracking_uri, "experiment_id": inputs.experiment_id}
+    found = tracking.find_run(**where, kind="pipeline", tags={"raypipe.fingerprint": fp})
+    if found is not None and found[1] != "FINISHED":
+        tracking.reopen_run(found[0])
+        print(f"[pipeline] continuing the interrupted run {found[0].run_id}", flush=True)
+        return found[0]
+    return tracking.start_run(
+        **where, name=cfg.name, kind="pipeline", tags={"raypipe.fingerprint": fp}
+    )
+
+
 def run_pipeline(
     cfg: PipelineConfig, *, address: str | None = None, verbose: bool = False
 ) -> Summary:
     started = time.perf_counter()
     inputs = prepare(cfg)
-    parent = tracking.start_run(
-        tracking_uri=inputs.tracking_uri,
-        experiment_id=inputs.experiment_id,
-        name=cfg.name,
-        kind="pipeline",
-    )
+    parent = _pipeline_run(cfg, inputs)
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
 

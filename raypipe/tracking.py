@@ -124,6 +124,32 @@ def start_run(
     return RunRef(tracking_uri, experiment_id, run.info.run_id)
 
 
+def find_run(
+    *,
+    tracking_uri: str,
+    experiment_id: str,
+    kind: str,
+    tags: dict[str, Any],
+    parent: RunRef | None = None,
+) -> tuple[RunRef, str] | None:
+    """The newest run of `kind` carrying all `tags` (under `parent`): (ref, its status)."""
+    wanted = {KIND_TAG: kind, **tags}
+    if parent is not None:
+        wanted[PARENT_TAG] = parent.run_id
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items())
+    runs = _client(tracking_uri).search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        return None
+    return RunRef(tracking_uri, experiment_id, runs[0].info.run_id), runs[0].info.status
+
+
+def reopen_run(ref: RunRef) -> None:
+    """Mark an interrupted run as running again: a resumed pipeline continues its own tree."""
+    _client(ref.tracking_uri).update_run(ref.run_id, status="RUNNING")
+
+
 def end_run(ref: RunRef, status: str = "FINISHED") -> None:
     _client(ref.tracking_uri).set_terminated(ref.run_id, status=status)
 

@@ -18,6 +18,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raypipe.engine.parallel import local_value
 from raypipe.engine.precision import autocast_for
+from raypipe.errors import UserError
+
+
+class NonFiniteLoss(UserError):
+    """The loss or the gradient norm of a step is NaN or Inf."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        super().__init__(f"loss {loss:.4g}, gradient norm {grad_norm:.4g}")
+        self.loss, self.grad_norm = loss, grad_norm
 
 
 def train_step(
@@ -29,12 +38,14 @@ def train_step(
     grad_clip: float | None,
     device: torch.device,
     precision: str = "auto",
+    on_nonfinite: str = "stop",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     `module(batch)` returns (mean loss, stats). DDP all-reduces gradients only on the last
     micro-batch (`no_sync` for the others). Returns the mean loss and the summed stats as
-    tensors, so the caller decides when to pay for a host sync.
+    tensors. A non-finite loss or gradient norm raises NonFiniteLoss before the optimizer
+    steps (`on_nonfinite="stop"`), or skips the update and counts it in stats["skipped_steps"].
     """
     optimizer.zero_grad(set_to_none=True)
     num_micro = len(micro_batches)
@@ -55,11 +66,27 @@ def train_step(
         for k, v in stats.items():
             total_stats[k] = total_stats.get(k, 0) + v.detach()
     if grad_clip:
-        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-        total_stats["grad_norm"] = local_value(norm)  # a DTensor under FSDP
-    optimizer.step()
+        norm = local_value(torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip))
+        total_stats["grad_norm"] = norm
+    else:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norm = local_value(torch.nn.utils.get_total_norm(grads)) if grads else total_loss * 0
+    mean_loss = total_loss / num_micro
+    # One host sync per step, so a NaN/Inf never reaches the weights. The gradient norm is the
+    # same on every rank (DDP all-reduces gradients; FSDP's norm is global), so all ranks take
+    # the same branch; the loss is per rank and joins the test only without a process group.
+    bad = ~torch.isfinite(norm)
+    if not (dist.is_available() and dist.is_initialized()):
+        bad = bad | ~torch.isfinite(mean_loss)
+    if bool(bad):
+        if on_nonfinite != "skip":
+            raise NonFiniteLoss(float(mean_loss), float(norm))
+        optimizer.zero_grad(set_to_none=True)
+        total_stats["skipped_steps"] = torch.ones((), device=device)
+    else:
+        optimizer.step()
     scheduler.step()
-    return total_loss / num_micro, total_stats
+    return mean_loss, total_stats
 
 
 @torch.no_grad()

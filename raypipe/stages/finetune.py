@@ -8,6 +8,8 @@ ever compares trials of one arm with each other.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raypipe import registry, storage, tracking
+from raypipe import faults, registry, storage, tracking
 from raypipe.config import (
     TUNABLE,
     Distribution,
@@ -35,6 +37,7 @@ from raypipe.config import (
 from raypipe.data.text import encode_labeled, encode_translation
 from raypipe.data.vision import encode_labeled_images
 from raypipe.engine.checkpoint import (
+    META_FILE,
     load_train_state,
     load_weights,
     read_meta,
@@ -42,7 +45,7 @@ from raypipe.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from raypipe.engine.loop import Meter, all_reduce_sum, evaluate, train_step
+from raypipe.engine.loop import Meter, NonFiniteLoss, all_reduce_sum, evaluate, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.errors import UserError
 from raypipe.models import build_model
@@ -244,7 +247,12 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
     spec = {**loop["model_spec"], "task": {"name": cfg.task, "options": options}}
     stop_epoch = loop.get("stop_epoch") or cfg.epochs
 
+    injected = faults.parse(loop["faults"])
     for epoch in range(start_epoch + 1, stop_epoch + 1):
+        # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process, "nan" poisons a weight.
+        if faults.check(injected, place=loop["trial_name"], rank=rank, at=epoch) == "nan":
+            with torch.no_grad():
+                next(task.parameters()).fill_(float("nan"))
         meter = Meter(unit=task.unit)
         train_totals: dict[str, torch.Tensor] = {}
         batches = iter(
@@ -261,15 +269,21 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                 batch = meter.timed_next(batches)
             except StopIteration:
                 break
-            _, stats = train_step(
-                module,
-                optimizer,
-                scheduler,
-                [batch],
-                grad_clip=cfg.optimizer.grad_clip,
-                device=device,
-                precision=cfg.precision,
-            )
+            try:
+                _, stats = train_step(
+                    module,
+                    optimizer,
+                    scheduler,
+                    [batch],
+                    grad_clip=cfg.optimizer.grad_clip,
+                    device=device,
+                    precision=cfg.precision,
+                )
+            except NonFiniteLoss as e:
+                raise UserError(
+                    f"finetune {loop['trial_name']}: the loss became non-finite in epoch {epoch} "
+                    f"({e}); lower finetune.optimizer.lr (or the lr range in finetune.sweep.space)"
+                ) from None
             stats.pop("grad_norm", None)
             for k, v in stats.items():
                 train_totals[k] = train_totals.get(k, 0) + v
@@ -485,6 +499,7 @@ def run_arm(
         "parent": parent,
         "seed": seed,
         "fingerprint": fingerprint,
+        "faults": os.environ.get(faults.ENV, ""),
     }
     space = _search_space(sweep.space)
     if sweep.scheduler == "asha":
@@ -523,18 +538,36 @@ def run_arm(
         # starve the training workers on small machines.
         {"CPU": 0, "memory": 64 * 2**20},
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
-            num_samples=sweep.num_samples,
-            scheduler=scheduler,
-            search_alg=search_alg,
-        ),
-        run_config=tune.RunConfig(name=f"sweep-{arm}", storage_path=stage_dir, verbose=0),
-    )
+    if not storage.is_remote(stage_dir):
+        # Save the sweep's state (which trials finished) every second rather than every 10+ s,
+        # so a restarted driver reruns as little as possible; a local write costs nothing.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    sweep_dir = storage.join(stage_dir, f"sweep-{arm}")
+    if tune.Tuner.can_restore(sweep_dir):
+        # A driver that died mid-sweep: finished trials stay finished, unfinished ones resume
+        # from their checkpoints, failed ones stay failed.
+        print(f"[finetune] resuming the {arm} sweep from {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(
+            sweep_dir, trainable=trainable, resume_unfinished=True, param_space=space
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                num_samples=sweep.num_samples,
+                scheduler=scheduler,
+                search_alg=search_alg,
+            ),
+            run_config=tune.RunConfig(
+                name=f"sweep-{arm}",
+                storage_path=stage_dir,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            ),
+        )
     grid = tuner.fit()
     stopped = _close_trial_runs(parent, arm, grid, cfg.epochs)
     errors = [r.error for r in grid if r.error is not None]
@@ -558,21 +591,21 @@ def run_arm(
         num_stopped_early=stopped,
         num_failed=failed,
     )
-    for result in grid:
-        if result.metrics_dataframe is None or sweep.metric not in result.metrics_dataframe:
+    # The best checkpoint of the trials that did not fail, read from storage: each checkpoint's
+    # meta.json holds its metrics. Tune's own record of a resumed sweep lacks the checkpoints
+    # of the sessions before it.
+    good = {_trial_name(arm, r.metrics["trial_id"]) for r in grid if r.error is None and r.metrics}
+    for meta_file in storage.list_files(static["trials_dir"], META_FILE):
+        checkpoint = meta_file.rsplit("/", 1)[0]
+        run_name = checkpoint.rsplit("/", 2)[-2]  # arm-index, or arm-index-from-to-segment (PBT)
+        trial = "-".join(run_name.split("-")[:2])
+        if trial not in good:
             continue
-        df = result.metrics_dataframe.dropna(subset=["checkpoint_path"])
-        if df.empty:
-            continue
-        row = df.loc[
-            df[sweep.metric].idxmax() if sweep.mode == "max" else df[sweep.metric].idxmin()
-        ]
-        value = float(row[sweep.metric])
-        checkpoint = storage.qualify(row["checkpoint_path"], like=stage_dir)
-        if _is_better(value, best.best_metric, sweep.mode) and storage.is_dir(checkpoint):
-            best.best_metric = value
+        meta = json.loads(storage.read_text(meta_file))
+        value = meta["metrics"].get(sweep.metric)
+        if value is not None and _is_better(value, best.best_metric, sweep.mode):
+            best.best_metric = float(value)
             best.best_checkpoint = checkpoint
-            best.best_trial = _trial_name(arm, result.metrics["trial_id"])
-            searched = _hyperparameters(cfg, result.config)
-            best.best_params = {k: searched[k] for k in sweep.space}
+            best.best_trial = trial
+            best.best_params = {k: meta["hyperparameters"][k] for k in sweep.space}
     return best

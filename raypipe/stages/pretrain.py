@@ -6,7 +6,8 @@ each worker iterates its own streaming split and runs `_train_loop` top to botto
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
@@ -14,15 +15,18 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from raypipe import storage
+from raypipe import faults, storage
 from raypipe.config import PreprocessConfig, PretrainConfig, Source
 from raypipe.data.text import pack_blocks
 from raypipe.data.vision import decode_images, encode_image_text, simclr_views
 from raypipe.engine.checkpoint import (
+    META_FILE,
+    MODEL_FILE,
     load_train_state,
     load_weights,
     read_meta,
@@ -31,7 +35,7 @@ from raypipe.engine.checkpoint import (
     set_rng_state,
     split_objective_state,
 )
-from raypipe.engine.loop import Meter, all_reduce_sum, train_step
+from raypipe.engine.loop import Meter, NonFiniteLoss, all_reduce_sum, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.engine.parallel import (
     full_optimizer_state,
@@ -113,27 +117,71 @@ def build_dataset(
     )
 
 
-def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int):
-    """Epoch after epoch over this worker's split; each `iter_torch_batches` is one epoch."""
-    epoch = 0
+@dataclass
+class DataPosition:
+    """Where one worker is in its stream: the epoch, and the batches it consumed in it."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int, at: DataPosition):
+    """Epoch after epoch over this worker's split, from `at` on; keeps `at` current.
+
+    Each `iter_torch_batches` is one epoch. Ray Data's iterators cannot seek, so resuming
+    mid-epoch re-reads the epoch and drops the batches consumed before the checkpoint: the
+    split is deterministic (order preserved, rows dealt to the worker with the fewest), so
+    the same rows come back in the same order.
+    """
     while True:
-        count = 0
+        skip, count = at.batches, 0
         for batch in shard.iter_torch_batches(
             batch_size=cfg.batch_size,
             drop_last=True,
             device=device,
             prefetch_batches=cfg.prefetch_batches,
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=seed + epoch if cfg.shuffle_buffer else None,
+            local_shuffle_seed=seed + at.epoch if cfg.shuffle_buffer else None,
         ):
             count += 1
+            if count <= skip:
+                continue
+            at.batches = count
             yield batch
         if count == 0:
             raise UserError(
                 f"pretrain: the unlabeled data yields no full batch of {cfg.batch_size} rows per "
                 "worker; lower pretrain.batch_size (or pretrain.seq_len for text), or add data"
             )
-        epoch += 1
+        at.epoch, at.batches = at.epoch + 1, 0
+
+
+def latest_checkpoint(train_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint in storage that loads whole: (path, train state).
+
+    Read from storage rather than from Ray Train's record, which registers a checkpoint a
+    moment after its report and so, after a crash, can point one interval back. A checkpoint
+    cut short by the crash fails to load and the one before it is taken.
+    """
+    dirs = {m.rsplit("/", 1)[0] for m in storage.list_files(train_dir, META_FILE)}
+    for path in sorted((d for d in dirs if d.rsplit("/", 1)[-1].startswith("step-")), reverse=True):
+        try:
+            state = load_train_state(path)
+            read_meta(path)
+            storage.read_bytes(storage.join(path, MODEL_FILE))
+        except Exception:  # noqa: BLE001 - any damage means "not this one"
+            continue
+        return path, state
+    return None
+
+
+def _per_rank(value: Any, world: int) -> list[Any]:
+    """Every rank's `value`, in rank order (a collective)."""
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +189,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    injected = faults.parse(loop["faults"])
     torch.manual_seed(loop["seed"])  # identical init on every rank
 
     objective = build_objective(cfg.objective, build_model(loop["model_spec"]), cfg.options).to(
@@ -149,13 +198,14 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     # Identical init on every rank above; from here each rank draws its own masks and noise.
     torch.manual_seed(loop["seed"] * 1000 + rank)
     opt = cfg.optimizer
-    step, final_loss, state = 0, float("nan"), None
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            load_weights(d, objective.model)
-            state = load_train_state(d)
-            final_loss = read_meta(d).get("loss", final_loss)
+    step, final_loss, state, skipped = 0, float("nan"), None, 0
+    position = DataPosition()
+    found = latest_checkpoint(loop["train_dir"])
+    if found:
+        resumed_from, state = found
+        load_weights(resumed_from, objective.model)
+        meta = read_meta(resumed_from)
+        final_loss, skipped = meta.get("loss", final_loss), meta.get("skipped_steps", 0)
         objective.load_state_dict({**objective.state_dict(), **state["objective"]}, strict=True)
     if cfg.strategy == "fsdp":
         module = shard(objective)  # in place: the objective now holds parameter shards
@@ -176,23 +226,41 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
         )
         for o in optimizers
     ]
+    logger = logger_for(loop["run"], rank)
     if state is not None:
         for o, o_state in zip(optimizers, state["optimizers"], strict=True):
             load_optimizer_state(objective, o, o_state)
         for sch, sch_state in zip(schedulers, state["schedulers"], strict=True):
             sch.load_state_dict(sch_state)
-        set_rng_state(state["rng"])
         step = state["step"]
-    logger = logger_for(loop["run"], rank)
-    if rank == 0 and not resumed:
+        ranks = state["ranks"]
+        if len(ranks) == world:  # each rank continues its own stream and random draws
+            set_rng_state(ranks[rank]["rng"])
+            position = DataPosition(**ranks[rank]["data"])
+        else:  # another split of the data: the epoch starts over
+            set_rng_state(ranks[0]["rng"])
+            position = DataPosition(epoch=ranks[0]["data"]["epoch"])
+        logger.log_metrics({"train/resumed_from_step": step}, step)
+        if rank == 0:
+            progress(
+                f"pretrain resumed at step {step} from {resumed_from} (epoch {position.epoch}, "
+                f"{position.batches} batches in)"
+                + ("" if len(ranks) == world else f"; {len(ranks)} workers then, {world} now")
+            )
+    elif rank == 0:
         logger.log_params({"num_parameters": sum(p.numel() for p in objective.parameters())})
 
-    def snapshot() -> tuple[dict, list]:
-        """Weights and optimizer state, unsharded on rank 0 (a collective under FSDP)."""
-        return full_state_dict(objective), [full_optimizer_state(objective, o) for o in optimizers]
+    def snapshot() -> tuple[dict, list, list]:
+        """Weights and optimizer state, unsharded on rank 0, and every rank's RNG and data
+        position (collectives: every rank calls this)."""
+        return (
+            full_state_dict(objective),
+            [full_optimizer_state(objective, o) for o in optimizers],
+            _per_rank({"rng": rng_state(), "data": asdict(position)}, world),
+        )
 
-    def save(directory, weights_and_optimizers):
-        full, optimizer_states = weights_and_optimizers
+    def save(directory, taken):
+        full, optimizer_states, ranks = taken
         weights, own = split_objective_state(full)
         return save_checkpoint(
             directory,
@@ -206,43 +274,72 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 "fingerprint": loop["fingerprint"],
                 "loss": final_loss,
                 "strategy": cfg.strategy,
+                "skipped_steps": skipped,
+                "num_workers": world,
             },
             train_state={
                 "step": step,
                 "optimizers": optimizer_states,
                 "schedulers": [sch.state_dict() for sch in schedulers],
-                "rng": rng_state(),
+                "ranks": ranks,
                 "objective": own,
             },
         )
 
     batches = _batches_forever(
-        ray.train.get_dataset_shard("train"), cfg, device, seed=loop["seed"] + rank
+        ray.train.get_dataset_shard("train"), cfg, device, loop["seed"] + rank, position
     )
     meter = Meter(unit=objective.unit)
+    last_saved = step if state is not None else None
     while step < cfg.max_steps:
+        # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process here, "nan" poisons a
+        # weight so this step's loss is NaN.
+        if faults.check(injected, place="pretrain", rank=rank, at=step + 1) == "nan":
+            with torch.no_grad():
+                next(objective.parameters()).fill_(float("nan"))
         micro = [meter.timed_next(batches) for _ in range(cfg.grad_accum_steps)]
-        if objective.owns_step:  # e.g. a GAN's alternating updates
-            loss, stats = objective.step(
-                module,
-                optimizers,
-                micro,
-                grad_clip=opt.grad_clip,
-                autocast=lambda: autocast_for(device, cfg.precision),
+        try:
+            if objective.owns_step:  # e.g. a GAN's alternating updates
+                loss, stats = objective.step(
+                    module,
+                    optimizers,
+                    micro,
+                    grad_clip=opt.grad_clip,
+                    autocast=lambda: autocast_for(device, cfg.precision),
+                )
+                for sch in schedulers:
+                    sch.step()
+                # It has stepped already: a non-finite loss can only stop the run.
+                bad = all_reduce_sum({"bad": (~torch.isfinite(loss)).double()}, device)["bad"]
+                if bool(bad > 0):
+                    raise NonFiniteLoss(float(loss), float("nan"))
+            else:
+                loss, stats = train_step(
+                    module,
+                    optimizers[0],
+                    schedulers[0],
+                    micro,
+                    grad_clip=opt.grad_clip,
+                    device=device,
+                    precision=cfg.precision,
+                    on_nonfinite=cfg.on_nonfinite,
+                )
+        except NonFiniteLoss as e:
+            # Every rank gets here at the same step (see train_step), so all return together.
+            kept = (
+                f"the last good checkpoint (step {last_saved}) stays in "
+                f"{storage.join(loop['train_dir'], f'step-{last_saved:08d}')}"
+                if last_saved is not None
+                else "no checkpoint was written before it"
             )
-            for sch in schedulers:
-                sch.step()
-        else:
-            loss, stats = train_step(
-                module,
-                optimizers[0],
-                schedulers[0],
-                micro,
-                grad_clip=opt.grad_clip,
-                device=device,
-                precision=cfg.precision,
-            )
+            return {
+                "error": f"pretrain: the loss became non-finite at step {step + 1} ({e}); "
+                f"{kept}; lower pretrain.optimizer.lr, set pretrain.optimizer.grad_clip, or set "
+                "pretrain.on_nonfinite: skip",
+                "steps": step,
+            }
         step += 1
+        skipped += int(stats.pop("skipped_steps", 0))
         meter.steps += 1
         meter.items += sum(objective.items_in(b) for b in micro) * world
 
@@ -253,6 +350,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             metrics = {
                 "train/loss": final_loss,
                 "train/lr": schedulers[0].get_last_lr()[0],
+                "train/skipped_steps": skipped,
                 **{f"train/{k}": float(v) for k, v in stats.items()},
                 **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
             }
@@ -263,16 +361,18 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                     f"pretrain step {step}/{cfg.max_steps} loss {final_loss:.4f} "
                     f"{metrics[f'perf/{unit}_per_s']:.0f} {unit}/s "
                     f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
+                    + (f" skipped {skipped} step(s)" if skipped else "")
                 )
         if step % cfg.checkpoint_every == 0 or last:
-            state_now = snapshot()  # every rank takes part; rank 0 writes
+            taken = snapshot()  # every rank takes part; rank 0 writes
             report(
                 {"step": step, "loss": final_loss},
                 rank=rank,
-                save=lambda directory, state_now=state_now: save(directory, state_now),
+                save=lambda directory, taken=taken: save(directory, taken),
                 checkpoint_name=f"step-{step:08d}",
             )
-    return {"steps": step, "final_loss": final_loss}
+            last_saved = step
+    return {"steps": step, "final_loss": final_loss, "skipped_steps": skipped}
 
 
 def run_pretrain(
@@ -300,9 +400,12 @@ def run_pretrain(
         model_config=model_spec["config"],
         preprocess=preprocess,
     )
+    train_dir = storage.join(stage_dir, "train")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
+            "train_dir": train_dir,
+            "faults": os.environ.get(faults.ENV, ""),
             "pretrain": cfg,
             "model_spec": model_spec,
             "tokenizer_json": tokenizer_json,
@@ -322,11 +425,17 @@ def run_pretrain(
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
     out = result.return_value or {}
-    checkpoint = storage.qualify(result.checkpoint.path, like=stage_dir)
+    if out.get("error"):
+        raise UserError(out["error"])
+    # The newest whole checkpoint in storage (Ray Train's record can lag one behind).
+    found = latest_checkpoint(train_dir)
+    if found is None:
+        raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
+    checkpoint = storage.qualify(found[0], like=stage_dir)
     meta = read_meta(checkpoint)
+    if meta["step"] != cfg.max_steps:
+        raise RuntimeError(f"pretraining stopped at step {meta['step']} of {cfg.max_steps}")
     return PretrainOutput(
         checkpoint=checkpoint,
         steps=int(meta["step"]),

@@ -1,0 +1,253 @@
+"""Failures, for real: a training worker that dies, a NaN, a crashing trial, a killed driver.
+
+Faults are injected through RAYPIPE_FAULTS (see raypipe/faults.py): the driver reads it and
+hands it to the workers, which end their own process (`os._exit`) or poison a weight at the
+named step. Everything else is the real pipeline on the session's Ray, or a real `raypipe run`
+process that is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from test_pipeline_e2e import tiny_config
+
+from raypipe.config import parse_config
+from raypipe.errors import UserError
+from raypipe.faults import ENV
+from raypipe.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    def inject(spec: str) -> None:
+        monkeypatch.setenv(ENV, spec)
+
+    return inject
+
+
+def _pretrain_only(data, storage, **pretrain) -> dict:
+    raw = tiny_config(data, storage, finetune=None)
+    del raw["data"]["labeled"]
+    raw["pretrain"].update(
+        max_steps=12,
+        log_every=1,
+        checkpoint_every=4,
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+        **pretrain,
+    )
+    return raw
+
+
+def _stage_run(summary, name):
+    client = MlflowClient(summary.tracking_uri)
+    (run,) = [
+        r
+        for r in client.search_runs(
+            [client.get_run(summary.run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{summary.run_id}'",
+        )
+        if r.info.run_name == name
+    ]
+    return client, run
+
+
+def _losses(client, run_id) -> dict[int, float]:
+    """Per step, the last logged loss (a resumed run logs the redone steps again)."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+
+
+def test_worker_death_resumes_exactly_where_it_stopped(
+    ray_session, quickstart_data, tmp_path, faults
+):
+    """Rank 1 dies before step 7; the group restarts from the step-4 checkpoint with model,
+    optimizer, schedule, RNG and each worker's place in its data, and every later loss equals
+    the uninterrupted run's."""
+    clean = run_pipeline(parse_config(_pretrain_only(quickstart_data, tmp_path / "clean")))
+    faults(f"crash:pretrain:rank=1:at=7:once={tmp_path / 'crashed'}")
+    crashed = run_pipeline(parse_config(_pretrain_only(quickstart_data, tmp_path / "crash")))
+
+    assert (tmp_path / "crashed").exists()  # the fault fired
+    client, run = _stage_run(crashed, "pretrain")
+    resumed = [
+        m.value for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")
+    ]
+    assert resumed == [4.0]
+    assert 7 - resumed[0] <= 4  # steps redone: at most the checkpoint interval
+    clean_client, clean_run = _stage_run(clean, "pretrain")  # its own store
+    want, got = _losses(clean_client, clean_run.info.run_id), _losses(client, run.info.run_id)
+    assert sorted(got) == list(range(1, 13))
+    # Samples neither replayed nor skipped: each step after the restart sees the same batch.
+    for step in range(5, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    final_clean, final_crash = clean.stages[0].metrics, crashed.stages[0].metrics
+    assert final_crash["final loss"] == pytest.approx(final_clean["final loss"], rel=0.01)
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    ray_session, quickstart_data, tmp_path, faults
+):
+    faults("nan:pretrain:rank=0:at=6")
+    cfg = parse_config(_pretrain_only(quickstart_data, tmp_path))
+    with pytest.raises(UserError) as err:
+        run_pipeline(cfg)
+    message = str(err.value)
+    assert "the loss became non-finite at step 6" in message
+    assert "step-00000004" in message and "on_nonfinite: skip" in message
+    (stage,) = (tmp_path / "tiny").glob("pretrain-*")
+    kept = sorted(p.name for p in (stage / "train").glob("step-*"))
+    assert kept == ["step-00000004"]  # nothing written after the bad step
+    assert not (stage / "stage.json").exists()  # the stage is not complete
+
+
+def test_crashing_trials_are_retried_then_recorded_failed(
+    ray_session, quickstart_data, tmp_path, faults
+):
+    """Trial 0 crashes once and is retried to the end; trial 1 crashes every time, is recorded
+    as failed in MLflow, and the sweep picks the best of the rest."""
+    raw = tiny_config(quickstart_data, tmp_path)
+    del raw["pretrain"]
+    del raw["data"]["unlabeled"]
+    raw["finetune"].update(init="scratch", epochs=2)
+    raw["finetune"]["sweep"].update(num_samples=2, max_failures=1, max_concurrent_trials=1)
+    faults(
+        f"crash:scratch-00000:rank=0:at=2:once={tmp_path / 'once'};crash:scratch-00001:rank=0:at=1"
+    )
+    summary = run_pipeline(parse_config(raw))
+
+    assert (tmp_path / "once").exists()
+    arm = summary.arms["scratch"]
+    assert arm["num_trials"] == 2 and arm["num_failed"] == 1
+    assert arm["best_trial"] == "scratch-00000"
+    client, stage = _stage_run(summary, "finetune")
+    trials = client.search_runs(
+        [stage.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{stage.info.run_id}'",
+    )
+    status = {r.info.run_name: r.info.status for r in trials}
+    assert status == {"scratch-00000": "FINISHED", "scratch-00001": "FAILED"}  # one run each
+    epochs = client.get_metric_history(
+        next(r for r in trials if r.info.run_name == "scratch-00000").info.run_id, "epoch"
+    )
+    assert sorted({m.value for m in epochs}) == [1.0, 2.0]
+
+
+class _Driver:
+    """`raypipe run` in its own process, its output collected line by line as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.pop("RAY_ADDRESS", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "raypipe", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, predicate, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError("raypipe ended early:\n" + "\n".join(self.lines[-40:]))
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("timed out:\n" + "\n".join(self.lines[-40:]))
+            time.sleep(0.2)
+
+    def seen(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+
+    def finish(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return code
+
+
+def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
+    """SIGKILL the driver during pretraining, then during the sweep; the same command again
+    finishes the pipeline, redoing no finished step or trial, in one MLflow run tree."""
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    raw["pretrain"].update(max_steps=24, log_every=4, checkpoint_every=4)
+    raw["finetune"].update(compare_scratch=False, epochs=2)
+    raw["finetune"]["sweep"].update(num_samples=2, max_concurrent_trials=1, scheduler="fifo")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    args = ["run", "p.yaml"]
+    runs = tmp_path / "runs" / "tiny"
+
+    first = _Driver(args, tmp_path)
+    first.wait_for(lambda: list(runs.glob("pretrain-*/train/step-00000008/meta.json")), 600)
+    first.kill()
+
+    second = _Driver(args, tmp_path)
+    second.wait_for(lambda: second.seen("finetune pretrained-00001 epoch 1/2"), 600)
+    # Its epoch-1 checkpoint is on disk and registered (Ray Train records it within ~2 s).
+    second.wait_for(lambda: list(runs.glob("finetune-*/trials/pretrained-00001/epoch-0001")), 60)
+    time.sleep(5)
+    second.kill()
+    (resumed,) = [line for line in second.lines if "pretrain resumed at step" in line]
+    # Workers may finish the checkpoint they were writing as the driver died: at least step 8.
+    at = int(resumed.split("pretrain resumed at step ")[1].split()[0])
+    assert at >= 8
+    for step in range(4, at + 1, 4):
+        assert not second.seen(f"pretrain step {step}/24")  # nothing finished is redone
+    assert second.seen("pretrain step 24/24")
+    assert second.seen("finetune pretrained-00000 epoch 2/2")
+
+    third = _Driver(args, tmp_path)
+    assert third.finish(timeout=600) == 0, "\n".join(third.lines[-40:])
+    assert third.seen("[pretrain] reusing the completed stage")
+    assert third.seen("[finetune] resuming the pretrained sweep")
+    assert third.seen("registered 'tiny' version 1")
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tiny"]
+    runs_by_name = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    # One tree, no duplicates: the three processes wrote to the same runs.
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs_by_name) == 5
+    assert sorted(runs_by_name) == [
+        "finetune", "pretrain", "pretrained-00000", "pretrained-00001", "tiny"
+    ]  # fmt: skip
+    assert {r.info.status for r in runs_by_name.values()} == {"FINISHED"}
+    # Nothing finished was computed twice: trial 0 finished in the second process and each of
+    # its epochs was logged once; trial 1's epoch 1 was checkpointed there and not redone. (Its
+    # epoch 2 may be logged twice: the killed driver's workers live on for a few seconds.)
+    epochs = {
+        trial: sorted(
+            m.value for m in client.get_metric_history(runs_by_name[trial].info.run_id, "epoch")
+        )
+        for trial in ("pretrained-00000", "pretrained-00001")
+    }
+    assert epochs["pretrained-00000"] == [1.0, 2.0]
+    assert epochs["pretrained-00001"].count(1.0) == 1 and 2.0 in epochs["pretrained-00001"]
+    steps = [
+        m.step
+        for m in client.get_metric_history(runs_by_name["pretrain"].info.run_id, "train/loss")
+    ]
+    assert [s for s in steps if s <= at] == list(range(4, at + 1, 4))
+    assert max(steps) == 24
