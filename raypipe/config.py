@@ -92,6 +92,11 @@ class DataConfig(Strict):
         default_factory=PreprocessConfig,
         description="Resources of the Ray Data tasks that decode, augment and tokenize.",
     )
+    bad_images: Literal["fail", "skip"] = Field(
+        "fail",
+        description="An image that does not decode: fail naming the column, or skip its row "
+        "and count it (reported as data/skipped_images).",
+    )
 
 
 class TokenizerConfig(Strict):
@@ -352,7 +357,10 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
         if f.init not in ("pretrain", "scratch"):
             # A checkpoint in an object store is checked when the plan reads its model.json.
             if not storage.is_remote(f.init) and not Path(f.init).is_dir():
-                problems.append(f"finetune.init: checkpoint directory '{f.init}' does not exist")
+                problems.append(
+                    f"finetune.init: checkpoint directory '{f.init}' does not exist; point it "
+                    "at a checkpoint raypipe wrote (<storage>/<name>/pretrain-*/train/step-*)"
+                )
             if cfg.pretrain is not None:
                 problems.append(
                     "finetune.init: a checkpoint directory takes the place of this pipeline's "

@@ -116,12 +116,26 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
         )
         columns = plan.pretrain_columns(d.unlabeled)
         datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
+        datafiles.check_values(out["unlabeled"], columns, key="data.unlabeled")
     if cfg.finetune is not None and d.labeled is not None:
         for split in ("train", "validation"):
             src = getattr(d.labeled, split)
             key = f"data.labeled.{split}"
             out[split] = datafiles.resolve_parquet_files(src.path, key=f"{key}.path")
-            datafiles.check_columns(out[split], plan.labeled_columns(src), key=key)
+            columns = plan.labeled_columns(src)
+            datafiles.check_columns(out[split], columns, key=key)
+            task = plan.task
+            labeled = task.data_kind != "pairs"
+            datafiles.check_values(
+                out[split],
+                columns,
+                key=key,
+                label_column=src.label_column if labeled else None,
+                label_dtype=task.label_dtype if labeled else None,
+                num_classes=(
+                    cfg.finetune.num_classes if "num_classes" in task.option_names else None
+                ),
+            )
     if cfg.tokenizer.path and not storage.is_file(cfg.tokenizer.path):
         raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
     return out
@@ -192,6 +206,54 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def _check_resources(cfg: PipelineConfig, have: dict[str, float], where: str) -> None:
+    """Training workers that ask for more than the cluster can ever have would wait forever
+    for a placement: say so instead."""
+    for name, stage in (("pretrain", cfg.pretrain), ("finetune", cfg.finetune)):
+        if stage is None:
+            continue
+        sc = stage.scaling
+        per_worker = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+        if sc.use_gpu:
+            per_worker["GPU"] = 1
+        for resource, amount in per_worker.items():
+            need = amount * sc.num_workers
+            if need > have.get(resource, 0):
+                fix = (
+                    f"set {name}.scaling.use_gpu: false, or run on a cluster with GPU nodes"
+                    if resource == "GPU"
+                    else f"lower {name}.scaling.num_workers or its per-worker {resource}"
+                )
+                raise UserError(
+                    f"{name}.scaling: {sc.num_workers} worker(s) need {need:g} {resource} but "
+                    f"{where} can have at most {have.get(resource, 0):g}; {fix}"
+                )
+
+
+def _local_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """What an embedded Ray on this machine will have (Ray counts the same way)."""
+    have: dict[str, float] = {"CPU": float(os.cpu_count() or 1), "GPU": 0.0}
+    if any(s is not None and s.scaling.use_gpu for s in (cfg.pretrain, cfg.finetune)):
+        import torch
+
+        have["GPU"] = float(torch.cuda.device_count())
+    return have
+
+
+def _cluster_resources() -> dict[str, float]:
+    """The most the connected cluster can grow to: its autoscaler's node types when it has
+    one, else what it has now."""
+    import ray
+
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - internal API: without it, judge by what is there
+        most = None
+    return {k: float(v) for k, v in (most or ray.cluster_resources()).items()}
+
+
 def _init_ray(address: str | None, *, verbose: bool) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
     import ray
@@ -238,11 +300,24 @@ def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str | None:
 
     if not inputs.plan.needs_tokenizer():
         return None
+    from_checkpoint = (
+        cfg.pretrain is None and cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch")
+    )
     if cfg.tokenizer.path:
         text = storage.read_text(cfg.tokenizer.path)
         check_tokenizer(load_tokenizer(text))
+        if from_checkpoint and has_file(cfg.finetune.init, TOKENIZER_FILE):
+            theirs = read_tokenizer(cfg.finetune.init)
+            if load_tokenizer(theirs).get_vocab() != load_tokenizer(text).get_vocab():
+                raise UserError(
+                    f"tokenizer.path: '{cfg.tokenizer.path}' is not the tokenizer checkpoint "
+                    f"'{cfg.finetune.init}' was trained with (vocabularies of "
+                    f"{load_tokenizer(text).get_vocab_size()} and "
+                    f"{load_tokenizer(theirs).get_vocab_size()} tokens differ); remove "
+                    "tokenizer.path to use the checkpoint's own"
+                )
         return text
-    if cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch"):
+    if from_checkpoint:
         if not has_file(cfg.finetune.init, TOKENIZER_FILE):
             raise UserError(
                 f"finetune.init: checkpoint '{cfg.finetune.init}' has no tokenizer (it was "
@@ -312,12 +387,14 @@ def _stage(
         parent=parent,
     )
     if marker is not None:
-        print(f"[{name}] reusing the completed stage {stage_dir}", flush=True)
+        print(f"[{name}] reusing the completed stage {tracking.redact(stage_dir)}", flush=True)
     else:
         storage.makedirs(stage_dir)
         storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
         if found is not None:
-            print(f"[{name}] resuming the interrupted stage {stage_dir}", flush=True)
+            print(
+                f"[{name}] resuming the interrupted stage {tracking.redact(stage_dir)}", flush=True
+            )
         need_ray()
     if found is not None:
         run, status = found
@@ -354,6 +431,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
         cfg.tokenizer.model_dump(),
         p.model_dump(exclude=RUN_ONLY_PRETRAIN),
         cfg.data.unlabeled.model_dump(),
+        cfg.data.bad_images,
         cfg.seed,
         datafiles.manifest_digest(inputs.unlabeled),
     )
@@ -379,17 +457,37 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
                 seed=cfg.seed,
                 fingerprint=fp,
                 preprocess=cfg.data.preprocess,
+                skip_bad_images=cfg.data.bad_images == "skip",
             )
             out = {
                 "checkpoint": result.checkpoint,
                 "steps": result.steps,
                 "final_loss": result.final_loss,
             }
+            if result.skipped_images is not None:
+                out["skipped_images"] = result.skipped_images
             stage.complete(out)
         # A reused stage's run carries the same outcome as the run that computed it.
-        tracking.RunLogger(stage.run).log_metrics({"final/loss": out["final_loss"]}, out["steps"])
+        tracking.RunLogger(stage.run).log_metrics(
+            {
+                "final/loss": out["final_loss"],
+                **(
+                    {"data/skipped_images": out["skipped_images"]}
+                    if "skipped_images" in out
+                    else {}
+                ),
+            },
+            out["steps"],
+        )
         tracking.RunLogger(stage.run).set_tags({"raypipe.checkpoint": out["checkpoint"]})
-    stage.report(summary, {"steps": out["steps"], "final loss": round(out["final_loss"], 4)})
+    stage.report(
+        summary,
+        {
+            "steps": out["steps"],
+            "final loss": round(out["final_loss"], 4),
+            **({"skipped images": out["skipped_images"]} if "skipped_images" in out else {}),
+        },
+    )
     ckpt = out["checkpoint"]
     spec = read_spec(ckpt)
     tokenizer_json = read_tokenizer(ckpt) if has_file(ckpt, TOKENIZER_FILE) else None
@@ -399,6 +497,9 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
 def _run_finetune(
     cfg, inputs, parent, summary, need_ray, *, tokenizer_json, spec, init_ckpt, upstream
 ):
+    import ray
+
+    from raypipe.stages.common import Tally
     from raypipe.stages.finetune import labeled_dataset, run_arm
 
     f = cfg.finetune
@@ -411,6 +512,7 @@ def _run_finetune(
         "finetune",
         f.model_dump(exclude={"sweep": {"max_failures"}}),
         lab.model_dump(),
+        cfg.data.bad_images,
         cfg.seed,
         spec,
         upstream,
@@ -428,6 +530,8 @@ def _run_finetune(
                     "sweep": f.sweep.model_dump(),
                 }
             )
+            skip = cfg.data.bad_images == "skip" and inputs.plan.finetune_input == "image"
+            tally = Tally.remote() if skip else None
             datasets = {
                 split: labeled_dataset(
                     files,
@@ -439,15 +543,18 @@ def _run_finetune(
                     max_len=f.max_len,
                     model_config=spec["config"],
                     preprocess=cfg.data.preprocess,
+                    bad_image_tally=tally,
                 )
                 for split, files, src in (
                     ("train", inputs.train, lab.train),
                     ("validation", inputs.validation, lab.validation),
                 )
-            }
-            if "num_classes" in task_cls.option_names:
-                _check_labels(datasets, f.num_classes)
+            }  # materialized: the tally is final here
             num_train = datasets["train"].count()
+            if tally is not None:
+                skipped = ray.get(tally.get.remote())
+                logger.log_metrics({"data/skipped_images": skipped}, 0)
+                print(f"[finetune] skipped {skipped} undecodable image(s)", flush=True)
             plan = ([("pretrained", init_ckpt)] if init_ckpt else []) + (
                 [("scratch", None)] if f.compare_scratch or not init_ckpt else []
             )
@@ -496,19 +603,6 @@ def _run_finetune(
             "failed": sum(a["num_failed"] for a in arms.values()),
         },
     )
-
-
-def _check_labels(datasets: dict, num_classes: int) -> None:
-    from ray.data.aggregate import Max, Min
-
-    for split, ds in datasets.items():
-        bounds = ds.aggregate(Min("label"), Max("label"))
-        lo, hi = bounds["min(label)"], bounds["max(label)"]
-        if lo < 0 or hi >= num_classes:
-            raise UserError(
-                f"data.labeled.{split}: labels range over [{lo}, {hi}] but finetune.num_classes is "
-                f"{num_classes}; labels must be integers in [0, num_classes)"
-            )
 
 
 def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | None) -> dict:
@@ -580,6 +674,8 @@ def run_pipeline(
 ) -> Summary:
     started = time.perf_counter()
     inputs = prepare(cfg)
+    if not address:
+        _check_resources(cfg, _local_resources(cfg), "this machine")
     parent = _pipeline_run(cfg, inputs)
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
@@ -587,7 +683,10 @@ def run_pipeline(
     def need_ray() -> None:
         # Ray starts only when a stage has work to do: a fully reused pipeline never waits for it.
         nonlocal started_ray
-        started_ray = _init_ray(address, verbose=verbose) or started_ray
+        if _init_ray(address, verbose=verbose):
+            started_ray = True
+            if address:
+                _check_resources(cfg, _cluster_resources(), f"the Ray cluster at {address}")
 
     try:
         tracking.log_text(parent, to_yaml(cfg), "config/pipeline.yaml")
@@ -617,8 +716,15 @@ def run_pipeline(
         summary.seconds = time.perf_counter() - started
         tracking.RunLogger(parent).log_metrics({"pipeline/seconds": summary.seconds}, 0)
         tracking.end_run(parent)
-    except BaseException:
+    except BaseException as e:
         tracking.end_run(parent, "FAILED")
+        if isinstance(e, Exception) and not isinstance(e, UserError):
+            from raypipe.stages.common import find_user_error
+
+            # A user's mistake found inside a Ray task or worker arrives wrapped by Ray.
+            user = find_user_error(e)
+            if user is not None:
+                raise user from None
         raise
     finally:
         if started_ray:

@@ -79,9 +79,11 @@ def model_spec(cfg: PipelineConfig, objective=None, *, vocab_size: int | None) -
     """
     f = cfg.finetune
     if cfg.pretrain is None and f is not None and f.init not in ("pretrain", "scratch"):
-        from raypipe.engine.checkpoint import read_spec
+        from raypipe.engine.checkpoint import check_weights_file, read_spec
 
         spec = read_spec(f.init)
+        check_weights_file(f.init)
+        _check_against_checkpoint(cfg, spec)
         return {"type": spec["type"], "config": spec["config"]}
     m = cfg.model
     cls = _resolve("model", m.type, "model.type")
@@ -98,6 +100,24 @@ def model_spec(cfg: PipelineConfig, objective=None, *, vocab_size: int | None) -
         # two-tower model) never feeds this text tower.
         config["vocab_size"] = 300
     return {"type": m.type, "config": config}
+
+
+def _check_against_checkpoint(cfg: PipelineConfig, spec: dict[str, Any]) -> None:
+    """Model settings given next to `finetune.init: <checkpoint>` must match the checkpoint's
+    model (its weights only fit that one): name every field that differs."""
+    m = cfg.model
+    theirs = {"type": spec["type"], **spec["config"]}
+    differ = [
+        f"{k} {getattr(m, k)!r} vs {theirs[_MODEL_FIELDS.get(k, k)]!r}"
+        for k in sorted(m.model_fields_set)
+        if _MODEL_FIELDS.get(k, k) in theirs and getattr(m, k) != theirs[_MODEL_FIELDS.get(k, k)]
+    ]
+    if differ:
+        raise UserError(
+            f"finetune.init: checkpoint '{cfg.finetune.init}' holds a different model: "
+            f"{'; '.join(differ)} (config vs checkpoint); remove those model settings (the "
+            "checkpoint's model is used) or point finetune.init at a matching checkpoint"
+        )
 
 
 def _check_model_fields(cfg: PipelineConfig) -> None:

@@ -58,4 +58,4 @@ def format_summary(s: Summary) -> str:
         )
     lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
     lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
-    return "\n".join(lines)
+    return tracking.redact("\n".join(lines))

@@ -8,12 +8,18 @@ Workers get a `RunRef` (picklable) and call `logger_for(ref, rank)`: rank 0 logs
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from raypipe.errors import UserError
+from raypipe.progress import progress
 
 PARENT_TAG = "mlflow.parentRunId"
 #: Tag set on every run raypipe creates: pipeline, stage or trial.
@@ -29,6 +35,51 @@ def resolve_tracking_uri(configured: str | None, storage: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri
+
+
+#: Environment variables whose values are secrets: never written to a run, even by accident.
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "RAY_AUTH_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+)
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with credentials masked: the user-info of URIs (`s3://KEY:SECRET@bucket`,
+    `https://user:token@host`) and the values of the secret environment variables."""
+    text = _USERINFO.sub(r"\1***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 6:
+            text = text.replace(value, "***")
+    return text
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on an HTTP tracking server nothing answers at (MLflow's client would
+    retry for minutes). Any HTTP answer, even an error status, means it is there."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += f":{parts.port}" if parts.port else ""
+    url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(
+            f"MLflow tracking server '{redact(uri)}' is unreachable ({reason}); start it, or "
+            "fix tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def ui_command(uri: str) -> str:
@@ -59,7 +110,7 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict):
             out.update(_flat(v, f"{key}."))
         else:
-            out[key] = str(v)[:6000]
+            out[key] = redact(str(v))[:6000]
     return out
 
 
@@ -86,7 +137,80 @@ class RunLogger:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self._client.set_tag(self.ref.run_id, k, str(v))
+            self._client.set_tag(self.ref.run_id, k, redact(str(v)))
+
+
+class BufferedLogger(RunLogger):
+    """A training loop's metrics, sent by a background thread: a slow or unreachable tracking
+    server never stalls training. A batch that cannot be sent stays queued and is retried
+    (MLflow's client also retries each request with backoff) until `close`."""
+
+    retry_s = 5.0
+
+    def __init__(self, ref: RunRef):
+        super().__init__(ref)
+        self._pending: list = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._failing = False
+        self._thread = threading.Thread(target=self._send, daemon=True, name="raypipe-metrics")
+        self._thread.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._cv:
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self._cv.notify()
+
+    def _send(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                batch = self._pending[:1000]  # MLflow's per-request limit
+            try:
+                self._client.log_batch(self.ref.run_id, metrics=batch, synchronous=True)
+            except Exception as e:  # noqa: BLE001 - any failure: keep the batch, try again
+                if not self._failing:
+                    self._failing = True
+                    progress(
+                        f"tracking: cannot reach MLflow at {redact(self.ref.tracking_uri)} "
+                        f"({str(e).splitlines()[0][:200]}); training goes on, metrics are kept "
+                        "and sent when it is back"
+                    )
+                with self._cv:
+                    self._cv.wait(self.retry_s)
+                continue
+            with self._cv:
+                del self._pending[: len(batch)]
+                self._cv.notify_all()
+            if self._failing:
+                self._failing = False
+                progress("tracking: MLflow is reachable again; buffered metrics sent")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the queue to empty; True if it did."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(min(left, 1.0))
+            return not self._pending
+
+    def close(self, timeout: float = 300.0) -> None:
+        """Send what is queued, waiting up to `timeout` seconds for an unreachable server."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        if self._pending:
+            progress(
+                f"tracking: {len(self._pending)} metric values could not be sent to "
+                f"{redact(self.ref.tracking_uri)} within {timeout:.0f} s"
+            )
 
 
 class NullLogger:
@@ -101,9 +225,16 @@ class NullLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
+    def flush(self, timeout: float) -> bool:
+        return True
 
-def logger_for(ref: RunRef | None, rank: int) -> RunLogger | NullLogger:
-    return RunLogger(ref) if ref is not None and rank == 0 else NullLogger()
+    def close(self, timeout: float = 0.0) -> None:
+        pass
+
+
+def logger_for(ref: RunRef | None, rank: int) -> BufferedLogger | NullLogger:
+    """What a training worker logs through: rank 0 sends (in the background), others no-op."""
+    return BufferedLogger(ref) if ref is not None and rank == 0 else NullLogger()
 
 
 def start_run(
@@ -119,7 +250,7 @@ def start_run(
     if parent is not None:
         all_tags[PARENT_TAG] = parent.run_id
     run = _client(tracking_uri).create_run(
-        experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+        experiment_id, run_name=name, tags={k: redact(str(v)) for k, v in all_tags.items()}
     )
     return RunRef(tracking_uri, experiment_id, run.info.run_id)
 
@@ -162,13 +293,14 @@ def child_runs(ref: RunRef) -> list:
 
 
 def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
-    _client(ref.tracking_uri).log_text(ref.run_id, text, artifact_file)
+    _client(ref.tracking_uri).log_text(ref.run_id, redact(text), artifact_file)
 
 
 def open_experiment(tracking_uri: str, name: str, *, artifact_root: str | None) -> str:
     """Get or create the experiment; fail fast, naming the URI, when the store is unreachable."""
     from mlflow.exceptions import MlflowException
 
+    check_reachable(tracking_uri)
     client = _client(tracking_uri)
     try:
         exp = client.get_experiment_by_name(name)
@@ -178,7 +310,7 @@ def open_experiment(tracking_uri: str, name: str, *, artifact_root: str | None) 
         return client.create_experiment(name, artifact_location=location)
     except MlflowException as e:
         raise UserError(
-            f"MLflow tracking store '{tracking_uri}' is not usable ({str(e).splitlines()[0]}); "
+            f"MLflow tracking store '{redact(tracking_uri)}' is not usable ({str(e).splitlines()[0]}); "
             "check tracking.uri or MLFLOW_TRACKING_URI"
         ) from None
 
@@ -226,7 +358,7 @@ def log_registered_model(
                     f"torch=={torch.__version__.split('+')[0]}",
                     f"mlflow=={mlflow.__version__}",
                 ],
-                tags={k: str(v) for k, v in tags.items()},
+                tags={k: redact(str(v)) for k, v in tags.items()},
                 # The serving-input check goes through pyfunc, which the pt2 tensor flavor lacks.
                 validate_serving_input=False,
             )
@@ -235,5 +367,5 @@ def log_registered_model(
     version = str(info.registered_model_version)
     client = _client(ref.tracking_uri)
     for k, v in tags.items():
-        client.set_model_version_tag(registered_name, version, k, str(v))
+        client.set_model_version_tag(registered_name, version, k, redact(str(v)))
     return info.model_uri, version

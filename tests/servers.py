@@ -106,9 +106,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[Server]:
-    """`mlflow server` with a sqlite backend and a proxied artifact root."""
-    port, tag = free_port(), f"mlflow-{os.getpid()}"
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
+    """`mlflow server` with a sqlite backend and a proxied artifact root (the same `root` and
+    `port` again: the same server back after an outage)."""
+    port = port or free_port()
+    tag = f"mlflow-{os.getpid()}-{port}"
     log = root / "mlflow-server.log"
     cmd = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raypipe import registry
-from raypipe.engine.loop import Meter, evaluate, train_step
+from raypipe.engine.loop import Meter, NonFiniteLoss, evaluate, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.models import build_model
 from raypipe.models.transformer import Transformer, TransformerConfig
@@ -130,6 +130,46 @@ def test_training_lowers_the_loss():
         first = first if first is not None else loss.item()
     assert loss.item() < 0.7 * first
     assert stats["grad_norm"].item() > 0
+
+
+class _PoisonOn(torch.nn.Module):
+    """A causal LM whose loss turns NaN on batches marked `poison` (as a bad batch would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = CausalLM(tiny())
+
+    def forward(self, batch):
+        loss, stats = self.inner({"input_ids": batch["input_ids"]})
+        return (loss * float("nan") if batch.get("poison") else loss), stats
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_nonfinite_step_stops_or_is_skipped_leaving_weights_untouched(grad_clip):
+    module = _PoisonOn()
+    opt = build_optimizer(module.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = warmup_cosine(opt, warmup_steps=0, total_steps=10)
+    good = {"input_ids": torch.randint(0, 50, (4, 9))}
+    bad = {**good, "poison": True}
+    train_step(module, opt, sched, [good], grad_clip=grad_clip, device=CPU)
+    before = [p.detach().clone() for p in module.parameters()]
+    moments = {k: v.clone() for k, v in opt.state[next(module.parameters())].items()}
+
+    with pytest.raises(NonFiniteLoss, match="loss nan"):
+        train_step(module, opt, sched, [bad], grad_clip=grad_clip, device=CPU)
+    _, stats = train_step(
+        module, opt, sched, [bad], grad_clip=grad_clip, device=CPU, on_nonfinite="skip"
+    )
+    assert stats["skipped_steps"].item() == 1
+    for p, q in zip(module.parameters(), before, strict=True):
+        assert torch.equal(p, q)  # no update reached the weights
+    for k, v in opt.state[next(module.parameters())].items():
+        assert torch.equal(v, moments[k]), k  # nor the optimizer's moments
+    loss, stats = train_step(
+        module, opt, sched, [good], grad_clip=grad_clip, device=CPU, on_nonfinite="skip"
+    )
+    assert torch.isfinite(loss) and "skipped_steps" not in stats
+    assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
 
 
 def test_gradient_accumulation_equals_one_big_batch():

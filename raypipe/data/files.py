@@ -6,6 +6,8 @@ import glob
 import hashlib
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raypipe import storage
@@ -82,3 +84,72 @@ def read_column_sample(files: list[str], column: str, max_rows: int) -> list[str
                 if len(out) >= max_rows:
                     return out[:max_rows]
     return out
+
+
+def _column_facts(meta, fs, path: str, column: str, *, want_range: bool):
+    """(null count, min, max) of a column from the row-group statistics in the footer; the
+    column itself is read only when a writer left the statistics out."""
+    idx = meta.schema.to_arrow_schema().get_field_index(column)
+    nulls, lo, hi = 0, None, None
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(idx).statistics
+        if stats is None or not stats.has_null_count or (want_range and not stats.has_min_max):
+            values = pq.read_table(path, columns=[column], filesystem=fs).column(0)
+            bounds = pc.min_max(values) if want_range else None
+            lo_hi = (bounds["min"].as_py(), bounds["max"].as_py()) if bounds else (None, None)
+            return values.null_count, *lo_hi
+        nulls += stats.null_count
+        if want_range and stats.num_values:
+            lo = stats.min if lo is None else min(lo, stats.min)
+            hi = stats.max if hi is None else max(hi, stats.max)
+    return nulls, lo, hi
+
+
+def check_values(
+    files: list[str],
+    columns: list[str],
+    *,
+    key: str,
+    label_column: str | None = None,
+    label_dtype: str | None = None,
+    num_classes: int | None = None,
+) -> None:
+    """No nulls in `columns`; labels of the right type and, for classes, in [0, num_classes).
+
+    Read from the Parquet footers (statistics), so it costs no data scan on shards written
+    with statistics (pyarrow's default).
+    """
+    lo_all, hi_all = None, None
+    for f in files:
+        fs, path = storage.resolve(f)
+        meta = pq.read_metadata(path, filesystem=fs)
+        schema = meta.schema.to_arrow_schema()
+        if label_column is not None:
+            kind = schema.field(label_column).type
+            integer = pa.types.is_integer(kind)
+            if label_dtype == "int64" and not integer:
+                raise UserError(
+                    f"{key}.label_column: '{label_column}' in '{f}' holds {kind}, not integer "
+                    "class labels; `raypipe prepare table` maps string labels to integers"
+                )
+            if not (integer or pa.types.is_floating(kind)):
+                raise UserError(
+                    f"{key}.label_column: '{label_column}' in '{f}' holds {kind}, not numbers; "
+                    "store numeric targets"
+                )
+        for column in columns:
+            ranged = column == label_column and label_dtype == "int64" and num_classes is not None
+            nulls, lo, hi = _column_facts(meta, fs, path, column, want_range=ranged)
+            if nulls:
+                raise UserError(
+                    f"{key}: column '{column}' has {nulls} null value(s) in '{f}'; drop or "
+                    "fill those rows"
+                )
+            if ranged and lo is not None:
+                lo_all = lo if lo_all is None else min(lo_all, lo)
+                hi_all = hi if hi_all is None else max(hi_all, hi)
+    if num_classes is not None and lo_all is not None and (lo_all < 0 or hi_all >= num_classes):
+        raise UserError(
+            f"{key}: labels range over [{lo_all}, {hi_all}] but finetune.num_classes is "
+            f"{num_classes}; labels must be integers in [0, num_classes)"
+        )

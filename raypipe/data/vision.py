@@ -23,8 +23,8 @@ def _to_pil(value, *, channels: int, column: str) -> Image.Image:
             return Image.open(io.BytesIO(bytes(value))).convert(mode)
         except Exception as e:  # Pillow raises several types for damaged data
             raise UserError(
-                f"image column '{column}' holds bytes Pillow cannot decode ({e}); "
-                "run `raypipe prepare images` to find and drop unreadable images"
+                f"image column '{column}' holds bytes Pillow cannot decode ({e}); set "
+                "data.bad_images: skip to skip such rows, or drop them with `raypipe prepare`"
             ) from None
     arr = np.asarray(value)
     if arr.ndim == 1:  # flat H*W*C: square images only
@@ -40,6 +40,32 @@ def _to_pil(value, *, channels: int, column: str) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     return Image.fromarray(arr).convert(mode)
+
+
+def _decodes(value, *, channels: int, column: str) -> bool:
+    try:
+        _to_pil(value, channels=channels, column=column)
+    except UserError:
+        return False
+    return True
+
+
+def drop_undecodable(
+    batch: dict[str, np.ndarray], *, image_column: str, channels: int, tally=None
+) -> dict[str, np.ndarray]:
+    """`data.bad_images: skip`: drop the rows whose image does not decode, adding their number
+    to `tally` (an actor with `add`), before the transform that decodes for real."""
+    values = batch[image_column]
+    keep = np.fromiter(
+        (_decodes(v, channels=channels, column=image_column) for v in values),
+        dtype=bool,
+        count=len(values),
+    )
+    if keep.all():
+        return batch
+    if tally is not None:
+        tally.add.remote(int((~keep).sum()))
+    return {k: v[keep] for k, v in batch.items()}
 
 
 def _chw(img: Image.Image, size: int) -> np.ndarray:

@@ -103,6 +103,26 @@ def read_tokenizer(directory: str | os.PathLike) -> str:
     return storage.read_text(_require(directory, TOKENIZER_FILE))
 
 
+def check_weights_file(directory: str | os.PathLike) -> None:
+    """The weights file is safetensors (an 8-byte header length, then a JSON header), read
+    without loading the tensors: anything else, say a pickle planted in its place, is refused
+    up front. (Loading never unpickles either way.)"""
+    path = _require(directory, MODEL_FILE)
+    try:
+        with storage.open_input_file(path) as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 * 2**20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a mapping")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"checkpoint {directory}: {MODEL_FILE} is not a safetensors file ({e}); raypipe "
+            "never unpickles weights: re-save it as safetensors or point to another checkpoint"
+        ) from None
+
+
 def load_weights(directory: str | os.PathLike, module: nn.Module, *, prefix: str = "") -> None:
     """Load `model.safetensors` into `module` strictly; `prefix` selects a sub-tree
     (e.g. "backbone." to take a fine-tuned model's backbone)."""

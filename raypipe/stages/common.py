@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 from ray.train import ScalingConfig
 
@@ -49,6 +50,33 @@ def report(
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
 
 
+@ray.remote(num_cpus=0)
+class Tally:
+    """A count that Ray Data tasks add to (e.g. images skipped as undecodable)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def get(self) -> int:
+        return self.count
+
+
+def skip_bad_images(ds, *, image_column: str, channels: int, batch_size: int, preprocess, tally):
+    """Put the undecodable-row filter in front of a dataset's decoding transform."""
+    from raypipe.data.vision import drop_undecodable
+
+    return ds.map_batches(
+        drop_undecodable,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_kwargs={"image_column": image_column, "channels": channels, "tally": tally},
+        **preprocess_args(preprocess),
+    )
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
     """Ray wraps errors raised in workers and tasks; dig out a raypipe UserError if there is one."""
     seen: set[int] = set()
@@ -58,8 +86,11 @@ def find_user_error(exc: BaseException) -> UserError | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(e, UserError) and not isinstance(cause, UserError):
+            # Ray Data appends its retry advice to the message; the user's line comes first.
+            lines = str(e).strip().splitlines()
+            return e if len(lines) <= 1 else UserError(lines[0])
         for attr in ("__cause__", "__context__", "cause"):
             inner = getattr(e, attr, None)
             if isinstance(inner, BaseException):

@@ -51,7 +51,13 @@ from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.plan import task_options
 from raypipe.progress import progress
-from raypipe.stages.common import find_user_error, preprocess_args, report, scaling_config
+from raypipe.stages.common import (
+    find_user_error,
+    preprocess_args,
+    report,
+    scaling_config,
+    skip_bad_images,
+)
 from raypipe.tasks import build_task
 
 
@@ -78,8 +84,10 @@ def labeled_dataset(
     max_len: int,
     model_config: dict[str, Any],
     preprocess: PreprocessConfig | None = None,
+    bad_image_tally=None,
 ) -> ray.data.Dataset:
     """Encoded once and materialized: every trial and epoch re-reads the same blocks.
+    With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
 
     kind "labeled": one input column (text or image) + label; "pairs": source -> target text.
     """
@@ -121,10 +129,20 @@ def labeled_dataset(
     ds = ray.data.read_parquet(files, columns=columns)
     if source.max_rows:
         ds = ds.limit(source.max_rows)
+    if bad_image_tally is not None and kind != "pairs" and input == "image":
+        ds = skip_bad_images(
+            ds,
+            image_column=source.image_column,
+            channels=model_config["channels"],
+            batch_size=256,
+            preprocess=preprocess,
+            tally=bad_image_tally,
+        )
     ds = ds.map_batches(
         fn, batch_format="numpy", batch_size=256, fn_kwargs=kwargs, **preprocess_args(preprocess)
     )
     ds.context.execution_options.preserve_order = True  # the same rows in the same order
+    ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
     return ds.materialize()
 
 
@@ -348,7 +366,11 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                     },
                 )
 
+        # The scheduler may stop the trial at this report: its metrics go first (a short wait
+        # when the tracking server is away; they stay queued if it stays away).
+        logger.flush(timeout=30)
         report(metrics, rank=rank, save=save, checkpoint_name=f"epoch-{epoch:04d}")
+    logger.close()  # waits for metrics queued while the tracking server was away
 
 
 def _trial_run(static: dict[str, Any], trial_id: str, name: str, hp: dict) -> tracking.RunRef:

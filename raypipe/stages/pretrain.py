@@ -49,7 +49,13 @@ from raypipe.models import build_model
 from raypipe.objectives import build_objective
 from raypipe.objectives.base import DATA_KINDS
 from raypipe.progress import progress
-from raypipe.stages.common import preprocess_args, report, scaling_config
+from raypipe.stages.common import (
+    Tally,
+    preprocess_args,
+    report,
+    scaling_config,
+    skip_bad_images,
+)
 from raypipe.tracking import RunRef, logger_for
 
 
@@ -58,6 +64,7 @@ class PretrainOutput:
     checkpoint: str
     steps: int
     final_loss: float
+    skipped_images: int | None = None  # None: not skipping (data.bad_images: fail)
 
 
 def build_dataset(
@@ -70,10 +77,12 @@ def build_dataset(
     text_extra: int,
     model_config: dict[str, Any],
     preprocess: PreprocessConfig | None = None,
+    bad_image_tally=None,
 ) -> ray.data.Dataset:
     """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
 
     `kind` is the objective's `data_kind`; each kind is one transform over numpy batches.
+    With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
     """
     images = {
         "image_column": source.image_column,
@@ -108,6 +117,16 @@ def build_dataset(
     ds = ray.data.read_parquet(files, columns=columns)
     if source.max_rows:
         ds = ds.limit(source.max_rows)
+    if bad_image_tally is not None and kind != "text_blocks":
+        ds = skip_bad_images(
+            ds,
+            image_column=source.image_column,
+            channels=images["channels"],
+            batch_size=batch_size,
+            preprocess=preprocess,
+            tally=bad_image_tally,
+        )
+    ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
     return ds.map_batches(
         fn,
         batch_format="numpy",
@@ -332,6 +351,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 if last_saved is not None
                 else "no checkpoint was written before it"
             )
+            logger.close()
             return {
                 "error": f"pretrain: the loss became non-finite at step {step + 1} ({e}); "
                 f"{kept}; lower pretrain.optimizer.lr, set pretrain.optimizer.grad_clip, or set "
@@ -372,6 +392,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 checkpoint_name=f"step-{step:08d}",
             )
             last_saved = step
+    logger.close()  # waits for metrics queued while the tracking server was away
     return {"steps": step, "final_loss": final_loss, "skipped_steps": skipped}
 
 
@@ -389,7 +410,9 @@ def run_pretrain(
     seed: int,
     fingerprint: str,
     preprocess: PreprocessConfig | None = None,
+    skip_bad_images: bool = False,
 ) -> PretrainOutput:
+    tally = Tally.remote() if skip_bad_images else None
     dataset = build_dataset(
         files,
         kind=data_kind,
@@ -399,6 +422,7 @@ def run_pretrain(
         text_extra=text_extra,
         model_config=model_spec["config"],
         preprocess=preprocess,
+        bad_image_tally=tally,
     )
     train_dir = storage.join(stage_dir, "train")
     trainer = TorchTrainer(
@@ -440,4 +464,5 @@ def run_pretrain(
         checkpoint=checkpoint,
         steps=int(meta["step"]),
         final_loss=float(out.get("final_loss", meta["loss"])),
+        skipped_images=ray.get(tally.get.remote()) if tally is not None else None,
     )

@@ -1,0 +1,264 @@
+"""Bad input through `raypipe run`: one line naming the cause and the fix, exit code 2, and no
+Ray started when the problem can be seen up front (every case here but the image ones).
+
+Each case writes a pipeline (and whatever broken file it needs) into its own directory, runs
+the CLI in this process with Ray's start replaced by a failure, and reads stderr.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from test_pipeline_e2e import tiny_config
+
+from raypipe import cli, pipeline
+from raypipe.config import parse_config
+from raypipe.data.text import train_tokenizer
+from raypipe.engine.checkpoint import save_checkpoint
+from raypipe.errors import UserError
+from raypipe.models import build_model
+
+TEXTS = ["a fine film .", "a dull film .", "what a great cast", "not worth it"] * 8
+
+
+def _shard(path: Path, **columns) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path / "part-0.parquet")
+    return str(path)
+
+
+def _checkpoint(root: Path, *, dim: int = 32, vocab: int = 300) -> str:
+    """A pretrained-style checkpoint: a tiny transformer and its tokenizer."""
+    tok = train_tokenizer(TEXTS, kind="bpe", vocab_size=vocab, lowercase=False)
+    spec = {
+        "type": "transformer",
+        "config": {
+            "vocab_size": tok.get_vocab_size(), "dim": dim, "num_layers": 1, "num_heads": 2,
+            "max_len": 32, "pad_id": 0,
+        },
+    }  # fmt: skip
+    save_checkpoint(
+        root, module=build_model(spec), spec=spec, meta={"step": 1}, tokenizer_json=tok.to_str()
+    )
+    return str(root)
+
+
+def _finetune_only(raw: dict, **finetune) -> dict:
+    del raw["pretrain"]
+    del raw["data"]["unlabeled"]
+    raw["finetune"].update(finetune)
+    return raw
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+# Each case: (how to break a working tiny pipeline, what stderr must say).
+def _malformed_yaml(d, raw):
+    (d / "p.yaml").write_text("name: tiny\npretrain: {max_steps: 5\n")
+
+
+def _unknown_key(d, raw):
+    raw["pretrain"]["max_stesp"] = 5
+
+
+def _wrong_type(d, raw):
+    raw["pretrain"]["max_steps"] = "lots"
+
+
+def _out_of_range(d, raw):
+    raw["pretrain"]["optimizer"]["lr"] = -1
+
+
+def _missing_data_path(d, raw):
+    raw["data"]["unlabeled"]["path"] = str(d / "nowhere")
+
+
+def _empty_directory(d, raw):
+    (d / "empty").mkdir()
+    raw["data"]["unlabeled"]["path"] = str(d / "empty")
+
+
+def _corrupt_parquet(d, raw):
+    (d / "bad").mkdir()
+    (d / "bad" / "part-0.parquet").write_bytes(b"PAR1 this is not parquet")
+    raw["data"]["unlabeled"]["path"] = str(d / "bad")
+
+
+def _missing_column(d, raw):
+    raw["data"]["unlabeled"]["path"] = _shard(d / "u", body=TEXTS)
+
+
+def _labels_out_of_range(d, raw):
+    path = _shard(d / "l", text=TEXTS[:8], label=[0, 1, 2, 5, 0, 1, 0, 1])
+    raw["data"]["labeled"] = {"train": {"path": path}, "validation": {"path": path}}
+
+
+def _labels_not_integers(d, raw):
+    path = _shard(d / "l", text=TEXTS[:4], label=[0.0, 1.0, 0.5, 1.0])
+    raw["data"]["labeled"]["train"]["path"] = path
+
+
+def _nulls_in_text(d, raw):
+    raw["data"]["unlabeled"]["path"] = _shard(d / "u", text=[*TEXTS[:7], None])
+
+
+def _missing_checkpoint(d, raw):
+    _finetune_only(raw, init=str(d / "no-such-checkpoint"))
+
+
+def _incompatible_checkpoint(d, raw):
+    _finetune_only(raw, init=_checkpoint(d / "ckpt", dim=16))  # the model section says 32
+
+
+def _tokenizer_mismatch(d, raw):
+    _finetune_only(raw, init=_checkpoint(d / "ckpt"))
+    del raw["model"]
+    other = train_tokenizer(["entirely other words here"] * 20, kind="byte", vocab_size=300)
+    (d / "tok.json").write_text(other.to_str())
+    raw["tokenizer"] = {"path": str(d / "tok.json")}
+
+
+def _pickled_weights(d, raw):
+    ckpt = _checkpoint(d / "ckpt")
+    del raw["model"]
+    # A payload that would run code if unpickled, planted as the weights file.
+    torch.save({"w": _Exploit()}, Path(ckpt) / "model.safetensors", pickle_module=pickle)
+    _finetune_only(raw, init=ckpt)
+
+
+def _init_pretrain_without_stage(d, raw):
+    del raw["pretrain"]
+
+
+def _unknown_distribution(d, raw):
+    raw["finetune"]["sweep"]["space"] = {"lr": {"normal": [0.001, 0.1]}}
+
+
+def _more_gpus_than_exist(d, raw):
+    raw["pretrain"]["scaling"] = {"num_workers": 2, "use_gpu": True}
+
+
+def _more_cpus_than_exist(d, raw):
+    raw["finetune"]["scaling"] = {"num_workers": 4, "cpus_per_worker": 64}
+
+
+def _storage_not_writable(d, raw):
+    (d / "a-file").write_text("")
+    raw["storage"] = str(d / "a-file" / "runs")
+
+
+def _unreachable_tracking(d, raw):
+    from servers import free_port
+
+    raw["tracking"] = {"uri": f"http://127.0.0.1:{free_port()}"}
+
+
+CASES = {
+    "malformed_yaml": (_malformed_yaml, ["p.yaml", "invalid YAML at line 3"]),
+    "unknown_key": (_unknown_key, ["pretrain.max_stesp", "max_steps"]),
+    "wrong_type": (_wrong_type, ["pretrain.max_steps", "integer"]),
+    "out_of_range": (_out_of_range, ["pretrain.optimizer.lr", "greater than 0", "-1"]),
+    "missing_data_path": (_missing_data_path, ["data.unlabeled.path", "does not exist"]),
+    "empty_directory": (_empty_directory, ["data.unlabeled.path", "holds no .parquet files"]),
+    "corrupt_parquet": (_corrupt_parquet, ["bad/part-0.parquet", "not a readable Parquet"]),
+    "missing_column": (_missing_column, ["['text'] not in", "columns present: ['body']"]),
+    "labels_out_of_range": (_labels_out_of_range, ["labels range over [0, 5]", "num_classes"]),
+    "labels_not_integers": (_labels_not_integers, ["label_column", "double", "integer"]),
+    "nulls_in_text": (_nulls_in_text, ["column 'text' has 1 null value", "drop or fill"]),
+    "missing_checkpoint": (_missing_checkpoint, ["no-such-checkpoint", "does not exist; point"]),
+    "incompatible_checkpoint": (_incompatible_checkpoint, ["dim 32 vs 16", "remove those"]),
+    "tokenizer_mismatch": (_tokenizer_mismatch, ["tokenizer.path", "remove tokenizer.path"]),
+    "pickled_weights": (_pickled_weights, ["not a safetensors file", "never unpickles"]),
+    "init_pretrain_without_stage": (_init_pretrain_without_stage, ["finetune.init", "pretrain"]),
+    "unknown_distribution": (_unknown_distribution, ["finetune.sweep.space.lr", "normal"]),
+    "more_gpus_than_exist": (_more_gpus_than_exist, ["need 2 GPU", "use_gpu: false"]),
+    "more_cpus_than_exist": (_more_cpus_than_exist, ["need 256 CPU", "num_workers"]),
+    "storage_not_writable": (_storage_not_writable, ["storage:", "not writable"]),
+    "unreachable_tracking": (_unreachable_tracking, ["is unreachable", "tracking.uri"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_one_line_and_no_ray(case, tmp_path, quickstart_data, monkeypatch, capsys):
+    breaker, expected = CASES[case]
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    path = tmp_path / "p.yaml"
+    breaker(tmp_path, raw)
+    if not path.exists():
+        path.write_text(yaml.safe_dump(raw))
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a problem visible up front")
+
+    monkeypatch.setattr(pipeline, "_init_ray", no_ray)
+    code = cli.main(["run", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_USER_ERROR, err
+    assert len(err.splitlines()) == 1 and err.startswith("raypipe: error: "), err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+    assert "Traceback" not in err
+
+
+def test_there_are_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+@pytest.fixture(scope="module")
+def broken_images(media_data, tmp_path_factory) -> dict[str, str]:
+    """The shapes data with 5 of its training images replaced by bytes that do not decode."""
+    root = tmp_path_factory.mktemp("broken")
+    table = pq.read_table(media_data["shapes_train"])
+    images = table.column("image").to_pylist()
+    for i in (3, 17, 40, 41, 99):
+        images[i] = b"\x89PNG but cut short"
+    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images))
+    pq.write_table(table, root / "part-0.parquet")
+    return {"train": str(root), "validation": media_data["shapes_val"], "rows": table.num_rows}
+
+
+def _image_pipeline(broken, storage: Path, **data) -> dict:
+    return {
+        "name": "img",
+        "storage": str(storage),
+        "data": {
+            "labeled": {"train": {"path": broken["train"]}, "validation": {"path": broken["validation"]}},
+            **data,
+        },
+        "model": {"type": "cnn", "dim": 16, "layers": 1, "image_size": 16},
+        "finetune": {
+            "init": "scratch", "num_classes": 4, "epochs": 1, "batch_size": 16,
+            "input": "image", "sweep": {"num_samples": 1},
+        },
+    }  # fmt: skip
+
+
+def test_undecodable_images_fail_naming_the_column(ray_session, broken_images, tmp_path):
+    with pytest.raises(
+        UserError, match="image column 'image' holds bytes Pillow cannot decode"
+    ) as e:
+        pipeline.run_pipeline(parse_config(_image_pipeline(broken_images, tmp_path)))
+    assert "\n" not in str(e.value) and "data.bad_images: skip" in str(e.value)
+
+
+def test_undecodable_images_are_skipped_and_counted(ray_session, broken_images, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    raw = _image_pipeline(broken_images, tmp_path, bad_images="skip")
+    summary = pipeline.run_pipeline(parse_config(raw))
+    client = MlflowClient(summary.tracking_uri)
+    (stage,) = client.search_runs(
+        [client.get_run(summary.run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{summary.run_id}'",
+    )
+    assert stage.data.metrics["data/skipped_images"] == 5
+    assert summary.arms["scratch"]["best_checkpoint"]

@@ -1,0 +1,67 @@
+"""Tracking outages against a real `mlflow server`: fail fast at start, buffer mid-run."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+from servers import free_port, mlflow_server
+
+from raypipe import tracking
+from raypipe.errors import UserError
+
+
+def test_unreachable_server_at_start_names_the_uri():
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"MLflow tracking server '{uri}' is unreachable"):
+        tracking.open_experiment(uri, "x", artifact_root=None)
+
+
+def test_credentials_in_a_uri_are_never_shown(monkeypatch):
+    uri = "https://alice:s3cret-token@mlflow.example.com:5000/path"
+    assert tracking.redact(uri) == "https://***@mlflow.example.com:5000/path"
+    assert tracking.redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-123456")
+    assert tracking.redact("Bearer tok-123456 s3://AKIA:key@b/x") == "Bearer *** s3://***@b/x"
+    with pytest.raises(UserError) as err:
+        tracking.check_reachable("http://alice:s3cret-token@127.0.0.1:1")
+    assert "s3cret-token" not in str(err.value) and "http://***@127.0.0.1:1" in str(err.value)
+
+
+def test_params_tags_and_texts_are_scrubbed_in_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-secret")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.open_experiment(uri, "scrub", artifact_root=str(tmp_path / "art"))
+    leaky = "s3://AKIAEXAMPLE:wJalrXUtnFEMI-secret@bucket/runs"
+    run = tracking.start_run(
+        tracking_uri=uri, experiment_id=experiment, name="r", kind="stage", tags={"where": leaky}
+    )
+    tracking.RunLogger(run).log_params({"storage": leaky, "nested": {"key": leaky}})
+    tracking.RunLogger(run).set_tags({"checkpoint": leaky})
+    tracking.log_text(run, f"storage: {leaky}\n", "config/pipeline.yaml")
+    stored = MlflowClient(uri).get_run(run.run_id).data
+    text = (tmp_path / "art" / "scrub").rglob("pipeline.yaml")
+    values = [*stored.params.values(), *stored.tags.values(), *(p.read_text() for p in text)]
+    assert sum("s3://***@bucket/runs" in v for v in values) == 5
+    assert not [v for v in values if "wJalrXUtnFEMI" in v or "AKIAEXAMPLE" in v]
+
+
+def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail each request at once
+    port = free_port()
+    with mlflow_server(tmp_path, port) as server:
+        experiment = tracking.open_experiment(server.url, "outage", artifact_root=None)
+        run = tracking.start_run(
+            tracking_uri=server.url, experiment_id=experiment, name="r", kind="stage"
+        )
+        logger = tracking.BufferedLogger(run)
+        logger.retry_s = 0.5
+        logger.log_metrics({"loss": 1.0}, 1)
+        assert logger.flush(timeout=60)
+    # The server is gone: logging neither raises nor waits, and nothing is dropped.
+    logger.log_metrics({"loss": 0.5}, 2)
+    logger.log_metrics({"loss": 0.25}, 3)
+    assert not logger.flush(timeout=2)
+    with mlflow_server(tmp_path, port) as server:  # back, same store
+        logger.close(timeout=60)
+        history = MlflowClient(server.url).get_metric_history(run.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.25)]
