@@ -102,6 +102,7 @@ def _quiet_driver() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray.data", "ray.tune", "ray.train", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case mlflow is imported already
 
 
 def _error(message: str) -> int:

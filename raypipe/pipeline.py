@@ -141,6 +141,33 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
     return out
 
 
+def _init_checkpoint(cfg: PipelineConfig) -> str | None:
+    """The checkpoint directory a fine-tune-only pipeline starts from, if any."""
+    f = cfg.finetune
+    if cfg.pretrain is None and f is not None and f.init not in ("pretrain", "scratch"):
+        return f.init
+    return None
+
+
+def _check_init_tokenizer(cfg: PipelineConfig) -> None:
+    """A given tokenizer must be the one the init checkpoint was trained with."""
+    from raypipe.data.text import load_tokenizer
+    from raypipe.engine.checkpoint import TOKENIZER_FILE, has_file, read_tokenizer
+
+    init = _init_checkpoint(cfg)
+    if not (cfg.tokenizer.path and init and has_file(init, TOKENIZER_FILE)):
+        return
+    given = load_tokenizer(storage.read_text(cfg.tokenizer.path))
+    theirs = load_tokenizer(read_tokenizer(init))
+    if given.get_vocab() != theirs.get_vocab():
+        raise UserError(
+            f"tokenizer.path: '{cfg.tokenizer.path}' is not the tokenizer checkpoint '{init}' "
+            f"was trained with (vocabularies of {given.get_vocab_size()} and "
+            f"{theirs.get_vocab_size()} tokens differ); remove tokenizer.path to use the "
+            "checkpoint's own"
+        )
+
+
 def prepare_offline(cfg: PipelineConfig) -> None:
     """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
     plan = make_plan(cfg)
@@ -148,11 +175,15 @@ def prepare_offline(cfg: PipelineConfig) -> None:
         _data_files(cfg, plan)
 
 
-def prepare(cfg: PipelineConfig) -> Inputs:
-    """All the checks that need no cluster; raises UserError naming the cause and the fix."""
+def prepare(cfg: PipelineConfig, *, address: str | None = None) -> Inputs:
+    """All the checks that need no cluster; raises UserError naming the cause and the fix.
+    Nothing is written before the last of them but the storage probe."""
     plan = make_plan(cfg)
     _generate_if_missing(cfg)
     files = _data_files(cfg, plan)
+    _check_init_tokenizer(cfg)
+    if not address:
+        _check_resources(cfg, _local_resources(cfg), "this machine")
     where = _check_storage(cfg.storage)
     default_store = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
     if default_store and storage.is_remote(where):
@@ -240,18 +271,25 @@ def _local_resources(cfg: PipelineConfig) -> dict[str, float]:
     return have
 
 
-def _cluster_resources() -> dict[str, float]:
-    """The most the connected cluster can grow to: its autoscaler's node types when it has
-    one, else what it has now."""
+def _cluster_resources() -> dict[str, float] | None:
+    """The most the connected cluster can grow to: from its autoscaler's node types when the
+    autoscaler publishes them (autoscaler v2, KubeRay), what it has now when no autoscaler
+    runs, and None (unknown) under an autoscaler that does not say."""
     import ray
 
-    try:
+    try:  # internal APIs: if they move, no check rather than a wrong one
+        from ray._private import ray_constants
         from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
 
         most = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - internal API: without it, judge by what is there
-        most = None
-    return {k: float(v) for k, v in (most or ray.cluster_resources()).items()}
+        if most:
+            return {k: float(v) for k, v in most.items()}
+        if _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None:
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def _init_ray(address: str | None, *, verbose: bool) -> bool:
@@ -300,22 +338,10 @@ def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str | None:
 
     if not inputs.plan.needs_tokenizer():
         return None
-    from_checkpoint = (
-        cfg.pretrain is None and cfg.finetune and cfg.finetune.init not in ("pretrain", "scratch")
-    )
+    from_checkpoint = _init_checkpoint(cfg) is not None
     if cfg.tokenizer.path:
         text = storage.read_text(cfg.tokenizer.path)
         check_tokenizer(load_tokenizer(text))
-        if from_checkpoint and has_file(cfg.finetune.init, TOKENIZER_FILE):
-            theirs = read_tokenizer(cfg.finetune.init)
-            if load_tokenizer(theirs).get_vocab() != load_tokenizer(text).get_vocab():
-                raise UserError(
-                    f"tokenizer.path: '{cfg.tokenizer.path}' is not the tokenizer checkpoint "
-                    f"'{cfg.finetune.init}' was trained with (vocabularies of "
-                    f"{load_tokenizer(text).get_vocab_size()} and "
-                    f"{load_tokenizer(theirs).get_vocab_size()} tokens differ); remove "
-                    "tokenizer.path to use the checkpoint's own"
-                )
         return text
     if from_checkpoint:
         if not has_file(cfg.finetune.init, TOKENIZER_FILE):
@@ -673,9 +699,7 @@ def run_pipeline(
     cfg: PipelineConfig, *, address: str | None = None, verbose: bool = False
 ) -> Summary:
     started = time.perf_counter()
-    inputs = prepare(cfg)
-    if not address:
-        _check_resources(cfg, _local_resources(cfg), "this machine")
+    inputs = prepare(cfg, address=address)
     parent = _pipeline_run(cfg, inputs)
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
@@ -685,8 +709,9 @@ def run_pipeline(
         nonlocal started_ray
         if _init_ray(address, verbose=verbose):
             started_ray = True
-            if address:
-                _check_resources(cfg, _cluster_resources(), f"the Ray cluster at {address}")
+            most = _cluster_resources() if address else None
+            if most is not None:
+                _check_resources(cfg, most, f"the Ray cluster at {address}")
 
     try:
         tracking.log_text(parent, to_yaml(cfg), "config/pipeline.yaml")
@@ -718,12 +743,12 @@ def run_pipeline(
         tracking.end_run(parent)
     except BaseException as e:
         tracking.end_run(parent, "FAILED")
-        if isinstance(e, Exception) and not isinstance(e, UserError):
+        if isinstance(e, Exception):
             from raypipe.stages.common import find_user_error
 
             # A user's mistake found inside a Ray task or worker arrives wrapped by Ray.
             user = find_user_error(e)
-            if user is not None:
+            if user is not None and user is not e:
                 raise user from None
         raise
     finally:

@@ -215,7 +215,7 @@ def fake_autoscaling_config(gcs_address: str, *, idle_timeout_minutes: float) ->
 def autoscaling_cluster(root: Path, *, idle_timeout_minutes: float = 0.25) -> Iterator[Cluster]:
     """A head with no CPUs (nothing can train on it) and an autoscaler that adds 2-CPU worker
     nodes on demand and removes them when idle."""
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     tag = f"ray-{os.getpid()}"
     gcs = f"127.0.0.1:{port}"
     config = root / "autoscaling.json"
@@ -229,6 +229,9 @@ def autoscaling_cluster(root: Path, *, idle_timeout_minutes: float = 0.25) -> It
     cmd = [
         str(BIN / "ray"), "start", "--head", "--num-cpus", "0", "--node-ip-address", "127.0.0.1",
         "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+        # Not the default agent port: another Ray on this machine (the tests' own) may hold it,
+        # and the head's job agent would come up without its HTTP server.
+        "--dashboard-agent-listen-port", str(agent),
         "--autoscaling-config", str(config), "--disable-usage-stats",
     ]  # fmt: skip
     try:
