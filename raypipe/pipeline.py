@@ -338,18 +338,18 @@ def _tokenizer_json(cfg: PipelineConfig, inputs: Inputs) -> str | None:
 
     if not inputs.plan.needs_tokenizer():
         return None
-    from_checkpoint = _init_checkpoint(cfg) is not None
-    if cfg.tokenizer.path:
+    if cfg.tokenizer.path:  # prepare() checked it against the init checkpoint's
         text = storage.read_text(cfg.tokenizer.path)
         check_tokenizer(load_tokenizer(text))
         return text
-    if from_checkpoint:
-        if not has_file(cfg.finetune.init, TOKENIZER_FILE):
+    init = _init_checkpoint(cfg)
+    if init is not None:
+        if not has_file(init, TOKENIZER_FILE):
             raise UserError(
-                f"finetune.init: checkpoint '{cfg.finetune.init}' has no tokenizer (it was "
-                "pretrained on images); fine-tune it on images, or give tokenizer.path"
+                f"finetune.init: checkpoint '{init}' has no tokenizer (it was pretrained on "
+                "images); fine-tune it on images, or give tokenizer.path"
             )
-        return read_tokenizer(cfg.finetune.init)
+        return read_tokenizer(init)
     split, columns = inputs.plan.tokenizer_columns(cfg)
     files = inputs.unlabeled if split == "unlabeled" else inputs.train
     texts: list[str] = []
