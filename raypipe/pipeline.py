@@ -483,7 +483,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
                 seed=cfg.seed,
                 fingerprint=fp,
                 preprocess=cfg.data.preprocess,
-                skip_bad_images=cfg.data.bad_images == "skip",
+                skip_undecodable=cfg.data.bad_images == "skip",
             )
             out = {
                 "checkpoint": result.checkpoint,

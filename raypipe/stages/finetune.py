@@ -376,11 +376,16 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
 def _trial_run(static: dict[str, Any], trial_id: str, name: str, hp: dict) -> tracking.RunRef:
     """The trial's MLflow run: reopened when PBT restarts the trial, else created."""
     parent = static["parent"]
-    for run in tracking.child_runs(parent):
-        if run.data.tags.get("raypipe.trial_id") == trial_id:
-            ref = tracking.RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)
-            tracking.RunLogger(ref).set_tags({"raypipe.settings_now": hp})
-            return ref
+    found = tracking.find_run(
+        tracking_uri=parent.tracking_uri,
+        experiment_id=parent.experiment_id,
+        kind="trial",
+        tags={"raypipe.trial_id": trial_id},
+        parent=parent,
+    )
+    if found is not None:
+        tracking.RunLogger(found[0]).set_tags({"raypipe.settings_now": hp})
+        return found[0]
     run = tracking.start_run(
         tracking_uri=parent.tracking_uri,
         experiment_id=parent.experiment_id,

@@ -410,9 +410,9 @@ def run_pretrain(
     seed: int,
     fingerprint: str,
     preprocess: PreprocessConfig | None = None,
-    skip_bad_images: bool = False,
+    skip_undecodable: bool = False,
 ) -> PretrainOutput:
-    tally = Tally.remote() if skip_bad_images else None
+    tally = Tally.remote() if skip_undecodable else None
     dataset = build_dataset(
         files,
         kind=data_kind,
