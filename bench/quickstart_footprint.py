@@ -19,21 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+from procs import descendants
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
 
 
 def _pss_kib(pid: int) -> int:
@@ -48,14 +36,8 @@ def _pss_kib(pid: int) -> int:
 
 
 def tree_pss_bytes(root: int) -> tuple[int, int]:
-    tree = _children()
-    stack, total, count = [root], 0, 0
-    while stack:
-        pid = stack.pop()
-        total += _pss_kib(pid)
-        count += 1
-        stack.extend(tree.get(pid, []))
-    return total * 1024, count
+    pids = descendants(root)
+    return sum(_pss_kib(pid) for pid in pids) * 1024, len(pids)
 
 
 def main() -> int:

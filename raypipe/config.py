@@ -191,6 +191,11 @@ class PretrainConfig(Strict):
         "stays), or skip that batch's update and count it.",
     )
     prefetch_batches: PositiveInt = Field(2, description="Batches Ray Data prepares ahead.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the objective's forward (worth it on GPU for large models; "
+        "the first steps then wait for compilation).",
+    )
     shuffle_buffer: Annotated[int, Field(ge=0)] = Field(
         0, description="Rows in each worker's local shuffle buffer; 0: stream order."
     )

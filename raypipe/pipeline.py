@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe import storage, tracking
+from raypipe import storage, timing, tracking
 from raypipe.config import PipelineConfig, to_yaml
 from raypipe.data import files as datafiles
 from raypipe.errors import UserError
@@ -36,6 +36,18 @@ RUN_ONLY_PRETRAIN = {
     "log_every",
     "prefetch_batches",
     "num_checkpoints_to_keep",
+    "compile",
+}
+
+
+#: Background work of an embedded local Ray, slowed where nothing depends on its pace: on a
+#: small machine it competes with the trainer for CPU (bench/pretrain_speed.py measures it).
+#: Task events (the State API, which Tune's clean-up of stopped trials needs) and log
+#: forwarding (progress lines) keep Ray's defaults. Set any of these to override.
+LOCAL_RAY_ENV = {
+    "REPORTER_UPDATE_INTERVAL_MS": "30000",  # dashboard agent's node stats sweep (5 s)
+    "RAY_metrics_report_interval_ms": "30000",  # every process's metrics export (10 s)
+    "RAY_health_check_period_ms": "10000",  # GCS -> raylet health checks, one node (3 s)
 }
 
 
@@ -300,6 +312,9 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
         return False
     if address:
         _check_reachable(address)
+    else:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         ray.init(
             # "local": always a new embedded Ray; a bare ray.init() would join whatever cluster
@@ -703,11 +718,13 @@ def run_pipeline(
     parent = _pipeline_run(cfg, inputs)
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
+    timing.mark("checks")
 
     def need_ray() -> None:
         # Ray starts only when a stage has work to do: a fully reused pipeline never waits for it.
         nonlocal started_ray
         if _init_ray(address, verbose=verbose):
+            timing.mark("ray")
             started_ray = True
             most = _cluster_resources() if address else None
             if most is not None:
@@ -752,6 +769,7 @@ def run_pipeline(
                 raise user from None
         raise
     finally:
+        timing.MARKS.clear()  # a later run in this process starts its own count
         if started_ray:
             import ray
 

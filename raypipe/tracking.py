@@ -141,15 +141,18 @@ class RunLogger:
 
 
 class BufferedLogger(RunLogger):
-    """A training loop's metrics, sent by a background thread: a slow or unreachable tracking
-    server never stalls training. A batch that cannot be sent stays queued and is retried
-    (MLflow's client also retries each request with backoff) until `close`."""
+    """A training loop's metrics and params, sent by a background thread: a slow or unreachable
+    tracking server never stalls training, and neither does the MLflow import and client set-up
+    (done in that thread, while the first steps run). A batch that cannot be sent stays queued
+    and is retried (MLflow's client also retries each request with backoff) until `close`."""
 
     retry_s = 5.0
 
     def __init__(self, ref: RunRef):
-        super().__init__(ref)
-        self._pending: list = []
+        self.ref = ref
+        self._client = None  # made by the sender thread
+        self._pending: list[tuple[str, float, int, int]] = []  # (key, value, ms, step)
+        self._params: list[dict[str, Any]] = []
         self._cv = threading.Condition()
         self._closed = False
         self._failing = False
@@ -157,23 +160,40 @@ class BufferedLogger(RunLogger):
         self._thread.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         with self._cv:
-            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self._pending.extend((k, float(v), now, step) for k, v in metrics.items())
             self._cv.notify()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        with self._cv:
+            self._params.append(params)
+            self._cv.notify()
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        raise NotImplementedError("a training worker logs metrics and params only")
+
+    def _send_some(self, params: list[dict[str, Any]], batch: list[tuple]) -> None:
+        from mlflow.entities import Metric
+
+        if self._client is None:
+            self._client = _client(self.ref.tracking_uri)
+        for p in params:
+            RunLogger.log_params(self, p)
+        if batch:
+            metrics = [Metric(*m) for m in batch]
+            self._client.log_batch(self.ref.run_id, metrics=metrics, synchronous=True)
 
     def _send(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._closed:
+                while not (self._pending or self._params) and not self._closed:
                     self._cv.wait()
-                if not self._pending:
+                if not (self._pending or self._params):
                     return
-                batch = self._pending[:1000]  # MLflow's per-request limit
+                params, batch = list(self._params), self._pending[:1000]  # MLflow's limit
             try:
-                self._client.log_batch(self.ref.run_id, metrics=batch, synchronous=True)
+                self._send_some(params, batch)
             except Exception as e:  # noqa: BLE001 - any failure: keep the batch, try again
                 if not self._failing:
                     self._failing = True
@@ -186,6 +206,7 @@ class BufferedLogger(RunLogger):
                     self._cv.wait(self.retry_s)
                 continue
             with self._cv:
+                del self._params[: len(params)]
                 del self._pending[: len(batch)]
                 self._cv.notify_all()
             if self._failing:
@@ -196,9 +217,9 @@ class BufferedLogger(RunLogger):
         """Wait up to `timeout` seconds for the queue to empty; True if it did."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._pending and (left := deadline - time.monotonic()) > 0:
+            while (self._pending or self._params) and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(min(left, 1.0))
-            return not self._pending
+            return not (self._pending or self._params)
 
     def close(self, timeout: float = 300.0) -> None:
         """Send what is queued, waiting up to `timeout` seconds for an unreachable server."""

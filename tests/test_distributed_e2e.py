@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raypipe.config import parse_config
@@ -107,3 +108,64 @@ def test_max_rows_limits_what_a_stage_reads(ray_session, media_data):
     batches = list(stream.iter_batches(batch_size=None))
     assert sum(len(b["view1"]) for b in batches) == 24
     assert batches[0]["view1"].shape[1:] == (3, 8, 8)
+
+
+def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data):
+    from raypipe.config import PretrainConfig, Source
+    from raypipe.stages.pretrain import MAX_PASSES, build_dataset, passes_per_epoch
+
+    files = [str(p) for p in sorted(Path(media_data["shapes_train"]).glob("*.parquet"))]
+    source = Source(path="x", max_rows=24)
+
+    def passes(max_steps, batch_size, world=1):
+        cfg = PretrainConfig(max_steps=max_steps, batch_size=batch_size)
+        return passes_per_epoch(
+            files, kind="images", source=source, cfg=cfg, block_size=0, world=world
+        )
+
+    # 24 rows (max_rows): the run needs max_steps x batch_size x workers of them
+    assert passes(3, 8) == 1
+    assert passes(4, 8) == 2
+    assert passes(10, 8, world=2) == 7
+    assert passes(10**6, 8) == MAX_PASSES
+    model_config = {"image_size": 8, "channels": 3}
+    options = ray_session.data.DataContext.get_current().execution_options
+    options.preserve_order = True  # as the trainer streams it (see run_pretrain)
+    try:
+        stream = build_dataset(files, kind="images", source=source, tokenizer_json=None,
+                               seq_len=8, text_extra=0, model_config=model_config,
+                               passes=3)  # fmt: skip
+        images = np.concatenate([b["image"] for b in stream.iter_batches(batch_size=None)])
+        once = build_dataset(files, kind="images", source=source, tokenizer_json=None,
+                             seq_len=8, text_extra=0, model_config=model_config)  # fmt: skip
+        first = np.concatenate([b["image"] for b in once.iter_batches(batch_size=None)])
+    finally:
+        options.preserve_order = False
+    assert len(images) == 3 * 24  # max_rows applies to each pass
+    rows = {r.tobytes() for r in first}
+    assert {r.tobytes() for r in images} == rows  # the same rows, each three times
+    assert sorted(r.tobytes() for r in images) == sorted(3 * [r.tobytes() for r in first])
+
+
+def test_text_passes_are_estimated_low_from_the_footers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypipe.config import PretrainConfig, Source
+    from raypipe.data.files import footprint
+    from raypipe.stages.pretrain import MAX_BYTES_PER_TOKEN, passes_per_epoch
+
+    # Unique texts (a repeated one is dictionary-encoded, smaller: more passes, never fewer).
+    texts = [f"{i:05d} " + "x" * 93 + " " for i in range(1000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet", compression="none")
+    files = [str(tmp_path / "a.parquet")]
+    # ~100,000 bytes of text (plus 4 per value for its length) and at most MAX_BYTES_PER_TOKEN
+    # per token: >= ~200 blocks of 64; 50 steps x 8 blocks = 400 blocks need 2 passes.
+    rows, size = footprint(files, "text")
+    assert rows == 1000 and 100_000 <= size <= 110_000
+    blocks = size / (MAX_BYTES_PER_TOKEN * 64)
+    cfg = PretrainConfig(max_steps=50, batch_size=8)
+    got = passes_per_epoch(
+        files, kind="text_blocks", source=Source(path="x"), cfg=cfg, block_size=64, world=1
+    )
+    assert got == int(np.ceil(400 / blocks)) == 2

@@ -111,6 +111,33 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     assert not (stage / "stage.json").exists()  # the stage is not complete
 
 
+def test_a_gans_nonfinite_loss_is_found_at_the_next_read_and_stops_before_any_write(
+    ray_session, quickstart_data, media_data, tmp_path, faults
+):
+    # A GAN steps its own optimizers, so a NaN can only stop the run. The flag stays on the
+    # device until the loop next reads it (log or checkpoint step): here step 4, for a NaN at 3.
+    from test_pipelines import ROOT, overrides
+
+    from raypipe.config import load_config
+
+    faults("nan:pretrain:rank=0:at=3")
+    cfg = load_config(
+        ROOT / "pipelines" / "gan.yaml",
+        [f"storage={tmp_path}", *overrides("gan.yaml", quickstart_data, media_data),
+         "finetune=null", "pretrain.max_steps=8", "pretrain.log_every=4",
+         "pretrain.checkpoint_every=2"],
+    )  # fmt: skip
+    with pytest.raises(UserError) as err:
+        run_pipeline(cfg)
+    message = str(err.value)
+    assert (
+        "the loss became non-finite at step 3 (found when the step count was next read" in message
+    )
+    assert "step-00000002" in message
+    (stage,) = tmp_path.glob("*/pretrain-*")
+    assert sorted(p.name for p in (stage / "train").glob("step-*")) == ["step-00000002"]
+
+
 def test_crashing_trials_are_retried_then_recorded_failed(
     ray_session, quickstart_data, tmp_path, faults
 ):

@@ -172,6 +172,39 @@ def test_nonfinite_step_stops_or_is_skipped_leaving_weights_untouched(grad_clip)
     assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
 
 
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+def test_nonfinite_step_is_skipped_on_the_device_without_a_host_check(grad_clip):
+    # check_now=False is what CUDA runs: no host sync, the fused AdamW kernel skips the update
+    # (found_inf), and the step is reported as a tensor for the caller to read when it logs.
+    module = _PoisonOn()
+    opt = build_optimizer(module.parameters(), lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"]
+    sched = warmup_cosine(opt, warmup_steps=0, total_steps=10)
+    good = {"input_ids": torch.randint(0, 50, (4, 9))}
+    bad = {**good, "poison": True}
+    _, stats = train_step(
+        module, opt, sched, [good], grad_clip=grad_clip, device=CPU, check_now=False
+    )
+    assert stats["skipped_steps"].item() == 0
+    before = [p.detach().clone() for p in module.parameters()]
+    moments = {k: v.clone() for k, v in opt.state[next(module.parameters())].items()}
+
+    _, stats = train_step(
+        module, opt, sched, [bad], grad_clip=grad_clip, device=CPU, check_now=False
+    )
+    assert stats["skipped_steps"].item() == 1  # "stop" too: the caller stops when it reads this
+    for p, q in zip(module.parameters(), before, strict=True):
+        assert torch.equal(p, q)  # no update, no weight decay
+    for k, v in opt.state[next(module.parameters())].items():
+        assert torch.equal(v, moments[k]), k  # moments and step count untouched
+    assert opt.found_inf is None  # nothing left behind for a later step()
+    _, stats = train_step(
+        module, opt, sched, [good], grad_clip=grad_clip, device=CPU, check_now=False
+    )
+    assert stats["skipped_steps"].item() == 0
+    assert all(not torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
+
+
 def test_gradient_accumulation_equals_one_big_batch():
     batch = torch.randint(0, 50, (8, 11))
     params = []

@@ -239,6 +239,20 @@ def test_cli_runs_the_quickstart_at_smoke_size(ray_session, tmp_path):
     assert (tmp_path / "data" / "quickstart" / "unlabeled").is_dir()  # generated on first run
     assert (tmp_path / "raypipe-runs" / "mlflow.db").is_file()
     assert "Traceback" not in proc.stderr
+    # The cold start, process start -> first step, printed once and logged on the stage's run.
+    (line,) = [x for x in out.splitlines() if "after process start" in x]
+    spans = ("imports", "checks", "ray", "setup", "dataset", "workers", "model", "first batch")
+    assert all(f"{name} " in line for name in spans), line
+    client = _client(f"sqlite:///{tmp_path / 'raypipe-runs' / 'mlflow.db'}")
+    (pre,) = client.search_runs(
+        [client.get_experiment_by_name("quickstart").experiment_id],
+        "tags.`raypipe.stage` = 'pretrain'",
+    )
+    startup = {k: v for k, v in pre.data.metrics.items() if k.startswith("startup/")}
+    total = startup.pop("startup/total_s")
+    assert len(startup) == 9 and all(v >= 0 for v in startup.values())
+    assert total == pytest.approx(sum(startup.values())) and total > startup["startup/imports_s"]
+    assert f"first step {total:.1f} s" in line
 
     # The same command again reuses both stages and never needs Ray: pointing it at an address
     # where nothing listens proves no connection is attempted.

@@ -74,6 +74,21 @@ def manifest_digest(files: list[str]) -> str:
     return h.hexdigest()
 
 
+def footprint(files: list[str], column: str) -> tuple[int, int]:
+    """(rows, uncompressed bytes of `column`) over the shards, from their Parquet footers."""
+    rows, size = 0, 0
+    for f in files:
+        fs, path = storage.resolve(f)
+        meta = pq.read_metadata(path, filesystem=fs)
+        idx = meta.schema.to_arrow_schema().get_field_index(column)
+        rows += meta.num_rows
+        size += sum(
+            meta.row_group(rg).column(idx).total_uncompressed_size
+            for rg in range(meta.num_row_groups)
+        )
+    return rows, size
+
+
 def read_column_sample(files: list[str], column: str, max_rows: int) -> list[str]:
     """Up to `max_rows` values of a text column, read shard by shard (for tokenizer training)."""
     out: list[str] = []

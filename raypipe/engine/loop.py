@@ -24,9 +24,10 @@ from raypipe.errors import UserError
 class NonFiniteLoss(UserError):
     """The loss or the gradient norm of a step is NaN or Inf."""
 
-    def __init__(self, loss: float, grad_norm: float):
-        super().__init__(f"loss {loss:.4g}, gradient norm {grad_norm:.4g}")
-        self.loss, self.grad_norm = loss, grad_norm
+    def __init__(self, loss: float, grad_norm: float, step: int | None = None):
+        where = f"first at step {step}: " if step is not None else ""
+        super().__init__(f"{where}loss {loss:.4g}, gradient norm {grad_norm:.4g}")
+        self.loss, self.grad_norm, self.step = loss, grad_norm, step
 
 
 def train_step(
@@ -39,13 +40,22 @@ def train_step(
     device: torch.device,
     precision: str = "auto",
     on_nonfinite: str = "stop",
+    check_now: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     `module(batch)` returns (mean loss, stats). DDP all-reduces gradients only on the last
     micro-batch (`no_sync` for the others). Returns the mean loss and the summed stats as
-    tensors. A non-finite loss or gradient norm raises NonFiniteLoss before the optimizer
-    steps (`on_nonfinite="stop"`), or skips the update and counts it in stats["skipped_steps"].
+    tensors; nothing here waits for the device, except as below.
+
+    A non-finite loss or gradient norm never reaches the weights:
+    - `check_now` (the default off CUDA, where reading a tensor costs nothing): tested on the
+      host before the optimizer steps; raises NonFiniteLoss (`on_nonfinite="stop"`) or skips
+      the update and sets stats["skipped_steps"] to 1.
+    - otherwise (the default on CUDA, with a fused optimizer): no host sync. The fused AdamW
+      kernel skips the update on the device (its `found_inf` input, as under a GradScaler) and
+      stats["skipped_steps"] holds 0 or 1; the caller reads it when it logs anyway, and stops
+      there if it must (see `NonFiniteLoss`'s `step`).
     """
     optimizer.zero_grad(set_to_none=True)
     num_micro = len(micro_batches)
@@ -72,13 +82,20 @@ def train_step(
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         norm = local_value(torch.nn.utils.get_total_norm(grads)) if grads else total_loss * 0
     mean_loss = total_loss / num_micro
-    # One host sync per step, so a NaN/Inf never reaches the weights. The gradient norm is the
-    # same on every rank (DDP all-reduces gradients; FSDP's norm is global), so all ranks take
-    # the same branch; the loss is per rank and joins the test only without a process group.
+    # The gradient norm is the same on every rank (DDP all-reduces gradients; FSDP's norm is
+    # global), so all ranks take the same branch; the loss is per rank and joins the test only
+    # without a process group.
     bad = ~torch.isfinite(norm)
     if not (dist.is_available() and dist.is_initialized()):
         bad = bad | ~torch.isfinite(mean_loss)
-    if bool(bad):
+    if check_now is None:
+        check_now = device.type != "cuda"
+    if not check_now and optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad.float()  # the fused kernel skips the update where it is 1
+        optimizer.step()
+        optimizer.found_inf = None
+        total_stats["skipped_steps"] = bad.float()
+    elif bool(bad):
         if on_nonfinite != "skip":
             raise NonFiniteLoss(float(mean_loss), float(norm))
         optimizer.zero_grad(set_to_none=True)

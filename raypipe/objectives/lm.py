@@ -32,9 +32,11 @@ def bert_mask(
     token, 10 % stay. Returns (inputs, targets) with targets IGNORE where nothing was chosen."""
     maskable = ids >= NUM_SPECIAL
     chosen = (torch.rand(ids.shape, device=ids.device) < mask_prob) & maskable
-    if not bool(chosen.any()):  # a tiny batch can draw nothing: predict one token anyway
-        first = maskable.flatten().nonzero()[:1]
-        chosen.view(-1)[first] = True
+    # A tiny batch can draw nothing: then predict the first maskable token anyway. Written
+    # without a branch on a device value, so the step never waits for the device here.
+    flat = chosen.view(-1)
+    first = maskable.view(-1).int().argmax().view(1)  # index 0 when nothing is maskable
+    flat.scatter_(0, first, flat.gather(0, first) | (~chosen.any() & maskable.view(-1)[first]))
     targets = ids.masked_fill(~chosen, IGNORE)
     roll = torch.rand(ids.shape, device=ids.device)
     random_ids = torch.randint(NUM_SPECIAL, vocab_size, ids.shape, device=ids.device)

@@ -196,6 +196,13 @@ def _hyperparameters(cfg: FinetuneConfig, sampled: dict[str, Any]) -> dict[str, 
     return {**base, **{k: sampled[k] for k in TUNABLE if k in sampled}}
 
 
+def _nonfinite(trial: str, epoch: int, detail: str) -> UserError:
+    return UserError(
+        f"finetune {trial}: the loss became non-finite in epoch {epoch} ({detail}); lower "
+        "finetune.optimizer.lr (or the lr range in finetune.sweep.space)"
+    )
+
+
 def _finetune_loop(loop: dict[str, Any]) -> None:
     cfg: FinetuneConfig = loop["finetune"]
     hp = loop["hp"]
@@ -273,6 +280,7 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                 next(task.parameters()).fill_(float("nan"))
         meter = Meter(unit=task.unit)
         train_totals: dict[str, torch.Tensor] = {}
+        skipped = torch.zeros((), device=device)
         batches = iter(
             train_shard.iter_torch_batches(
                 batch_size=hp["batch_size"],
@@ -298,15 +306,16 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                     precision=cfg.precision,
                 )
             except NonFiniteLoss as e:
-                raise UserError(
-                    f"finetune {loop['trial_name']}: the loss became non-finite in epoch {epoch} "
-                    f"({e}); lower finetune.optimizer.lr (or the lr range in finetune.sweep.space)"
-                ) from None
+                raise _nonfinite(loop["trial_name"], epoch, str(e)) from None
             stats.pop("grad_norm", None)
+            # Found on the device (see train_step): checked at the epoch's end, no per-step sync.
+            skipped = skipped + stats.pop("skipped_steps", 0)
             for k, v in stats.items():
                 train_totals[k] = train_totals.get(k, 0) + v
             meter.steps += 1
             meter.items += task.items_in(batch) * world
+        if bool(torch.as_tensor(skipped) > 0):
+            raise _nonfinite(loop["trial_name"], epoch, f"{int(skipped)} step(s) skipped")
         if not train_totals:
             raise UserError(
                 f"finetune: the labeled training data gives no full batch of {hp['batch_size']} "

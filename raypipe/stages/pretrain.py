@@ -6,7 +6,9 @@ each worker iterates its own streaming split and runs `_train_loop` top to botto
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,8 +22,9 @@ from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train.torch import TorchTrainer
 
-from raypipe import faults, storage
+from raypipe import faults, storage, timing
 from raypipe.config import PreprocessConfig, PretrainConfig, Source
+from raypipe.data import files as datafiles
 from raypipe.data.text import pack_blocks
 from raypipe.data.vision import decode_images, encode_image_text, simclr_views
 from raypipe.engine.checkpoint import (
@@ -35,6 +38,7 @@ from raypipe.engine.checkpoint import (
     set_rng_state,
     split_objective_state,
 )
+from raypipe.engine.flops import mfu, peak_flops, transformer_flops_per_token
 from raypipe.engine.loop import Meter, NonFiniteLoss, all_reduce_sum, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.engine.parallel import (
@@ -67,6 +71,32 @@ class PretrainOutput:
     skipped_images: int | None = None  # None: not skipping (data.bad_images: fail)
 
 
+#: Bytes of text per token, a generous upper bound (BPE on English gives 2-5): so the count of
+#: blocks estimated from the text's size is low, and `passes_per_epoch` errs towards more.
+MAX_BYTES_PER_TOKEN = 8
+#: At most this many passes over the data in one Ray Data epoch.
+MAX_PASSES = 64
+
+
+def passes_per_epoch(
+    files: list[str], *, kind: str, source: Source, cfg: PretrainConfig, block_size: int, world: int
+) -> int:
+    """Passes over the data that one Ray Data epoch makes: enough for the whole run.
+
+    Each epoch of a streaming split starts a new execution (tasks, the first blocks through
+    the transforms) behind a barrier, and the trainer waits for it: seconds every epoch, a real
+    cost when the data is small and epochs are short. Repeating the shards inside one epoch
+    removes those waits. Estimated from the Parquet footers, before anything is read.
+    """
+    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum_steps * world
+    column = source.text_column if kind == "text_blocks" else source.image_column
+    rows, size = datafiles.footprint(files, column)
+    if source.max_rows and rows > source.max_rows:
+        size, rows = size * source.max_rows // rows, source.max_rows
+    have = size / (MAX_BYTES_PER_TOKEN * block_size) if kind == "text_blocks" else rows
+    return int(min(MAX_PASSES, max(1, math.ceil(needed / max(have, 1)))))
+
+
 def build_dataset(
     files: list[str],
     *,
@@ -78,11 +108,13 @@ def build_dataset(
     model_config: dict[str, Any],
     preprocess: PreprocessConfig | None = None,
     bad_image_tally=None,
+    passes: int = 1,
 ) -> ray.data.Dataset:
     """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
 
     `kind` is the objective's `data_kind`; each kind is one transform over numpy batches.
     With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
+    One epoch of the result makes `passes` passes over the shards, in order.
     """
     images = {
         "image_column": source.image_column,
@@ -117,6 +149,10 @@ def build_dataset(
     ds = ray.data.read_parquet(files, columns=columns)
     if source.max_rows:
         ds = ds.limit(source.max_rows)
+    if passes > 1:
+        # A union of the same read, not one read of the shards listed `passes` times: that one
+        # stalled the trainer for seconds at each pass's end (measured: bench/pretrain_speed.py).
+        ds = ds.union(*[ds] * (passes - 1))
     if bad_image_tally is not None and kind != "text_blocks":
         ds = skip_bad_images(
             ds,
@@ -147,7 +183,7 @@ class DataPosition:
 def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int, at: DataPosition):
     """Epoch after epoch over this worker's split, from `at` on; keeps `at` current.
 
-    Each `iter_torch_batches` is one epoch. Ray Data's iterators cannot seek, so resuming
+    Each `iter_torch_batches` is one Ray Data epoch (`passes_per_epoch` passes over the data). Ray Data's iterators cannot seek, so resuming
     mid-epoch re-reads the epoch and drops the batches consumed before the checkpoint: the
     split is deterministic (order preserved, rows dealt to the worker with the fewest), so
     the same rows come back in the same order.
@@ -159,6 +195,7 @@ def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int
             drop_last=True,
             device=device,
             prefetch_batches=cfg.prefetch_batches,
+            pin_memory=device.type == "cuda",  # then the copy to the GPU does not block
             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=seed + at.epoch if cfg.shuffle_buffer else None,
         ):
@@ -203,7 +240,15 @@ def _per_rank(value: Any, world: int) -> list[Any]:
     return out
 
 
+def _log_startup(marks: dict[str, float], logger, step: int) -> None:
+    """The cold start, `raypipe run` process start -> first step, as metrics and a line."""
+    spans = timing.breakdown(marks, marks["start"])
+    logger.log_metrics({f"startup/{k}_s": v for k, v in spans.items()}, step)
+    progress(timing.describe(spans))
+
+
 def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
+    marks = {"workers": time.time()}  # this worker's cold-start milestones
     cfg: PretrainConfig = loop["pretrain"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -226,6 +271,8 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
         meta = read_meta(resumed_from)
         final_loss, skipped = meta.get("loss", final_loss), meta.get("skipped_steps", 0)
         objective.load_state_dict({**objective.state_dict(), **state["objective"]}, strict=True)
+    if cfg.compile:
+        objective.compile()  # in place, before DDP/FSDP wrap it
     if cfg.strategy == "fsdp":
         module = shard(objective)  # in place: the objective now holds parameter shards
     else:
@@ -246,6 +293,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
         for o in optimizers
     ]
     logger = logger_for(loop["run"], rank)
+    marks["model"] = time.time()
     if state is not None:
         for o, o_state in zip(optimizers, state["optimizers"], strict=True):
             load_optimizer_state(objective, o, o_state)
@@ -267,7 +315,13 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 + ("" if len(ranks) == world else f"; {len(ranks)} workers then, {world} now")
             )
     elif rank == 0:
-        logger.log_params({"num_parameters": sum(p.numel() for p in objective.parameters())})
+        logger.log_params(
+            {
+                "num_parameters": sum(p.numel() for p in objective.parameters()),
+                "torch_threads": torch.get_num_threads(),
+                "data_passes_per_epoch": loop["passes"],
+            }
+        )
 
     def snapshot() -> tuple[dict, list, list]:
         """Weights and optimizer state, unsharded on rank 0, and every rank's RNG and data
@@ -305,10 +359,36 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             },
         )
 
+    def stop_nonfinite(at_step: int, detail: str) -> dict[str, Any]:
+        kept = (
+            f"the last good checkpoint (step {last_saved}) stays in "
+            f"{storage.join(loop['train_dir'], f'step-{last_saved:08d}')}"
+            if last_saved is not None
+            else "no checkpoint was written before it"
+        )
+        logger.close()
+        return {
+            "error": f"pretrain: the loss became non-finite at step {at_step} ({detail}); "
+            f"{kept}; lower pretrain.optimizer.lr, set pretrain.optimizer.grad_clip, or set "
+            "pretrain.on_nonfinite: skip",
+            "steps": at_step - 1,
+        }
+
+    # Steps whose update was skipped for a non-finite loss or gradient, not yet counted in
+    # `skipped`, and the first of them (device tensors: read only when logging).
+    pending = torch.zeros((), device=device)
+    first_bad = torch.zeros((), device=device, dtype=torch.long)
     batches = _batches_forever(
         ray.train.get_dataset_shard("train"), cfg, device, loop["seed"] + rank, position
     )
     meter = Meter(unit=objective.unit)
+    # MFU on GPUs whose peak is known, for transformers (see engine/flops.py).
+    peak = peak_flops(device)
+    per_token = (
+        transformer_flops_per_token(objective.model, cfg.seq_len)
+        if peak and objective.unit == "tokens"
+        else None
+    )
     last_saved = step if state is not None else None
     while step < cfg.max_steps:
         # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process here, "nan" poisons a
@@ -317,6 +397,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 next(objective.parameters()).fill_(float("nan"))
         micro = [meter.timed_next(batches) for _ in range(cfg.grad_accum_steps)]
+        marks.setdefault("first_batch", time.time())
         try:
             if objective.owns_step:  # e.g. a GAN's alternating updates
                 loss, stats = objective.step(
@@ -328,10 +409,9 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 )
                 for sch in schedulers:
                     sch.step()
-                # It has stepped already: a non-finite loss can only stop the run.
-                bad = all_reduce_sum({"bad": (~torch.isfinite(loss)).double()}, device)["bad"]
-                if bool(bad > 0):
-                    raise NonFiniteLoss(float(loss), float("nan"))
+                # It has stepped already: a non-finite loss can only stop the run, which
+                # happens when the count below is read (no per-step sync or collective).
+                stats["skipped_steps"] = (~torch.isfinite(loss.detach())).float()
             else:
                 loss, stats = train_step(
                     module,
@@ -345,25 +425,34 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 )
         except NonFiniteLoss as e:
             # Every rank gets here at the same step (see train_step), so all return together.
-            kept = (
-                f"the last good checkpoint (step {last_saved}) stays in "
-                f"{storage.join(loop['train_dir'], f'step-{last_saved:08d}')}"
-                if last_saved is not None
-                else "no checkpoint was written before it"
-            )
-            logger.close()
-            return {
-                "error": f"pretrain: the loss became non-finite at step {step + 1} ({e}); "
-                f"{kept}; lower pretrain.optimizer.lr, set pretrain.optimizer.grad_clip, or set "
-                "pretrain.on_nonfinite: skip",
-                "steps": step,
-            }
+            return stop_nonfinite(step + 1, str(e))
         step += 1
-        skipped += int(stats.pop("skipped_steps", 0))
+        if "first_step" not in marks:
+            marks["first_step"] = time.time()
+            if rank == 0 and state is None and "start" in loop["startup"]:
+                # Not after a resume: the restarted workers' marks would mix two starts.
+                _log_startup({**loop["startup"], **marks}, logger, step)
+        skipped_now = stats.pop("skipped_steps", None)
+        if skipped_now is not None:  # a device tensor, read when logging: no per-step sync
+            first_bad = torch.where((pending == 0) & (skipped_now > 0), step, first_bad)
+            pending = pending + skipped_now
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+            # Summed over ranks (a GAN's loss is per rank), so every rank decides alike.
+            found = int(all_reduce_sum({"n": pending}, device)["n"].item())
+            if found and (cfg.on_nonfinite == "stop" or objective.owns_step):
+                firsts = _per_rank(int(first_bad.item()), world)  # a collective, rarely run
+                return stop_nonfinite(
+                    min(f for f in firsts if f > 0),
+                    "found when the step count was next read; the updates of that step and "
+                    + ("any since were applied" if objective.owns_step else "any since skipped"),
+                )
+            count = found // world  # train_step skips on every rank alike (global norm)
+            skipped += count
+            pending.zero_()
         meter.steps += 1
         meter.items += sum(objective.items_in(b) for b in micro) * world
 
-        last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
             # The mean over ranks: every rank saw different data (a collective, so all ranks log).
             final_loss = all_reduce_sum({"loss": loss}, device)["loss"].item() / world
@@ -374,6 +463,9 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 **{f"train/{k}": float(v) for k, v in stats.items()},
                 **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
             }
+            if per_token:
+                rate = metrics["perf/tokens_per_s"] / world
+                metrics["perf/mfu"] = mfu(rate, per_token, peak)
             logger.log_metrics(metrics, step)
             if rank == 0:
                 unit = objective.unit
@@ -413,6 +505,15 @@ def run_pretrain(
     skip_undecodable: bool = False,
 ) -> PretrainOutput:
     tally = Tally.remote() if skip_undecodable else None
+    timing.mark("setup")
+    passes = passes_per_epoch(
+        files,
+        kind=data_kind,
+        source=source,
+        cfg=cfg,
+        block_size=cfg.seq_len + text_extra,
+        world=cfg.scaling.num_workers,
+    )
     dataset = build_dataset(
         files,
         kind=data_kind,
@@ -423,7 +524,9 @@ def run_pretrain(
         model_config=model_spec["config"],
         preprocess=preprocess,
         bad_image_tally=tally,
+        passes=passes,
     )
+    timing.mark("dataset")
     train_dir = storage.join(stage_dir, "train")
     trainer = TorchTrainer(
         _train_loop,
@@ -436,6 +539,11 @@ def run_pretrain(
             "run": run,
             "seed": seed,
             "fingerprint": fingerprint,
+            "passes": passes,
+            # Driver milestones, when this process is `raypipe run` (see raypipe/timing.py).
+            "startup": {"start": timing.process_start(), **timing.MARKS}
+            if "imports" in timing.MARKS
+            else {},
         },
         scaling_config=scaling_config(cfg.scaling),
         run_config=ray.train.RunConfig(
