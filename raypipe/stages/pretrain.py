@@ -183,10 +183,10 @@ class DataPosition:
 def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int, at: DataPosition):
     """Epoch after epoch over this worker's split, from `at` on; keeps `at` current.
 
-    Each `iter_torch_batches` is one Ray Data epoch (`passes_per_epoch` passes over the data). Ray Data's iterators cannot seek, so resuming
-    mid-epoch re-reads the epoch and drops the batches consumed before the checkpoint: the
-    split is deterministic (order preserved, rows dealt to the worker with the fewest), so
-    the same rows come back in the same order.
+    Each `iter_torch_batches` is one Ray Data epoch (`passes_per_epoch` passes over the data).
+    Ray Data's iterators cannot seek, so resuming mid-epoch re-reads the epoch and drops the
+    batches consumed before the checkpoint: the split is deterministic (order preserved, rows
+    dealt to the worker with the fewest), so the same rows come back in the same order.
     """
     while True:
         skip, count = at.batches, 0
