@@ -314,7 +314,7 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
                 train_totals[k] = train_totals.get(k, 0) + v
             meter.steps += 1
             meter.items += task.items_in(batch) * world
-        if bool(torch.as_tensor(skipped) > 0):
+        if bool(skipped > 0):
             raise _nonfinite(loop["trial_name"], epoch, f"{int(skipped)} step(s) skipped")
         if not train_totals:
             raise UserError(
