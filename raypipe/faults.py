@@ -1,4 +1,5 @@
-"""Injected faults, for the fault-tolerance tests: a worker that dies, a loss that turns NaN.
+"""Injected faults, for the fault-tolerance tests: a worker that dies or hangs, a loss that
+turns NaN.
 
 Read from the RAYPIPE_FAULTS environment variable on the driver and handed to the workers in
 their loop config (a cluster's workers need not share the driver's environment). Unset in
@@ -7,7 +8,8 @@ normal use: `parse("")` is empty and `check` never fires.
     RAYPIPE_FAULTS="crash:pretrain:rank=1:at=6:once=/tmp/crashed;nan:pretrain:rank=0:at=9"
 
 Each entry is `kind:place:key=value…`. kind `crash` ends the worker process at once (as a
-preempted node would); `nan` poisons a weight so the next loss is NaN. place is `pretrain` or
+preempted node would); `stall` blocks it for an hour (a test kills it meanwhile); `nan`
+poisons a weight so the next loss is NaN. place is `pretrain` or
 a trial name (`scratch-00001`); `at` is the step (pretrain) or epoch (trials). With `once=FILE`
 the fault fires only while FILE does not exist, and creates it.
 """
@@ -15,6 +17,7 @@ the fault fires only while FILE does not exist, and creates it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ def parse(spec: str | None) -> list[Fault]:
     out = []
     for entry in filter(None, (spec or "").split(";")):
         kind, place, *rest = entry.split(":")
-        if kind not in ("crash", "nan"):
+        if kind not in ("crash", "stall", "nan"):
             raise ValueError(f"{ENV}: unknown fault kind {kind!r} in {entry!r}")
         keys = dict(item.split("=", 1) for item in rest)
         out.append(Fault(kind, place, int(keys.get("rank", 0)), int(keys["at"]), keys.get("once")))
@@ -46,7 +49,8 @@ def from_env() -> list[Fault]:
 
 
 def check(faults: list[Fault], *, place: str, rank: int, at: int) -> str | None:
-    """The kind of the fault due here, if any ("crash" exits the process before returning)."""
+    """The kind of the fault due here, if any ("crash" exits the process before returning,
+    "stall" returns after an hour)."""
     for f in faults:
         if (f.place, f.rank, f.at) != (place, rank, at):
             continue
@@ -56,5 +60,7 @@ def check(faults: list[Fault], *, place: str, rank: int, at: int) -> str | None:
             Path(f.once).write_text(f"{f.kind} at {place} rank {rank} {at}\n")
         if f.kind == "crash":
             os._exit(17)
+        if f.kind == "stall":
+            time.sleep(3600)
         return f.kind
     return None

@@ -129,6 +129,21 @@ def delete_file(location: str) -> None:
     fs.delete_file(path)
 
 
+def delete_dir(location: str) -> None:
+    """Remove a directory (or an object store's key prefix) and everything under it."""
+    fs, path = resolve(location)
+    fs.delete_dir(path)
+
+
+def upload_dir(local: str | os.PathLike, location: str, *, last: str | None = None) -> None:
+    """Copy a local directory's files into `location`, file `last` after the others: a reader
+    that finds `last` finds the whole directory."""
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)  # stable: `last` moves to the end
+    for p in files:
+        write_bytes(join(location, *p.relative_to(local).parts), p.read_bytes())
+
+
 def _uri(location: str, path: str) -> str:
     return f"{_scheme(location)}://{path}" if is_remote(location) else path
 

@@ -173,9 +173,10 @@ def test_crashing_trials_are_retried_then_recorded_failed(
 class _Driver:
     """`raypipe run` in its own process, its output collected line by line as it comes."""
 
-    def __init__(self, args: list[str], cwd: Path):
+    def __init__(self, args: list[str], cwd: Path, **extra_env: str):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env.pop("RAY_ADDRESS", None)
+        env.update(extra_env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "raypipe", *args],
             cwd=cwd,
@@ -231,11 +232,11 @@ def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
     first.wait_for(lambda: list(runs.glob("pretrain-*/train/step-00000008/meta.json")), 600)
     first.kill()
 
-    second = _Driver(args, tmp_path)
-    second.wait_for(lambda: second.seen("finetune pretrained-00001 epoch 1/2"), 600)
-    # Its epoch-1 checkpoint is on disk and registered (Ray Train records it within ~2 s).
-    second.wait_for(lambda: list(runs.glob("finetune-*/trials/pretrained-00001/epoch-0001")), 60)
-    time.sleep(5)
+    # Trial 1 hangs as its epoch 2 begins (once): the driver is killed in the middle of it.
+    stall = f"stall:pretrained-00001:rank=0:at=2:once={tmp_path / 'stalled'}"
+    second = _Driver(args, tmp_path, **{ENV: stall})
+    second.wait_for(lambda: (tmp_path / "stalled").exists(), 600)
+    assert list(runs.glob("finetune-*/trials/pretrained-00001/epoch-0001"))  # written before
     second.kill()
     (resumed,) = [line for line in second.lines if "pretrain resumed at step" in line]
     # Workers may finish the checkpoint they were writing as the driver died: at least step 8.

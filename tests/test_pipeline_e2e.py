@@ -131,6 +131,25 @@ def test_mlflow_run_tree(first_run):
     assert f"best/pretrained/{cfg.finetune.sweep.metric}" in ft.data.metrics
 
 
+def test_each_trial_keeps_its_best_checkpoint(first_run):
+    """One-worker trials train in the trial's own process and keep their newest checkpoint,
+    which is the best epoch's (a checkpoint is written only when the metric improves)."""
+    import json
+
+    cfg, summary, storage = first_run
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    trials = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
+    (trials_dir,) = (storage / "tiny").glob("finetune-*/trials")
+    assert sorted(p.name for p in trials_dir.iterdir()) == sorted(t.info.run_name for t in trials)
+    for t in trials:
+        (checkpoint,) = (trials_dir / t.info.run_name).glob("epoch-*")
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        history = client.get_metric_history(t.info.run_id, "val/accuracy")
+        assert meta["metrics"]["val/accuracy"] == pytest.approx(max(m.value for m in history))
+        assert checkpoint.name == f"epoch-{meta['epoch']:04d}"
+
+
 def test_registered_model_loads_and_predicts(first_run, quickstart_data):
     import mlflow
 

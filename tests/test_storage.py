@@ -104,6 +104,32 @@ def test_checkpoints_load_straight_from_s3(s3, tmp_path):
     assert names == sorted(os.listdir(local))
 
 
+def test_a_checkpoint_is_uploaded_whole_and_the_newest_found(s3, tmp_path):
+    """What a one-worker fine-tuning trial does with its checkpoints in an object store."""
+    from raypipe.stages.common import latest_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    for epoch in (1, 2):
+        local = save_checkpoint(
+            tmp_path / f"e{epoch}",
+            module=model,
+            spec={"type": "x", "config": {}},
+            meta={"epoch": epoch},
+            train_state={"epoch": epoch},
+        )
+        storage.upload_dir(local, f"{s3}/trial/epoch-{epoch:04d}", last="meta.json")
+    assert [f.rsplit("/", 1)[1] for f in storage.list_files(f"{s3}/trial/epoch-0002")] == sorted(
+        os.listdir(local)
+    )
+    # A newer checkpoint cut short (no weights) is passed over.
+    storage.write_text(f"{s3}/trial/epoch-0003/meta.json", '{"epoch": 3}')
+    path, state = latest_checkpoint(f"{s3}/trial", prefix="epoch-")
+    assert path == f"{s3}/trial/epoch-0002" and state["epoch"] == 2
+    storage.delete_dir(f"{s3}/trial/epoch-0002")
+    storage.delete_dir(f"{s3}/trial/epoch-0003")
+    assert latest_checkpoint(f"{s3}/trial", prefix="epoch-")[0] == f"{s3}/trial/epoch-0001"
+
+
 def _raw(s3: str, **changes) -> dict:
     _write_shards(f"{s3}/q/unlabeled")
     raw = {

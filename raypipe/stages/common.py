@@ -10,8 +10,10 @@ import ray
 import ray.train
 from ray.train import ScalingConfig
 
+from raypipe import storage
 from raypipe.config import PreprocessConfig
 from raypipe.config import ScalingConfig as ScalingSection
+from raypipe.engine.checkpoint import META_FILE, MODEL_FILE, load_train_state, read_meta
 from raypipe.errors import UserError
 
 
@@ -48,6 +50,26 @@ def report(
             path = save(Path(tmp) / "checkpoint")
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+
+
+def latest_checkpoint(directory: str, *, prefix: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint `directory/<prefix>…` in storage that loads whole: (path, train
+    state). Names sort by age (zero-padded counts).
+
+    Read from storage rather than from Ray Train's record, which registers a checkpoint a
+    moment after its report and so, after a crash, can point one interval back. A checkpoint
+    cut short by the crash fails to load and the one before it is taken.
+    """
+    dirs = {m.rsplit("/", 1)[0] for m in storage.list_files(directory, META_FILE)}
+    for path in sorted((d for d in dirs if d.rsplit("/", 1)[-1].startswith(prefix)), reverse=True):
+        try:
+            state = load_train_state(path)
+            read_meta(path)
+            storage.read_bytes(storage.join(path, MODEL_FILE))
+        except Exception:  # noqa: BLE001 - any damage means "not this one"
+            continue
+        return path, state
+    return None
 
 
 @ray.remote(num_cpus=0)

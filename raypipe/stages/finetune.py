@@ -1,4 +1,5 @@
-"""The fine-tune sweep: Ray Tune trials, each a TorchTrainer run on the labeled shards.
+"""The fine-tune sweep: Ray Tune trials on the labeled shards. A one-worker trial trains in its
+own Tune process; a trial with several workers runs a TorchTrainer (DDP).
 
 The only Ray Tune caller. Every arm (pretrained, scratch) is its own Tune experiment with the
 same seeded search, so both arms try the same settings and the early-stopping scheduler only
@@ -7,11 +8,14 @@ ever compares trials of one arm with each other.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -53,12 +57,18 @@ from raypipe.plan import task_options
 from raypipe.progress import progress
 from raypipe.stages.common import (
     find_user_error,
+    latest_checkpoint,
     preprocess_args,
     report,
     scaling_config,
     skip_bad_images,
 )
 from raypipe.tasks import build_task
+
+#: A trial's checkpoints are `<trials>/<run name>/epoch-0003`.
+CHECKPOINT_PREFIX = "epoch-"
+#: Beside them when the trial ran all its epochs: its last result.
+DONE_FILE = "done.json"
 
 
 @dataclass
@@ -203,12 +213,89 @@ def _nonfinite(trial: str, epoch: int, detail: str) -> UserError:
     )
 
 
-def _finetune_loop(loop: dict[str, Any]) -> None:
+class _WorkerSession:
+    """A fine-tuning loop inside a TorchTrainer worker (several workers: DDP)."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def resumed(self):
+        """The checkpoint a restarted worker group continues from, as a directory, or None."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def dataset(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def prepare(self, module: torch.nn.Module, *, multi_tower: bool) -> torch.nn.Module:
+        # A two-tower backbone (CLIP, captioner) leaves the tower the task does not read unused.
+        kwargs = {"find_unused_parameters": True} if multi_tower else None
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)
+
+    def report(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
+        report(metrics, rank=self.rank, save=save, checkpoint_name=checkpoint_name)
+
+
+class _InlineSession:
+    """A one-worker fine-tuning loop run in the Tune trial's own process, with no TorchTrainer:
+    no controller and worker processes to start and no dataset split to coordinate for each
+    trial. Checkpoints go to the same place with the same names as a TorchTrainer's; a trial
+    that Tune restarts (a crash, a restarted driver) continues from its newest one."""
+
+    rank, world = 0, 1
+
+    def __init__(self, *, run_dir: str, datasets: dict, use_gpu: bool, num_to_keep: int | None,
+                 to_tune: bool):  # fmt: skip
+        self.run_dir, self.datasets = run_dir, datasets
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.num_to_keep, self.to_tune = num_to_keep, to_tune
+        self.last_metrics: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def resumed(self):
+        found = latest_checkpoint(self.run_dir, prefix=CHECKPOINT_PREFIX)
+        yield found[0] if found else None
+
+    def dataset(self, name: str):
+        return self.datasets[name]
+
+    def prepare(self, module: torch.nn.Module, *, multi_tower: bool) -> torch.nn.Module:
+        return module
+
+    def report(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
+        if save is not None:
+            path = storage.join(self.run_dir, checkpoint_name)
+            if storage.is_remote(path):
+                with tempfile.TemporaryDirectory() as tmp:
+                    storage.upload_dir(save(Path(tmp) / "checkpoint"), path, last=META_FILE)
+            else:
+                save(Path(path))  # written whole or not at all
+            if self.num_to_keep is not None:
+                # Like Train's CheckpointConfig(num_to_keep): the newest ones stay.
+                older = sorted(
+                    {f.rsplit("/", 2)[-2] for f in storage.list_files(self.run_dir, META_FILE)}
+                )
+                for name in older[: -self.num_to_keep]:
+                    storage.delete_dir(storage.join(self.run_dir, name))
+        self.last_metrics = metrics
+        if self.to_tune:
+            tune.report(metrics)
+
+
+def _finetune_loop(loop: dict[str, Any], session=None) -> None:
+    """One trial's training (or one PBT segment of it), in a TorchTrainer worker or, with
+    `session=_InlineSession(…)`, in the trial's process."""
+    session = session or _WorkerSession()
     cfg: FinetuneConfig = loop["finetune"]
     hp = loop["hp"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(loop["seed"])
 
     backbone = build_model(loop["model_spec"])
@@ -232,10 +319,10 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
         min_lr_ratio=cfg.optimizer.min_lr_ratio,
     )
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
-    start_epoch, best = 0, None
-    resumed = ray.train.get_checkpoint()
-    if resumed:  # a restarted worker group continues the same trial
-        with resumed.as_directory() as d:
+    start_epoch, best, resumed = 0, None, False
+    with session.resumed() as d:
+        if d is not None:  # a restarted trial continues where it left off
+            resumed = True
             load_weights(d, task)
             state = load_train_state(d)
             optimizer.load_state_dict(state["optimizer"])
@@ -243,7 +330,7 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
             set_rng_state(state["rng"])
             start_epoch = state["epoch"]
             best = read_meta(d)["metrics"][metric]
-    elif loop.get("continue_from"):
+    if not resumed and loop.get("continue_from"):
         # PBT: continue from a trial's checkpoint (its own, or a better trial's it cloned) with
         # this trial's possibly perturbed settings: weights and moments carry over, the
         # learning-rate schedule restarts from the same step under the new peak rate.
@@ -261,124 +348,124 @@ def _finetune_loop(loop: dict[str, Any]) -> None:
         scheduler.step()
         set_rng_state(state["rng"])
         start_epoch = state["epoch"]
-    # A two-tower backbone (CLIP, captioner) leaves the tower the task does not read unused.
-    multi = len(getattr(backbone, "modalities", ())) > 1
-    module = ray.train.torch.prepare_model(
-        task, parallel_strategy_kwargs={"find_unused_parameters": True} if multi else None
-    )
+    module = session.prepare(task, multi_tower=len(getattr(backbone, "modalities", ())) > 1)
     logger = tracking.logger_for(loop["run"], rank)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("validation")
+    train_shard = session.dataset("train")
+    val_data = session.dataset("validation")
     spec = {**loop["model_spec"], "task": {"name": cfg.task, "options": options}}
     stop_epoch = loop.get("stop_epoch") or cfg.epochs
 
     injected = faults.parse(loop["faults"])
-    for epoch in range(start_epoch + 1, stop_epoch + 1):
-        # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process, "nan" poisons a weight.
-        if faults.check(injected, place=loop["trial_name"], rank=rank, at=epoch) == "nan":
-            with torch.no_grad():
-                next(task.parameters()).fill_(float("nan"))
-        meter = Meter(unit=task.unit)
-        train_totals: dict[str, torch.Tensor] = {}
-        skipped = torch.zeros((), device=device)
-        batches = iter(
-            train_shard.iter_torch_batches(
-                batch_size=hp["batch_size"],
-                drop_last=True,
-                device=device,
-                local_shuffle_buffer_size=loop["num_train_rows"],
-                local_shuffle_seed=loop["seed"] * 1000 + epoch,
-            )
-        )
-        while True:
-            try:
-                batch = meter.timed_next(batches)
-            except StopIteration:
-                break
-            try:
-                _, stats = train_step(
-                    module,
-                    optimizer,
-                    scheduler,
-                    [batch],
-                    grad_clip=cfg.optimizer.grad_clip,
+    try:
+        for epoch in range(start_epoch + 1, stop_epoch + 1):
+            # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process, "nan" poisons a weight.
+            if faults.check(injected, place=loop["trial_name"], rank=rank, at=epoch) == "nan":
+                with torch.no_grad():
+                    next(task.parameters()).fill_(float("nan"))
+            meter = Meter(unit=task.unit)
+            train_totals: dict[str, torch.Tensor] = {}
+            skipped = torch.zeros((), device=device)
+            batches = iter(
+                train_shard.iter_torch_batches(
+                    batch_size=hp["batch_size"],
+                    drop_last=True,
                     device=device,
-                    precision=cfg.precision,
+                    local_shuffle_buffer_size=loop["num_train_rows"],
+                    local_shuffle_seed=loop["seed"] * 1000 + epoch,
                 )
-            except NonFiniteLoss as e:
-                raise _nonfinite(loop["trial_name"], epoch, str(e)) from None
-            stats.pop("grad_norm", None)
-            # Found on the device (see train_step): checked at the epoch's end, no per-step sync.
-            skipped = skipped + stats.pop("skipped_steps", 0)
-            for k, v in stats.items():
-                train_totals[k] = train_totals.get(k, 0) + v
-            meter.steps += 1
-            meter.items += task.items_in(batch) * world
-        if bool(skipped > 0):
-            raise _nonfinite(loop["trial_name"], epoch, f"{int(skipped)} step(s) skipped")
-        if not train_totals:
-            raise UserError(
-                f"finetune: the labeled training data gives no full batch of {hp['batch_size']} "
-                "rows per worker; lower finetune.batch_size or add labeled data"
             )
-        # Each rank evaluates every world-th batch; the summed stats are exact after reduction.
-        val_batches = itertools.islice(
-            val_data.iter_torch_batches(batch_size=256, device=device), rank, None, world
-        )
-        val_totals = evaluate(module, val_batches, device=device)
-        if not val_totals:
-            # Fewer validation batches than ranks: this rank adds zeros of the right shapes, so
-            # every rank joins the same collective.
-            first = next(iter(val_data.iter_torch_batches(batch_size=256, device=device)))
-            val_totals = {k: v * 0 for k, v in evaluate(module, [first], device=device).items()}
-        val_totals = all_reduce_sum(val_totals, device)
-        train_totals = all_reduce_sum(train_totals, device)
-        metrics = {
-            "epoch": epoch,
-            **{f"train/{k}": v for k, v in task.summarize(train_totals).items()},
-            **{f"val/{k}": v for k, v in task.summarize(val_totals).items()},
-            **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
-        }
-        logger.log_metrics(metrics, epoch)
-        if rank == 0:
-            progress(
-                f"finetune {loop['trial_name']} epoch {epoch}/{cfg.epochs} "
-                f"val/loss {metrics['val/loss']:.4f} {metric} {metrics[metric]:.4f}"
-            )
-        value = metrics[metric]
-        save = None
-        # PBT continues from the latest state, so it saves every epoch; otherwise the best only.
-        if _is_better(value, best, mode) or loop.get("save_every_epoch"):
-            best = value if _is_better(value, best, mode) else best
-
-            def save(directory, epoch=epoch, metrics=metrics):
-                return save_checkpoint(
-                    directory,
-                    module=task,
-                    spec=spec,
-                    tokenizer_json=loop["tokenizer_json"],
-                    meta={
-                        "epoch": epoch,
-                        "task": cfg.task,
-                        "arm": loop["arm"],
-                        "hyperparameters": hp,
-                        "metrics": metrics,
-                        "init_checkpoint": loop["init_checkpoint"],
-                        "fingerprint": loop["fingerprint"],
-                    },
-                    train_state={
-                        "epoch": epoch,
-                        "steps": scheduler.last_epoch,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                    },
+            while True:
+                try:
+                    batch = meter.timed_next(batches)
+                except StopIteration:
+                    break
+                try:
+                    _, stats = train_step(
+                        module,
+                        optimizer,
+                        scheduler,
+                        [batch],
+                        grad_clip=cfg.optimizer.grad_clip,
+                        device=device,
+                        precision=cfg.precision,
+                    )
+                except NonFiniteLoss as e:
+                    raise _nonfinite(loop["trial_name"], epoch, str(e)) from None
+                stats.pop("grad_norm", None)
+                # Found on the device (see train_step): checked at the epoch's end, no per-step sync.
+                skipped = skipped + stats.pop("skipped_steps", 0)
+                for k, v in stats.items():
+                    train_totals[k] = train_totals.get(k, 0) + v
+                meter.steps += 1
+                meter.items += task.items_in(batch) * world
+            if bool(skipped > 0):
+                raise _nonfinite(loop["trial_name"], epoch, f"{int(skipped)} step(s) skipped")
+            if not train_totals:
+                raise UserError(
+                    f"finetune: the labeled training data gives no full batch of {hp['batch_size']} "
+                    "rows per worker; lower finetune.batch_size or add labeled data"
                 )
+            # Each rank evaluates every world-th batch; the summed stats are exact after reduction.
+            val_batches = itertools.islice(
+                val_data.iter_torch_batches(batch_size=256, device=device), rank, None, world
+            )
+            val_totals = evaluate(module, val_batches, device=device)
+            if not val_totals:
+                # Fewer validation batches than ranks: this rank adds zeros of the right shapes, so
+                # every rank joins the same collective.
+                first = next(iter(val_data.iter_torch_batches(batch_size=256, device=device)))
+                val_totals = {k: v * 0 for k, v in evaluate(module, [first], device=device).items()}
+            val_totals = all_reduce_sum(val_totals, device)
+            train_totals = all_reduce_sum(train_totals, device)
+            metrics = {
+                "epoch": epoch,
+                **{f"train/{k}": v for k, v in task.summarize(train_totals).items()},
+                **{f"val/{k}": v for k, v in task.summarize(val_totals).items()},
+                **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
+            }
+            logger.log_metrics(metrics, epoch)
+            if rank == 0:
+                progress(
+                    f"finetune {loop['trial_name']} epoch {epoch}/{cfg.epochs} "
+                    f"val/loss {metrics['val/loss']:.4f} {metric} {metrics[metric]:.4f}"
+                )
+            value = metrics[metric]
+            save = None
+            # PBT continues from the latest state, so it saves every epoch; otherwise the best only.
+            if _is_better(value, best, mode) or loop.get("save_every_epoch"):
+                best = value if _is_better(value, best, mode) else best
 
-        # The scheduler may stop the trial at this report: its metrics go first (a short wait
-        # when the tracking server is away; they stay queued if it stays away).
-        logger.flush(timeout=30)
-        report(metrics, rank=rank, save=save, checkpoint_name=f"epoch-{epoch:04d}")
+                def save(directory, epoch=epoch, metrics=metrics):
+                    return save_checkpoint(
+                        directory,
+                        module=task,
+                        spec=spec,
+                        tokenizer_json=loop["tokenizer_json"],
+                        meta={
+                            "epoch": epoch,
+                            "task": cfg.task,
+                            "arm": loop["arm"],
+                            "hyperparameters": hp,
+                            "metrics": metrics,
+                            "init_checkpoint": loop["init_checkpoint"],
+                            "fingerprint": loop["fingerprint"],
+                        },
+                        train_state={
+                            "epoch": epoch,
+                            "steps": scheduler.last_epoch,
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": rng_state(),
+                        },
+                    )
+
+            # The scheduler may stop the trial at this report: its metrics go first (a short wait
+            # when the tracking server is away; they stay queued if it stays away).
+            logger.flush(timeout=30)
+            session.report(metrics, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{epoch:04d}")
+    except BaseException:  # also Tune stopping the trial at a report (SystemExit)
+        logger.close(timeout=30)
+        raise
     logger.close()  # waits for metrics queued while the tracking server was away
 
 
@@ -411,30 +498,75 @@ def _trial_run(static: dict[str, Any], trial_id: str, name: str, hp: dict) -> tr
     return run
 
 
-def _trainer(static, loop_config, name, datasets, *, callbacks, num_to_keep) -> TorchTrainer:
+def inline_trials(cfg: FinetuneConfig) -> bool:
+    """One worker per trial: the trial's own process trains (see _InlineSession)."""
+    return cfg.scaling.num_workers == 1
+
+
+def trial_resources(cfg: FinetuneConfig) -> dict[str, float]:
+    """What one Tune trial holds: one worker's resources when it trains itself; otherwise
+    nothing but a little memory, as the trial only waits on its TorchTrainer (a CPU reserved
+    for it would starve the training workers on small machines)."""
+    if not inline_trials(cfg):
+        return {"CPU": 0, "memory": 64 * 2**20}
+    return {k: float(v) for k, v in scaling_config(cfg.scaling).resources_per_worker.items()}
+
+
+def _fit(static, loop_config, name: str, datasets, *, to_tune: bool, num_to_keep) -> str | None:
+    """Train one trial (or one PBT segment of it) as run `name` under the trials directory;
+    returns its newest checkpoint's path. With `to_tune`, each epoch is reported to Tune as
+    it happens (the scheduler may stop the trial there)."""
     cfg: FinetuneConfig = static["finetune"]
-    return TorchTrainer(
+    run_dir = storage.join(static["trials_dir"], name)
+    if inline_trials(cfg):
+        done = storage.join(run_dir, DONE_FILE)
+        if to_tune and storage.exists(done):
+            # Finished before a driver restart that Tune's saved state did not see: its last
+            # result again, nothing recomputed.
+            tune.report(json.loads(storage.read_text(done)))
+        else:
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+            session = _InlineSession(
+                run_dir=run_dir,
+                datasets=datasets,
+                use_gpu=cfg.scaling.use_gpu,
+                num_to_keep=num_to_keep,
+                to_tune=to_tune,
+            )
+            _finetune_loop(loop_config, session)
+            if to_tune and session.last_metrics is not None:
+                storage.write_text(done, json.dumps(session.last_metrics))
+        found = latest_checkpoint(run_dir, prefix=CHECKPOINT_PREFIX)
+        return found[0] if found else None
+    trainer = TorchTrainer(
         _finetune_loop,
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg.scaling),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=static["trials_dir"],
-            callbacks=callbacks,
+            callbacks=[TuneReportCallback()] if to_tune else [],
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        return None
+    return storage.qualify(result.checkpoint.path, like=static["trials_dir"])
 
 
 def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) -> None:
-    """A Tune trial: open its MLflow run, then drive TorchTrainer runs.
+    """A Tune trial: open its MLflow run, then train (in this process, or with a TorchTrainer
+    when a trial has several workers; see _fit).
 
-    ASHA/FIFO: one TorchTrainer run, each epoch reported to Tune as it happens. PBT: one
-    TorchTrainer run per perturbation interval, each continuing from the trial's checkpoint
-    (Tune hands a trial a better trial's checkpoint when it exploits), reported to Tune with
-    that checkpoint so PBT can clone it.
+    ASHA/FIFO: one run, each epoch reported to Tune as it happens. PBT: one run per
+    perturbation interval, each continuing from the trial's checkpoint (Tune hands a trial a
+    better trial's checkpoint when it exploits), reported to Tune with that checkpoint so PBT
+    can clone it.
     """
     cfg: FinetuneConfig = static["finetune"]
     trial_id = tune.get_context().get_trial_id()
@@ -444,11 +576,8 @@ def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) 
     datasets = {"train": train_ds, "validation": val_ds}
     loop_config = {**static, "hp": hp, "run": run, "trial_name": name}
     if cfg.sweep.scheduler != "pbt":
-        trainer = _trainer(
-            static, loop_config, name, datasets, callbacks=[TuneReportCallback()], num_to_keep=1
-        )
-        result = trainer.fit()
-        tracking.end_run(run, "FINISHED" if result.error is None else "FAILED")
+        _fit(static, loop_config, name, datasets, to_tune=True, num_to_keep=1)
+        tracking.end_run(run, "FINISHED")
         return
     interval = cfg.sweep.perturbation_interval
     tune_ckpt = tune.get_checkpoint()
@@ -461,23 +590,20 @@ def _trial(params: dict[str, Any], *, static: dict[str, Any], train_ds, val_ds) 
     while epoch < cfg.epochs:
         stop = min(epoch + interval, cfg.epochs)
         segment += 1
-        trainer = _trainer(
+        continue_from = _fit(
             static,
             {**loop_config, "continue_from": continue_from, "stop_epoch": stop,
              "save_every_epoch": True},
             f"{name}-{epoch:03d}-{stop:03d}-{segment}",
             datasets,
-            callbacks=[],
+            to_tune=False,
             num_to_keep=None,
         )  # fmt: skip
-        result = trainer.fit()
-        if result.error is not None:
-            tracking.end_run(run, "FAILED")
-            raise result.error
-        continue_from = storage.qualify(result.checkpoint.path, like=static["trials_dir"])
         metrics = read_meta(continue_from)["metrics"]
         epoch = stop
-        with result.checkpoint.as_directory() as local:  # Tune persists it from a local dir
+        fs, path = storage.resolve(continue_from)
+        with ray.tune.Checkpoint(path, filesystem=fs).as_directory() as local:
+            # Tune persists it from a local directory.
             tune.report(
                 {**metrics, "checkpoint_path": continue_from},
                 checkpoint=ray.tune.Checkpoint.from_directory(local),
@@ -570,9 +696,7 @@ def run_arm(
         )
     trainable = tune.with_resources(
         tune.with_parameters(_trial, static=static, train_ds=train_ds, val_ds=val_ds),
-        # The trial function only waits on its TorchTrainer: reserving a CPU for it would
-        # starve the training workers on small machines.
-        {"CPU": 0, "memory": 64 * 2**20},
+        trial_resources(cfg),
     )
     if not storage.is_remote(stage_dir):
         # Save the sweep's state (which trials finished) every second rather than every 10+ s,
@@ -596,6 +720,7 @@ def run_arm(
                 num_samples=sweep.num_samples,
                 scheduler=scheduler,
                 search_alg=search_alg,
+                reuse_actors=inline_trials(cfg),
             ),
             run_config=tune.RunConfig(
                 name=f"sweep-{arm}",

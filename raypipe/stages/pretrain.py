@@ -28,9 +28,6 @@ from raypipe.data import files as datafiles
 from raypipe.data.text import pack_blocks
 from raypipe.data.vision import decode_images, encode_image_text, simclr_views
 from raypipe.engine.checkpoint import (
-    META_FILE,
-    MODEL_FILE,
-    load_train_state,
     load_weights,
     read_meta,
     rng_state,
@@ -55,6 +52,7 @@ from raypipe.objectives.base import DATA_KINDS
 from raypipe.progress import progress
 from raypipe.stages.common import (
     Tally,
+    latest_checkpoint,
     preprocess_args,
     report,
     scaling_config,
@@ -212,25 +210,6 @@ def _batches_forever(shard, cfg: PretrainConfig, device: torch.device, seed: int
         at.epoch, at.batches = at.epoch + 1, 0
 
 
-def latest_checkpoint(train_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint in storage that loads whole: (path, train state).
-
-    Read from storage rather than from Ray Train's record, which registers a checkpoint a
-    moment after its report and so, after a crash, can point one interval back. A checkpoint
-    cut short by the crash fails to load and the one before it is taken.
-    """
-    dirs = {m.rsplit("/", 1)[0] for m in storage.list_files(train_dir, META_FILE)}
-    for path in sorted((d for d in dirs if d.rsplit("/", 1)[-1].startswith("step-")), reverse=True):
-        try:
-            state = load_train_state(path)
-            read_meta(path)
-            storage.read_bytes(storage.join(path, MODEL_FILE))
-        except Exception:  # noqa: BLE001 - any damage means "not this one"
-            continue
-        return path, state
-    return None
-
-
 def _per_rank(value: Any, world: int) -> list[Any]:
     """Every rank's `value`, in rank order (a collective)."""
     if world == 1:
@@ -264,7 +243,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     opt = cfg.optimizer
     step, final_loss, state, skipped = 0, float("nan"), None, 0
     position = DataPosition()
-    found = latest_checkpoint(loop["train_dir"])
+    found = latest_checkpoint(loop["train_dir"], prefix="step-")
     if found:
         resumed_from, state = found
         load_weights(resumed_from, objective.model)
@@ -561,7 +540,7 @@ def run_pretrain(
     if out.get("error"):
         raise UserError(out["error"])
     # The newest whole checkpoint in storage (Ray Train's record can lag one behind).
-    found = latest_checkpoint(train_dir)
+    found = latest_checkpoint(train_dir, prefix="step-")
     if found is None:
         raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
     checkpoint = storage.qualify(found[0], like=stage_dir)
