@@ -1,4 +1,5 @@
-"""`raypipe run | validate`: the command-line face. Imports nothing heavy until it must."""
+"""`raypipe run | validate | prepare | report`: the command-line face. Imports nothing heavy
+until it must."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "validate", parents=[overrides], help="check a pipeline file and its data; start nothing"
+    )
+    rep = sub.add_parser(
+        "report",
+        help="print a finished pipeline run's summary from MLflow",
+        description="Print the summary `raypipe run` ended with, read back from MLflow.",
+    )
+    rep.add_argument("run_id", help="the pipeline run's id (the summary's `mlflow run` line)")
+    rep.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store "
+        "./raypipe-runs/mlflow.db)",
     )
     prep = sub.add_parser(
         "prepare",
@@ -140,10 +153,34 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        local = Path("raypipe-runs") / "mlflow.db"
+        if not local.is_file():
+            return _error(
+                "no tracking store: pass --tracking-uri (e.g. sqlite:///PATH/raypipe-runs/"
+                "mlflow.db, as the run's summary printed) or set MLFLOW_TRACKING_URI"
+            )
+        uri = f"sqlite:///{local.resolve()}"
+    from raypipe import tracking
+    from raypipe.summary import format_summary
+
+    try:
+        print(format_summary(tracking.read_summary(uri, args.run_id)))
+    except UserError as e:
+        return _error(str(e))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "report":
+        return _report(args)
     from raypipe.config import load_config, to_yaml
 
     try:

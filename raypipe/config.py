@@ -289,9 +289,22 @@ class FinetuneConfig(Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [1.0],
+        description="Sweep on each fraction of the labeled training rows (seeded, stratified "
+        "by class; the same rows for both arms), e.g. [0.01, 0.1, 1.0].",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="Task settings, e.g. {max_new_tokens: 48}."
     )
+
+    @model_validator(mode="after")
+    def _distinct_fractions(self) -> FinetuneConfig:
+        if not self.label_fractions:
+            raise ValueError("label_fractions needs at least one fraction, e.g. [1.0]")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise ValueError(f"label_fractions lists a fraction twice: {self.label_fractions}")
+        return self
 
 
 # --- top level ----------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ from raypipe.data import files as datafiles
 from raypipe.errors import UserError
 from raypipe.plan import Plan, make_plan
 from raypipe.progress import PROGRESS_MARK
-from raypipe.summary import StageReport, Summary
+from raypipe.summary import ARTIFACT as SUMMARY_ARTIFACT
+from raypipe.summary import StageReport, Summary, label_efficiency
+from raypipe.summary import to_json as summary_to_json
 
 STAGE_MARKER = "stage.json"
 #: Pretrain settings that change how a run is carried out, not what it computes: left out of
@@ -402,6 +404,16 @@ class _Stage:
             storage.join(self.dir, STAGE_MARKER), json.dumps(payload, indent=2, default=str)
         )
 
+    @property
+    def computed_by(self) -> tracking.RunRef:
+        """The run that logged the stage's metrics: this one, or the run a reused stage's
+        outputs came from."""
+        if self.marker is None:
+            return self.run
+        return tracking.RunRef(
+            self.run.tracking_uri, self.run.experiment_id, self.marker["mlflow_run_id"]
+        )
+
     def report(self, summary: Summary, metrics: dict[str, Any]) -> None:
         status = "reused" if self.marker is not None else "done"
         elapsed = time.perf_counter() - self.started
@@ -521,6 +533,8 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
             out["steps"],
         )
         tracking.RunLogger(stage.run).set_tags({"raypipe.checkpoint": out["checkpoint"]})
+        tracking.log_datasets(stage.run, _datasets(cfg, inputs, only=("pretrain",)))
+        _plot_pretraining(cfg, stage)
     stage.report(
         summary,
         {
@@ -535,9 +549,45 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
     return ckpt, tokenizer_json, {"type": spec["type"], "config": spec["config"]}, fp
 
 
+def _datasets(cfg: PipelineConfig, inputs: Inputs, *, only=None) -> list[tuple[str, str, str, str]]:
+    """The pipeline's data as MLflow dataset inputs: (name, location, digest, context)."""
+    out = []
+    for context, source, files in (
+        ("pretrain", cfg.data.unlabeled, inputs.unlabeled),
+        ("train", cfg.data.labeled.train if cfg.data.labeled else None, inputs.train),
+        (
+            "validation",
+            cfg.data.labeled.validation if cfg.data.labeled else None,
+            inputs.validation,
+        ),
+    ):
+        if source is not None and files and (only is None or context in only):
+            name = f"{cfg.name}-{context}"
+            location = storage.normalize(source.path)
+            out.append((name, location, datafiles.manifest_digest(files), context))
+    return out
+
+
+def _lineage(init_ckpt: str | None) -> dict[str, Any]:
+    """Tags that tie fine-tuning to the pretraining it started from: the checkpoint, its step
+    and the MLflow run that trained it (when the checkpoint names one)."""
+    if not init_ckpt:
+        return {}
+    from raypipe.engine.checkpoint import read_meta
+
+    meta = read_meta(init_ckpt)
+    tags = {"raypipe.init_checkpoint": init_ckpt}
+    if meta.get("step") is not None:
+        tags["raypipe.pretrain_step"] = meta["step"]
+    if meta.get("mlflow_run_id"):
+        tags["raypipe.pretrain_run_id"] = meta["mlflow_run_id"]
+    return tags
+
+
 def _run_finetune(
-    cfg, inputs, parent, summary, need_ray, *, tokenizer_json, spec, init_ckpt, upstream
-):
+    cfg, inputs, parent, summary, need_ray, *, tokenizer_json, spec, init_ckpt, upstream,
+    pipeline_fp,
+):  # fmt: skip
     import ray
 
     from raypipe.stages.common import Tally
@@ -573,10 +623,11 @@ def _run_finetune(
             )
             skip = cfg.data.bad_images == "skip" and inputs.plan.finetune_input == "image"
             tally = Tally.remote() if skip else None
-            datasets = {
-                split: labeled_dataset(
+
+            def encoded(files, src, max_rows=True):
+                return labeled_dataset(
                     files,
-                    source=src,
+                    source=src if max_rows else src.model_copy(update={"max_rows": None}),
                     kind=task_cls.data_kind,
                     input=inputs.plan.finetune_input,
                     label_dtype=task_cls.label_dtype,
@@ -586,41 +637,80 @@ def _run_finetune(
                     preprocess=cfg.data.preprocess,
                     bad_image_tally=tally,
                 )
-                for split, files, src in (
-                    ("train", inputs.train, lab.train),
-                    ("validation", inputs.validation, lab.validation),
-                )
-            }  # materialized: the tally is final here
-            num_train = datasets["train"].count()
-            if tally is not None:
+
+            full_train = encoded(inputs.train, lab.train)
+            val_ds = encoded(inputs.validation, lab.validation)
+            if tally is not None:  # materialized: the tally is final here
                 skipped = ray.get(tally.get.remote())
                 logger.log_metrics({"data/skipped_images": skipped}, 0)
                 print(f"[finetune] skipped {skipped} undecodable image(s)", flush=True)
             plan = ([("pretrained", init_ckpt)] if init_ckpt else []) + (
                 [("scratch", None)] if f.compare_scratch or not init_ckpt else []
             )
+            lineage = _lineage(init_ckpt)
+            # Class labels are stratified; regression targets and translation pairs are not.
+            stratify = (
+                lab.train.label_column
+                if task_cls.data_kind == "labeled" and task_cls.label_dtype == "int64"
+                else None
+            )
             arms = {}
-            for arm, ckpt in plan:
-                print(
-                    f"[finetune] sweeping the {arm} arm: {f.sweep.num_samples} trial(s)", flush=True
-                )
-                result = run_arm(
-                    arm=arm,
-                    cfg=f,
-                    init_checkpoint=ckpt,
-                    model_spec=spec,
-                    finetune_input=inputs.plan.finetune_input,
-                    tokenizer_json=tokenizer_json,
-                    train_ds=datasets["train"],
-                    val_ds=datasets["validation"],
-                    num_train_rows=num_train,
-                    stage_dir=stage.dir,
-                    parent=stage.run,
-                    seed=cfg.seed,
-                    fingerprint=fp,
-                )
-                arms[arm] = asdict(result)
-            model = _register_best(cfg, stage.run, arms, tokenizer_json)
+            for fraction in sorted(f.label_fractions, reverse=True):
+                where, train_ds = stage.dir, full_train
+                if fraction < 1:
+                    # The same seeded rows for every arm, kept with the stage.
+                    where = storage.join(stage.dir, f"labels-{fraction:g}")
+                    subset = datafiles.label_subset(
+                        inputs.train,
+                        fraction=fraction,
+                        seed=cfg.seed,
+                        stratify_by=stratify,
+                        max_rows=lab.train.max_rows,
+                        out=where,
+                    )
+                    train_ds = encoded(subset, lab.train, max_rows=False)
+                num_train = train_ds.count()
+                for arm, ckpt in plan:
+                    label = arm if fraction == 1 else f"{arm}_{fraction:g}"
+                    print(
+                        f"[finetune] sweeping the {label} arm: {f.sweep.num_samples} trial(s) "
+                        f"on {num_train} labeled rows ({fraction:.0%})",
+                        flush=True,
+                    )
+                    result = run_arm(
+                        arm=label,
+                        cfg=f,
+                        init_checkpoint=ckpt,
+                        model_spec=spec,
+                        finetune_input=inputs.plan.finetune_input,
+                        tokenizer_json=tokenizer_json,
+                        train_ds=train_ds,
+                        val_ds=val_ds,
+                        num_train_rows=num_train,
+                        stage_dir=where,
+                        parent=stage.run,
+                        seed=cfg.seed,
+                        fingerprint=fp,
+                        lineage={**(lineage if ckpt else {}), "raypipe.label_fraction": fraction},
+                    )
+                    arms[label] = {
+                        **asdict(result),
+                        "base_arm": arm,
+                        "label_fraction": fraction,
+                        "num_train_rows": num_train,
+                    }
+            model = _register_best(
+                cfg,
+                stage.run,
+                arms,
+                tokenizer_json,
+                tags={
+                    "raypipe.pipeline_fingerprint": pipeline_fp,
+                    "raypipe.pipeline_run_id": parent.run_id,
+                    tracking.DATA_DIGEST_TAG: datafiles.manifest_digest(inputs.validation),
+                },
+                lineage=lineage,
+            )
             out = {"arms": arms, "model": model}
             stage.complete(out)
         best = {
@@ -632,10 +722,13 @@ def _run_finetune(
         tracking.RunLogger(stage.run).set_tags(
             {"raypipe.best_checkpoint": out["model"]["checkpoint"]}
         )
+        tracking.log_datasets(stage.run, _datasets(cfg, inputs, only=("train", "validation")))
+        _plot_finetuning(cfg, stage, out["arms"])
     arms = out["arms"]
     summary.metric = f.sweep.metric
     summary.arms = arms
     summary.model = out["model"]
+    _log_label_efficiency(cfg, parent, arms)
     stage.report(
         summary,
         {
@@ -646,8 +739,73 @@ def _run_finetune(
     )
 
 
-def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | None) -> dict:
-    """Log the best trial's model (pt2, no pickled code) into the finetune run and register it."""
+def _log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, arms: dict) -> None:
+    """On the pipeline run: label_efficiency.json (the summary's table) and its plot, the best
+    metric against the fraction of labeled rows, one curve per arm."""
+    table = label_efficiency(arms)
+    if not table:
+        return
+    tracking.log_text(parent, json.dumps(table, indent=2), "label_efficiency.json")
+    metric = cfg.finetune.sweep.metric
+    series = {
+        arm: [(row["fraction"], row[arm]) for row in table if row.get(arm) is not None]
+        for arm in ("pretrained", "scratch")
+        if any(row.get(arm) is not None for row in table)
+    }
+    tracking.log_plot(
+        parent,
+        "label_efficiency.png",
+        series,
+        title=f"{cfg.name}: best {metric} against labeled rows used",
+        xlabel="fraction of the labeled training rows (log scale)",
+        ylabel=metric,
+        log_x=True,
+    )
+
+
+def _plot_pretraining(cfg: PipelineConfig, stage: _Stage) -> None:
+    """plots/pretrain_loss.png on the stage's run: the training loss at each logged step."""
+    loss = tracking.metric_history(stage.computed_by, "train/loss")
+    if loss:
+        tracking.log_plot(
+            stage.run,
+            "pretrain_loss.png",
+            {"train/loss": loss},
+            title=f"{cfg.name}: pretraining loss ({cfg.pretrain.objective})",
+            xlabel="step",
+            ylabel="loss",
+        )
+
+
+def _plot_finetuning(cfg: PipelineConfig, stage: _Stage, arms: dict) -> None:
+    """plots/finetune_curves.png on the stage's run: the sweep metric epoch by epoch for the
+    best trial of each arm (pretrained against scratch)."""
+    metric = cfg.finetune.sweep.metric
+    trials = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage.computed_by)}
+    series = {}
+    for arm, result in arms.items():
+        if result["best_trial"] in trials:
+            ref = tracking.RunRef(
+                stage.run.tracking_uri, stage.run.experiment_id, trials[result["best_trial"]]
+            )
+            series[f"{arm} ({result['best_trial']})"] = tracking.metric_history(ref, metric)
+    if series:
+        tracking.log_plot(
+            stage.run,
+            "finetune_curves.png",
+            series,
+            title=f"{cfg.name}: best trial per arm, {metric} on the validation split",
+            xlabel="epoch",
+            ylabel=metric,
+        )
+
+
+def _register_best(
+    cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | None, *, tags: dict, lineage: dict
+) -> dict:
+    """Log the best trial's model (pt2, no pickled code) into the finetune run, register it with
+    its lineage (`tags`; the pretraining it started from when it is the pretrained arm's), and
+    move the champion alias to it if it beats the champion on the same validation data."""
     import torch
 
     from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
@@ -679,8 +837,21 @@ def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | 
                 f"raypipe.{f.sweep.metric}": best["best_metric"],
                 "raypipe.checkpoint": best["best_checkpoint"],
                 "raypipe.init_checkpoint": meta.get("init_checkpoint") or "none",
+                "raypipe.label_fraction": best.get("label_fraction", 1.0),
+                **tags,
+                **(lineage if meta.get("init_checkpoint") else {}),
             },
         )
+    champion, why = tracking.promote_champion(
+        run.tracking_uri,
+        cfg.tracking.registered_model,
+        version,
+        metric=f.sweep.metric,
+        value=best["best_metric"],
+        mode=f.sweep.mode,
+        data_digest=tags[tracking.DATA_DIGEST_TAG],
+    )
+    print(f"[finetune] alias '{tracking.CHAMPION}' -> version {champion} ({why})", flush=True)
     return {
         "name": cfg.tracking.registered_model,
         "version": version,
@@ -688,10 +859,11 @@ def _register_best(cfg, run: tracking.RunRef, arms: dict, tokenizer_json: str | 
         "arm": best["arm"],
         "trial": best["best_trial"],
         "checkpoint": best["best_checkpoint"],
+        "champion": champion,
     }
 
 
-def _pipeline_run(cfg: PipelineConfig, inputs: Inputs) -> tracking.RunRef:
+def _pipeline_run(cfg: PipelineConfig, inputs: Inputs) -> tuple[tracking.RunRef, str]:
     """The pipeline's MLflow run: the interrupted run of this same pipeline (same config, same
     data) continues, so a rerun after a crash keeps one run tree; otherwise a new run."""
     fp = _fingerprint(
@@ -704,10 +876,11 @@ def _pipeline_run(cfg: PipelineConfig, inputs: Inputs) -> tracking.RunRef:
     if found is not None and found[1] != "FINISHED":
         tracking.reopen_run(found[0])
         print(f"[pipeline] continuing the interrupted run {found[0].run_id}", flush=True)
-        return found[0]
-    return tracking.start_run(
+        return found[0], fp
+    run = tracking.start_run(
         **where, name=cfg.name, kind="pipeline", tags={"raypipe.fingerprint": fp}
     )
+    return run, fp
 
 
 def run_pipeline(
@@ -715,7 +888,7 @@ def run_pipeline(
 ) -> Summary:
     started = time.perf_counter()
     inputs = prepare(cfg, address=address)
-    parent = _pipeline_run(cfg, inputs)
+    parent, pipeline_fp = _pipeline_run(cfg, inputs)
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
     started_ray = False
     timing.mark("checks")
@@ -733,6 +906,7 @@ def run_pipeline(
     try:
         tracking.log_text(parent, to_yaml(cfg), "config/pipeline.yaml")
         tracking.RunLogger(parent).log_params(cfg.model_dump(mode="json"))
+        tracking.log_datasets(parent, _datasets(cfg, inputs))
         ckpt, pre_fp = None, None
         if cfg.pretrain is not None:
             ckpt, tokenizer_json, spec, pre_fp = _run_pretrain(
@@ -754,9 +928,11 @@ def run_pipeline(
                 spec=spec,
                 init_ckpt=init_ckpt,
                 upstream=pre_fp or init,
+                pipeline_fp=pipeline_fp,
             )
         summary.seconds = time.perf_counter() - started
         tracking.RunLogger(parent).log_metrics({"pipeline/seconds": summary.seconds}, 0)
+        tracking.log_text(parent, summary_to_json(summary), SUMMARY_ARTIFACT)
         tracking.end_run(parent)
     except BaseException as e:
         tracking.end_run(parent, "FAILED")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raypipe import tracking
@@ -29,6 +30,33 @@ class Summary:
     model: dict[str, Any] = field(default_factory=dict)
 
 
+#: Where a finished pipeline run keeps its summary in MLflow (`raypipe report` reads it).
+ARTIFACT = "summary/summary.json"
+
+
+def to_json(s: Summary) -> str:
+    return json.dumps(asdict(s), indent=2, default=str)
+
+
+def from_json(text: str) -> Summary:
+    raw = json.loads(text)
+    raw["stages"] = [StageReport(**st) for st in raw.get("stages", [])]
+    return Summary(**raw)
+
+
+def label_efficiency(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best metric per label fraction and arm: [{"fraction", "pretrained", "scratch",
+    "rows"}], smallest fraction first; empty unless a sweep ran on a fraction below 1."""
+    if all(a.get("label_fraction", 1.0) == 1.0 for a in arms.values()):
+        return []
+    rows: dict[float, dict[str, Any]] = {}
+    for a in arms.values():
+        row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
+        row[a["base_arm"]] = a["best_metric"]
+        row["rows"] = a.get("num_train_rows")
+    return [rows[k] for k in sorted(rows)]
+
+
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -40,22 +68,43 @@ def format_summary(s: Summary) -> str:
         lines.append(f"  {st.name:<9} {st.status:<7} {st.seconds:6.0f}s  {details}")
     if s.arms:
         lines.append(f"  best {s.metric} on the validation split:")
+        width = max(10, *(len(arm) for arm in s.arms))
         for arm, a in s.arms.items():
             value = "n/a" if a["best_metric"] is None else f"{a['best_metric']:.4f}"
             params = ", ".join(f"{k}={_short(v)}" for k, v in a["best_params"].items())
             lines.append(
-                f"    {arm:<10} {value}  ({a['best_trial'] or 'no trial finished'}: {params})"
+                f"    {arm:<{width}} {value}  ({a['best_trial'] or 'no trial finished'}: {params})"
             )
         pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
         if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
             lines.append(
-                f"    gap        {pre['best_metric'] - scr['best_metric']:+.4f} (pretrained - scratch)"
+                f"    {'gap':<{width}} {pre['best_metric'] - scr['best_metric']:+.4f} "
+                "(pretrained - scratch)"
+            )
+    table = label_efficiency(s.arms)
+    if table:
+        lines.append(f"  label efficiency: best {s.metric} by fraction of the labeled rows")
+        lines.append(
+            f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
+        )
+        for row in table:
+            pre, scr = row.get("pretrained"), row.get("scratch")
+            gap = f"{pre - scr:+.4f}" if pre is not None and scr is not None else "-"
+            lines.append(
+                f"    {row['fraction']:>8g} {row['rows'] or '-':>7} "
+                f"{'-' if pre is None else f'{pre:.4f}':>10} "
+                f"{'-' if scr is None else f'{scr:.4f}':>10} {gap:>8}"
             )
     if s.model:
         lines.append(
             f"  model     registered '{s.model['name']}' version {s.model['version']} "
             f"({s.model['arm']} arm, {s.model['trial']})"
         )
+        if s.model.get("champion"):
+            lines.append(
+                f"            alias '{tracking.CHAMPION}' -> version {s.model['champion']} "
+                f"(models:/{s.model['name']}@{tracking.CHAMPION})"
+            )
     lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
     lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
     return tracking.redact("\n".join(lines))

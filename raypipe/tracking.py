@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import threading
 import time
 import urllib.error
@@ -313,6 +314,61 @@ def child_runs(ref: RunRef) -> list:
     )
 
 
+def metric_history(ref: RunRef, key: str) -> list[tuple[float, float]]:
+    """A run's values of one metric as (step, value), in step order; none when the run is not
+    in this store (a reused stage computed under another tracking server)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        history = _client(ref.tracking_uri).get_metric_history(ref.run_id, key)
+    except MlflowException:
+        return []
+    return sorted((m.step, m.value) for m in history)
+
+
+def log_plot(ref: RunRef, name: str, series: dict, **labels) -> None:
+    """Draw `series` (see plots.curves) and log the PNG as `plots/<name>` on the run."""
+    from raypipe import plots
+
+    with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp:
+        path = plots.curves(Path(tmp) / name, series, **labels)
+        _client(ref.tracking_uri).log_artifact(ref.run_id, str(path), "plots")
+
+
+def read_summary(tracking_uri: str, run_id: str):
+    """The Summary a finished pipeline run logged (see `raypipe report`)."""
+    from mlflow.exceptions import MlflowException
+
+    from raypipe import summary
+
+    check_reachable(tracking_uri)
+    client = _client(tracking_uri)
+    where = f"in the tracking store '{redact(tracking_uri)}'"
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"no run '{run_id}' {where}; pass the pipeline run id the summary printed, and "
+            "--tracking-uri for another store"
+        ) from None
+    kind = run.data.tags.get(KIND_TAG)
+    if kind != "pipeline":
+        parent = run.data.tags.get(PARENT_TAG, "")
+        raise UserError(
+            f"run '{run_id}' is a {kind or 'non-raypipe'} run, not a pipeline run"
+            + (f"; its parent is '{parent}'" if parent else "")
+        )
+    with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, summary.ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise UserError(
+                f"pipeline run '{run_id}' has no summary: it did not finish (status "
+                f"{run.info.status}); run the same pipeline again to finish it"
+            ) from None
+        return summary.from_json(Path(local).read_text())
+
+
 def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
     _client(ref.tracking_uri).log_text(ref.run_id, redact(text), artifact_file)
 
@@ -334,6 +390,71 @@ def open_experiment(tracking_uri: str, name: str, *, artifact_root: str | None) 
             f"MLflow tracking store '{redact(tracking_uri)}' is not usable ({str(e).splitlines()[0]}); "
             "check tracking.uri or MLFLOW_TRACKING_URI"
         ) from None
+
+
+def log_datasets(ref: RunRef, datasets: list[tuple[str, str, str, str]]) -> None:
+    """Record data as the run's inputs (MLflow datasets): (name, location, digest, context),
+    context being e.g. "train". Logging the same dataset again changes nothing."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for name, location, digest, context in datasets:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all local
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(redact(location))
+        dataset = MetaDataset(source, name=name, digest=digest[:36])
+        inputs.append(
+            DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        )
+    _client(ref.tracking_uri).log_inputs(ref.run_id, datasets=inputs)
+
+
+CHAMPION = "champion"
+
+
+def promote_champion(
+    tracking_uri: str,
+    name: str,
+    version: str,
+    *,
+    metric: str,
+    value: float,
+    mode: str,
+    data_digest: str,
+) -> tuple[str, str]:
+    """Point the `champion` alias at `version` if there is no champion yet, or if `version`
+    beats it on the same validation data (the digest tags match). Returns (the champion's
+    version now, why): the alias never moves to a model measured on other data."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    version = str(version)  # MLflow hands back versions as ints or strings
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) == version:
+        return version, "already the champion"
+    if current is not None:
+        theirs = current.tags.get(f"raypipe.{metric}")
+        if current.tags.get(DATA_DIGEST_TAG) != data_digest or theirs is None:
+            return str(current.version), "measured on other validation data: the alias stays"
+        better = value > float(theirs) if mode == "max" else value < float(theirs)
+        if not better:
+            return str(current.version), (
+                f"{metric} {float(theirs):.4g} is not beaten: the alias stays"
+            )
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return version, "new champion"
+
+
+#: On a registered version: the digest of the validation data its metric was measured on.
+DATA_DIGEST_TAG = "raypipe.validation_digest"
 
 
 def log_registered_model(

@@ -228,8 +228,11 @@ def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
     args = ["run", "p.yaml"]
     runs = tmp_path / "runs" / "tiny"
 
-    first = _Driver(args, tmp_path)
+    # Pretraining hangs as step 9 begins (once), after the step-8 checkpoint: the driver is
+    # killed there, and its orphaned workers cannot run on meanwhile.
+    first = _Driver(args, tmp_path, **{ENV: f"stall:pretrain:rank=0:at=9:once={tmp_path / 'p'}"})
     first.wait_for(lambda: list(runs.glob("pretrain-*/train/step-00000008/meta.json")), 600)
+    first.wait_for(lambda: (tmp_path / "p").exists(), 60)
     first.kill()
 
     # Trial 1 hangs as its epoch 2 begins (once): the driver is killed in the middle of it.

@@ -185,6 +185,162 @@ def test_registered_model_loads_and_predicts(first_run, quickstart_data):
     assert mv.tags["raypipe.arm"] == summary.model["arm"]
 
 
+def test_lineage_in_mlflow(first_run, quickstart_data):
+    """Datasets as run inputs with digests; trials and the registered version tied to the
+    pretraining run and step; the champion alias on the first version."""
+    from raypipe import storage
+    from raypipe.data import files as datafiles
+
+    cfg, summary, _ = first_run
+    client = _client(summary.tracking_uri)
+    parent = client.get_run(summary.run_id)
+    exp = parent.info.experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp])}
+
+    def inputs(run) -> dict[str, tuple[str, str]]:
+        got = client.get_run(run.info.run_id).inputs.dataset_inputs
+        return {i.tags[0].value: (i.dataset.name, i.dataset.digest) for i in got}
+
+    digest = {
+        split: datafiles.manifest_digest(
+            datafiles.resolve_parquet_files(quickstart_data[split], key=split)
+        )[:36]
+        for split in ("unlabeled", "train", "validation")
+    }
+    assert inputs(runs["pretrain"]) == {"pretrain": ("tiny-pretrain", digest["unlabeled"])}
+    assert inputs(runs["finetune"]) == {
+        "train": ("tiny-train", digest["train"]),
+        "validation": ("tiny-validation", digest["validation"]),
+    }
+    assert set(inputs(parent)) == {"pretrain", "train", "validation"}
+
+    pretrain_run = runs["pretrain"].info.run_id
+    for name in ("pretrained-00000", "pretrained-00001"):
+        tags = runs[name].data.tags
+        assert tags["raypipe.pretrain_run_id"] == pretrain_run
+        assert tags["raypipe.pretrain_step"] == "30"
+        assert tags["raypipe.init_checkpoint"].endswith("step-00000030")
+    assert "raypipe.pretrain_run_id" not in runs["scratch-00000"].data.tags
+
+    mv = client.get_model_version("tiny", summary.model["version"])
+    assert mv.tags["raypipe.pipeline_fingerprint"] == parent.data.tags["raypipe.fingerprint"]
+    assert mv.tags["raypipe.pipeline_run_id"] == summary.run_id
+    assert mv.tags["raypipe.label_fraction"] == "1.0"
+    assert mv.tags["raypipe.validation_digest"] == datafiles.manifest_digest(
+        datafiles.resolve_parquet_files(quickstart_data["validation"], key="v")
+    )
+    if summary.model["arm"] == "pretrained":
+        assert mv.tags["raypipe.pretrain_run_id"] == pretrain_run
+    assert client.get_model_version_by_alias("tiny", "champion").version == mv.version
+    assert summary.model["champion"] == str(mv.version)
+    assert storage.exists(mv.tags["raypipe.checkpoint"])
+
+
+def test_plots_are_logged_as_real_images(first_run, tmp_path):
+    """The pretraining loss curve and the best trial per arm, as PNGs on the stage runs."""
+    from PIL import Image
+
+    from raypipe.plots import SIZE_PX
+
+    cfg, summary, _ = first_run
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp])}
+    for stage, name in (("pretrain", "pretrain_loss.png"), ("finetune", "finetune_curves.png")):
+        local = client.download_artifacts(runs[stage], f"plots/{name}", str(tmp_path))
+        with Image.open(local) as image:
+            assert image.format == "PNG" and image.size == SIZE_PX
+            # Drawn on: axes, lines and text, not a blank canvas.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+
+
+def test_report_prints_the_summary_from_mlflow(first_run, tmp_path):
+    cfg, summary, _ = first_run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+    def report(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "raypipe", "report", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    done = report(summary.run_id, "--tracking-uri", summary.tracking_uri)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == format_summary(summary) + "\n"
+    assert "alias 'champion' -> version" in done.stdout
+
+    stage = _client(summary.tracking_uri).search_runs(
+        [_client(summary.tracking_uri).get_run(summary.run_id).info.experiment_id],
+        filter_string="attributes.run_name = 'pretrain'",
+    )[0]
+    for args, message in (
+        (["0" * 32, "--tracking-uri", summary.tracking_uri], "no run '" + "0" * 32 + "'"),
+        ([stage.info.run_id, "--tracking-uri", summary.tracking_uri], "is a stage run, not a"),
+        ([summary.run_id], "no tracking store: pass --tracking-uri"),
+    ):
+        done = report(*args)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("raypipe: error: ") and message in done.stderr
+        assert done.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_label_fractions_sweep_both_arms_on_the_same_rows(ray_session, quickstart_data, tmp_path):
+    import json
+    from collections import Counter
+
+    from PIL import Image
+
+    from raypipe.plots import SIZE_PX
+
+    raw = tiny_config(quickstart_data, tmp_path)
+    raw["pretrain"].update(max_steps=10, log_every=5, checkpoint_every=10)
+    raw["finetune"].update(epochs=1, label_fractions=[0.5, 1.0])
+    raw["finetune"]["sweep"].update(num_samples=1, scheduler="fifo")
+    summary = run_pipeline(parse_config(raw))
+
+    labels = pq.read_table(quickstart_data["train"]).column("label").to_pylist()
+    half = sum(max(1, round(0.5 * n)) for n in Counter(labels).values())  # stratified
+    assert {k: (a["label_fraction"], a["num_train_rows"]) for k, a in summary.arms.items()} == {
+        "pretrained": (1.0, len(labels)),
+        "scratch": (1.0, len(labels)),
+        "pretrained_0.5": (0.5, half),
+        "scratch_0.5": (0.5, half),
+    }
+    # One subset, written once, read by both arms.
+    (subset,) = tmp_path.glob("tiny/finetune-*/labels-0.5/*.parquet")
+    picked = pq.read_table(subset).column("label").to_pylist()
+    assert Counter(picked) == {y: max(1, round(0.5 * n)) for y, n in Counter(labels).items()}
+
+    text = format_summary(summary)
+    assert "label efficiency: best val/accuracy by fraction of the labeled rows" in text
+    client = _client(summary.tracking_uri)
+    table = json.loads(
+        Path(
+            client.download_artifacts(summary.run_id, "label_efficiency.json", str(tmp_path))
+        ).read_text()
+    )
+    assert [(r["fraction"], r["rows"]) for r in table] == [(0.5, half), (1.0, len(labels))]
+    for row in table:
+        for arm in ("pretrained", "scratch"):
+            best = summary.arms[arm if row["fraction"] == 1 else f"{arm}_0.5"]["best_metric"]
+            assert row[arm] == best
+    png = client.download_artifacts(summary.run_id, "plots/label_efficiency.png", str(tmp_path))
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == SIZE_PX
+
+    exp = client.get_run(summary.run_id).info.experiment_id
+    trials = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
+    assert sorted((t.data.tags["raypipe.arm"], t.data.tags["raypipe.label_fraction"])
+                  for t in trials) == [("pretrained", "1.0"), ("pretrained_0.5", "0.5"),
+                                       ("scratch", "1.0"), ("scratch_0.5", "0.5")]  # fmt: skip
+    version = client.get_model_version("tiny", summary.model["version"])
+    best = summary.arms[version.tags["raypipe.arm"]]
+    assert version.tags["raypipe.label_fraction"] == str(best["label_fraction"])
+
+
 def test_rerun_reuses_completed_stages(first_run):
     cfg, summary, _ = first_run
     again = run_pipeline(cfg)

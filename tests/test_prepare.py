@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -177,3 +178,35 @@ def test_cli_reports_rows_and_never_overwrites(tmp_path):
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr + again.stderr
+
+
+def test_label_subsets_are_stratified_seeded_and_ordered(tmp_path):
+    from raypipe.data.files import label_subset
+
+    # 3 classes of 100, 50 and 10 rows over two shards.
+    labels = [0] * 100 + [1] * 50 + [2] * 10
+    for i, part in enumerate((slice(0, 80), slice(80, None))):
+        rows = list(range(160))[part]
+        pq.write_table(
+            pa.table({"text": [f"row {r}" for r in rows], "label": [labels[r] for r in rows]}),
+            tmp_path / f"part-{i}.parquet",
+        )
+    files = [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
+
+    def subset(fraction, seed=0, stratify_by="label", out="s"):
+        (path,) = label_subset(
+            files, fraction=fraction, seed=seed, stratify_by=stratify_by, out=str(tmp_path / out)
+        )
+        return pq.read_table(path).to_pydict()
+
+    tenth = subset(0.1)
+    assert [tenth["label"].count(c) for c in (0, 1, 2)] == [10, 5, 1]
+    rows = [int(t.split()[1]) for t in tenth["text"]]
+    assert rows == sorted(rows) and all(
+        labels[r] == y for r, y in zip(rows, tenth["label"], strict=True)
+    )
+    assert subset(0.1, out="again") == tenth  # seeded: the same rows every time
+    assert subset(0.1, seed=1, out="other") != tenth
+    assert [subset(0.01)["label"].count(c) for c in (0, 1, 2)] == [1, 1, 1]  # one per class
+    assert len(subset(0.25, stratify_by=None, out="plain")["text"]) == 40
+    assert len(subset(1.0)["text"]) == 160

@@ -65,3 +65,49 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(tmp_path
         logger.close(timeout=60)
         history = MlflowClient(server.url).get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+
+
+def test_champion_moves_only_for_a_better_model_on_the_same_data(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+
+    def register(accuracy: float, data: str) -> tuple[str, tuple[str, str]]:
+        version = client.create_model_version(
+            "m",
+            source=str(tmp_path),
+            tags={"raypipe.val/accuracy": str(accuracy), tracking.DATA_DIGEST_TAG: data},
+        ).version
+        version = str(version)
+        moved = tracking.promote_champion(
+            uri, "m", version, metric="val/accuracy", value=accuracy, mode="max", data_digest=data
+        )
+        return version, moved
+
+    v1, moved = register(0.80, "a")
+    assert moved == (v1, "new champion")  # no champion yet
+    _, moved = register(0.70, "a")
+    assert moved == (v1, "val/accuracy 0.8 is not beaten: the alias stays")
+    _, moved = register(0.95, "b")  # better, but on other validation data
+    assert moved == (v1, "measured on other validation data: the alias stays")
+    v4, moved = register(0.90, "a")
+    assert moved == (v4, "new champion")
+    assert str(client.get_model_version_by_alias("m", tracking.CHAMPION).version) == v4
+    assert register(0.90, "a")[1] == (v4, "val/accuracy 0.9 is not beaten: the alias stays")
+    # A loss-like metric: lower wins.
+    assert tracking.promote_champion(
+        uri, "m", v1, metric="val/accuracy", value=0.85, mode="min", data_digest="a"
+    ) == (v1, "new champion")
+
+
+def test_datasets_are_logged_as_run_inputs_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.open_experiment(uri, "e", artifact_root=None)
+    run = tracking.start_run(tracking_uri=uri, experiment_id=exp, name="r", kind="pipeline")
+    data = [("e-train", str(tmp_path / "train"), "d" * 64, "train")]
+    tracking.log_datasets(run, data)
+    tracking.log_datasets(run, data)  # a resumed run logs them again
+    (logged,) = MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("e-train", "d" * 36)
+    assert str(tmp_path / "train") in logged.dataset.source
+    assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "train")]

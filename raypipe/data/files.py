@@ -168,3 +168,46 @@ def check_values(
             f"{key}: labels range over [{lo_all}, {hi_all}] but finetune.num_classes is "
             f"{num_classes}; labels must be integers in [0, num_classes)"
         )
+
+
+def label_subset(
+    files: list[str],
+    *,
+    fraction: float,
+    seed: int,
+    stratify_by: str | None,
+    out: str,
+    max_rows: int | None = None,
+) -> list[str]:
+    """A seeded `fraction` of the rows of `files`, written as one Parquet shard in `out` (a
+    path or URI); returns [its location]. With `stratify_by` (a class label column) each
+    class keeps its share, and at least one row. Rows keep their order. The same inputs
+    give the same subset, so every arm of a sweep trains on the same rows. `max_rows` first
+    keeps only the first rows, as the data source's `max_rows` does."""
+    import io
+
+    import numpy as np
+
+    tables = []
+    for f in files:
+        fs, path = storage.resolve(f)
+        tables.append(pq.read_table(path, filesystem=fs))
+    table = pa.concat_tables(tables, promote_options="default")
+    if max_rows:
+        table = table.slice(0, max_rows)
+    rng = np.random.default_rng(seed)
+    if stratify_by is None:
+        groups = [np.arange(table.num_rows)]
+    else:
+        labels = table.column(stratify_by).to_numpy(zero_copy_only=False)
+        groups = [np.flatnonzero(labels == value) for value in np.unique(labels)]
+    chosen = np.sort(
+        np.concatenate(
+            [rng.choice(g, size=max(1, round(fraction * len(g))), replace=False) for g in groups]
+        )
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table.take(chosen), buffer)
+    location = storage.join(out, "part-00000.parquet")
+    storage.write_bytes(location, buffer.getvalue())
+    return [location]

@@ -492,6 +492,7 @@ def _trial_run(static: dict[str, Any], trial_id: str, name: str, hp: dict) -> tr
             "raypipe.arm": static["arm"],
             "raypipe.trial_id": trial_id,
             "raypipe.init_checkpoint": static["init_checkpoint"] or "none",
+            **static["lineage"],  # the pretraining run and step it started from
         },
     )
     tracking.RunLogger(run).log_params(hp)
@@ -647,6 +648,7 @@ def run_arm(
     parent: tracking.RunRef,
     seed: int,
     fingerprint: str,
+    lineage: dict[str, Any] | None = None,
 ) -> ArmResult:
     sweep = cfg.sweep
     static = {
@@ -661,6 +663,7 @@ def run_arm(
         "parent": parent,
         "seed": seed,
         "fingerprint": fingerprint,
+        "lineage": lineage or {},
         "faults": os.environ.get(faults.ENV, ""),
     }
     space = _search_space(sweep.space)

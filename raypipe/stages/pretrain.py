@@ -328,6 +328,8 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 "strategy": cfg.strategy,
                 "skipped_steps": skipped,
                 "num_workers": world,
+                # Lineage: the MLflow run that trained it (fine-tune trials tag themselves).
+                "mlflow_run_id": loop["run"].run_id if loop["run"] is not None else None,
             },
             train_state={
                 "step": step,
