@@ -8,6 +8,7 @@ import os
 import sys
 
 from raypipe.errors import UserError
+from raypipe.progress import console
 
 EXIT_USER_ERROR = 2
 
@@ -119,6 +120,7 @@ def _quiet_driver() -> None:
 
 
 def _error(message: str) -> int:
+    console.end_status()  # a status line drawn on the terminal ends before the error
     print(f"raypipe: error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             if user is not None:
                 return _error(str(user))
             raise
+        console.end_status()  # a status that came in after its stage ended
         print(format_summary(summary))
         return 0
     except UserError as e:

@@ -289,6 +289,12 @@ class FinetuneConfig(Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    min_epoch_rows: PositiveInt | None = Field(
+        None,
+        description="An epoch trains on at least this many rows: a smaller labeled set (say a 1 % "
+        "label fraction) is repeated, reshuffled, within each epoch, so that it still gets enough "
+        "optimizer steps to learn; null: one pass.",
+    )
     label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=lambda: [1.0],
         description="Sweep on each fraction of the labeled training rows (seeded, stratified "
@@ -402,6 +408,8 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                 problems.append(
                     f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
                 )
+                continue
+            problems.extend(_check_space_values(key, f.sweep.space[key]))
         s = f.sweep
         grids = [k for k, d in s.space.items() if d.kind == "grid"]
         if s.search == "optuna" and grids:
@@ -427,6 +435,23 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
     cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
     cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
     return problems
+
+
+def _check_space_values(key: str, dist: Distribution) -> list[str]:
+    """Each value a sweep may pick for `key` must be a valid value of that setting; values are
+    coerced as the setting itself would be (YAML reads `1e-3`, without a dot, as a string)."""
+    owner = FinetuneOptimizer if key in FinetuneOptimizer.model_fields else FinetuneConfig
+    values = list(getattr(dist, dist.kind))
+    coerced = []
+    for value in values:
+        try:
+            coerced.append(getattr(owner.model_validate({key: value}), key))
+        except ValidationError as e:
+            why = e.errors()[0]["msg"]
+            return [f"finetune.sweep.space.{key}: {value!r} is not a valid {key} ({why})"]
+    if dist.kind in ("choice", "grid"):
+        setattr(dist, dist.kind, coerced)
+    return []
 
 
 def _fields_at(loc: tuple) -> list[str]:

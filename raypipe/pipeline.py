@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -24,7 +25,7 @@ from raypipe.config import PipelineConfig, to_yaml
 from raypipe.data import files as datafiles
 from raypipe.errors import UserError
 from raypipe.plan import Plan, make_plan
-from raypipe.progress import PROGRESS_MARK
+from raypipe.progress import PROGRESS_MARK, STATUS_MARK, console
 from raypipe.summary import ARTIFACT as SUMMARY_ARTIFACT
 from raypipe.summary import StageReport, Summary, label_efficiency
 from raypipe.summary import to_json as summary_to_json
@@ -50,6 +51,8 @@ LOCAL_RAY_ENV = {
     "REPORTER_UPDATE_INTERVAL_MS": "30000",  # dashboard agent's node stats sweep (5 s)
     "RAY_metrics_report_interval_ms": "30000",  # every process's metrics export (10 s)
     "RAY_health_check_period_ms": "10000",  # GCS -> raylet health checks, one node (3 s)
+    # One machine is not preempted: no watcher process polling for it per Train run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 
@@ -97,7 +100,7 @@ def _generate_if_missing(cfg: PipelineConfig) -> None:
     rows = generate_quickstart(
         unlabeled_dir=paths[0], train_dir=paths[1], validation_dir=paths[2], seed=cfg.seed
     )
-    print(f"[data] generated quickstart data: {rows}", flush=True)
+    console.line(f"[data] generated quickstart data: {rows}")
 
 
 def _check_storage(location: str) -> str:
@@ -228,9 +231,10 @@ def _forward_progress_only() -> None:
 
     def forward(data: dict) -> None:
         for line in data.get("lines", ()):
-            at = line.find(PROGRESS_MARK)
-            if at >= 0:
-                print(line[at + len(PROGRESS_MARK) :].strip(), flush=True)
+            if (at := line.find(STATUS_MARK)) >= 0:
+                console.status(line[at + len(STATUS_MARK) :].strip())
+            elif (at := line.find(PROGRESS_MARK)) >= 0:
+                console.line(line[at + len(PROGRESS_MARK) :].strip())
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("raypipe_progress", forward)
@@ -336,14 +340,13 @@ def _init_ray(address: str | None, *, verbose: bool) -> bool:
     if address:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         total = ray.cluster_resources()
-        print(
+        console.line(
             f"[ray] connected to the Ray cluster at {address}: {nodes} node(s), "
             f"{total.get('CPU', 0):g} CPU(s), {total.get('GPU', 0):g} GPU(s) now "
-            "(an autoscaler may add more)",
-            flush=True,
+            "(an autoscaler may add more)"
         )
     else:
-        print("[ray] started a local Ray on this machine", flush=True)
+        console.line("[ray] started a local Ray on this machine")
     return True
 
 
@@ -440,14 +443,12 @@ def _stage(
         parent=parent,
     )
     if marker is not None:
-        print(f"[{name}] reusing the completed stage {tracking.redact(stage_dir)}", flush=True)
+        console.line(f"[{name}] reusing the completed stage {tracking.redact(stage_dir)}")
     else:
         storage.makedirs(stage_dir)
         storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
         if found is not None:
-            print(
-                f"[{name}] resuming the interrupted stage {tracking.redact(stage_dir)}", flush=True
-            )
+            console.line(f"[{name}] resuming the interrupted stage {tracking.redact(stage_dir)}")
         need_ray()
     if found is not None:
         run, status = found
@@ -468,8 +469,10 @@ def _stage(
     try:
         yield _Stage(name, stage_dir, fp, run, marker)
     except BaseException:
+        console.end_status()
         tracking.end_run(run, "FAILED")
         raise
+    console.end_status()
     tracking.end_run(run)
 
 
@@ -591,7 +594,7 @@ def _run_finetune(
     import ray
 
     from raypipe.stages.common import Tally
-    from raypipe.stages.finetune import labeled_dataset, run_arm
+    from raypipe.stages.finetune import labeled_dataset, num_trials, run_arm
 
     f = cfg.finetune
     lab = cfg.data.labeled
@@ -643,7 +646,7 @@ def _run_finetune(
             if tally is not None:  # materialized: the tally is final here
                 skipped = ray.get(tally.get.remote())
                 logger.log_metrics({"data/skipped_images": skipped}, 0)
-                print(f"[finetune] skipped {skipped} undecodable image(s)", flush=True)
+                console.line(f"[finetune] skipped {skipped} undecodable image(s)")
             plan = ([("pretrained", init_ckpt)] if init_ckpt else []) + (
                 [("scratch", None)] if f.compare_scratch or not init_ckpt else []
             )
@@ -670,12 +673,17 @@ def _run_finetune(
                     )
                     train_ds = encoded(subset, lab.train, max_rows=False)
                 num_train = train_ds.count()
+                epoch_rows, repeat = num_train, 1
+                if f.min_epoch_rows and 0 < num_train < f.min_epoch_rows:
+                    repeat = math.ceil(f.min_epoch_rows / num_train)
+                    epoch_rows = num_train * repeat
+                    train_ds = train_ds.union(*[train_ds] * (repeat - 1)).materialize()
                 for arm, ckpt in plan:
                     label = arm if fraction == 1 else f"{arm}_{fraction:g}"
-                    print(
-                        f"[finetune] sweeping the {label} arm: {f.sweep.num_samples} trial(s) "
-                        f"on {num_train} labeled rows ({fraction:.0%})",
-                        flush=True,
+                    console.line(
+                        f"[finetune] sweeping the {label} arm: {num_trials(f.sweep)} trial(s) "
+                        f"on {num_train} labeled rows ({fraction:.0%})"
+                        + (f", repeated {repeat}x in each epoch" if repeat > 1 else "")
                     )
                     result = run_arm(
                         arm=label,
@@ -686,7 +694,7 @@ def _run_finetune(
                         tokenizer_json=tokenizer_json,
                         train_ds=train_ds,
                         val_ds=val_ds,
-                        num_train_rows=num_train,
+                        num_train_rows=epoch_rows,
                         stage_dir=where,
                         parent=stage.run,
                         seed=cfg.seed,
@@ -851,7 +859,7 @@ def _register_best(
         mode=f.sweep.mode,
         data_digest=tags[tracking.DATA_DIGEST_TAG],
     )
-    print(f"[finetune] alias '{tracking.CHAMPION}' -> version {champion} ({why})", flush=True)
+    console.line(f"[finetune] alias '{tracking.CHAMPION}' -> version {champion} ({why})")
     return {
         "name": cfg.tracking.registered_model,
         "version": version,
@@ -875,7 +883,7 @@ def _pipeline_run(cfg: PipelineConfig, inputs: Inputs) -> tuple[tracking.RunRef,
     found = tracking.find_run(**where, kind="pipeline", tags={"raypipe.fingerprint": fp})
     if found is not None and found[1] != "FINISHED":
         tracking.reopen_run(found[0])
-        print(f"[pipeline] continuing the interrupted run {found[0].run_id}", flush=True)
+        console.line(f"[pipeline] continuing the interrupted run {found[0].run_id}")
         return found[0], fp
     run = tracking.start_run(
         **where, name=cfg.name, kind="pipeline", tags={"raypipe.fingerprint": fp}

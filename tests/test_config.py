@@ -137,11 +137,24 @@ def test_cross_field_rules(changes, expected):
         ({"lr": {"loguniform": [1e-5, 1e-3], "choice": [1]}}, "give exactly one of"),
         ({"lr": {"normal": [0, 1]}}, "finetune.sweep.space.lr.normal: unknown key"),
         ({"batch_size": {"choice": []}}, "choice needs at least one value"),
+        ({"lr": {"grid": [1e-3, "fast"]}}, "space.lr: 'fast' is not a valid lr"),
+        ({"dropout": {"uniform": [0.1, 1.5]}}, "space.dropout: 1.5 is not a valid dropout"),
+        ({"batch_size": {"choice": [16, 0]}}, "space.batch_size: 0 is not a valid batch_size"),
+        ({"freeze_backbone": {"grid": ["maybe"]}}, "'maybe' is not a valid freeze_backbone"),
     ],
 )
 def test_bad_search_space(space, fragment):
     problems = _problems(_with(finetune={"sweep": {"space": space}}))
     assert any(fragment in p for p in problems), problems
+
+
+def test_search_space_values_are_read_as_their_setting():
+    # YAML reads 1e-3 (no dot) as a string; the sweep must still get a number.
+    raw = _with(finetune={"sweep": {"space": {"lr": {"grid": ["1e-3", 3.0e-4]},
+                                              "batch_size": {"choice": ["16", 32]}}}})  # fmt: skip
+    space = parse_config(raw).finetune.sweep.space
+    assert space["lr"].grid == [0.001, 0.0003]
+    assert space["batch_size"].choice == [16, 32]
 
 
 def test_overrides_parse_yaml_values(tmp_path):

@@ -110,8 +110,9 @@ def test_max_rows_limits_what_a_stage_reads(ray_session, media_data):
     assert batches[0]["view1"].shape[1:] == (3, 8, 8)
 
 
-def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data):
+def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data, monkeypatch):
     from raypipe.config import PretrainConfig, Source
+    from raypipe.stages import pretrain
     from raypipe.stages.pretrain import MAX_PASSES, build_dataset, passes_per_epoch
 
     files = [str(p) for p in sorted(Path(media_data["shapes_train"]).glob("*.parquet"))]
@@ -131,20 +132,23 @@ def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data):
     model_config = {"image_size": 8, "channels": 3}
     options = ray_session.data.DataContext.get_current().execution_options
     options.preserve_order = True  # as the trainer streams it (see run_pretrain)
-    try:
+
+    def images(**kw):
         stream = build_dataset(files, kind="images", source=source, tokenizer_json=None,
-                               seq_len=8, text_extra=0, model_config=model_config,
-                               passes=3)  # fmt: skip
-        images = np.concatenate([b["image"] for b in stream.iter_batches(batch_size=None)])
-        once = build_dataset(files, kind="images", source=source, tokenizer_json=None,
-                             seq_len=8, text_extra=0, model_config=model_config)  # fmt: skip
-        first = np.concatenate([b["image"] for b in once.iter_batches(batch_size=None)])
+                               seq_len=8, text_extra=0, model_config=model_config, **kw)  # fmt: skip
+        return np.concatenate([b["image"] for b in stream.iter_batches(batch_size=None)])
+
+    try:
+        first = images()
+        cached = images(passes=3)  # small data: read once, then three passes
+        monkeypatch.setattr(pretrain, "CACHE_MAX_BYTES", 0)
+        streamed = images(passes=3)  # big data: a union of three reads
     finally:
         options.preserve_order = False
-    assert len(images) == 3 * 24  # max_rows applies to each pass
-    rows = {r.tobytes() for r in first}
-    assert {r.tobytes() for r in images} == rows  # the same rows, each three times
-    assert sorted(r.tobytes() for r in images) == sorted(3 * [r.tobytes() for r in first])
+    for repeated in (cached, streamed):
+        assert len(repeated) == 3 * 24  # max_rows applies to each pass
+        # The same rows, each three times.
+        assert sorted(r.tobytes() for r in repeated) == sorted(3 * [r.tobytes() for r in first])
 
 
 def test_text_passes_are_estimated_low_from_the_footers(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from raypipe.config import parse_config
+from raypipe.engine.checkpoint import load_train_state
 from raypipe.errors import UserError
 from raypipe.pipeline import run_pipeline
 from raypipe.summary import format_summary
@@ -297,18 +298,24 @@ def test_label_fractions_sweep_both_arms_on_the_same_rows(ray_session, quickstar
 
     raw = tiny_config(quickstart_data, tmp_path)
     raw["pretrain"].update(max_steps=10, log_every=5, checkpoint_every=10)
-    raw["finetune"].update(epochs=1, label_fractions=[0.5, 1.0])
-    raw["finetune"]["sweep"].update(num_samples=1, scheduler="fifo")
-    summary = run_pipeline(parse_config(raw))
-
     labels = pq.read_table(quickstart_data["train"]).column("label").to_pylist()
     half = sum(max(1, round(0.5 * n)) for n in Counter(labels).values())  # stratified
+    # An epoch covers at least the full set's rows: the half subset is repeated in each epoch.
+    raw["finetune"].update(epochs=1, label_fractions=[0.5, 1.0], min_epoch_rows=len(labels))
+    raw["finetune"]["sweep"].update(num_samples=1, scheduler="fifo")
+    summary = run_pipeline(parse_config(raw))
     assert {k: (a["label_fraction"], a["num_train_rows"]) for k, a in summary.arms.items()} == {
         "pretrained": (1.0, len(labels)),
         "scratch": (1.0, len(labels)),
         "pretrained_0.5": (0.5, half),
         "scratch_0.5": (0.5, half),
     }
+    repeat = -(-len(labels) // half)
+    assert repeat > 1
+    for fraction, rows in (("labels-0.5/", half * repeat), ("", len(labels))):
+        for arm in ("pretrained", "scratch"):
+            (ckpt,) = tmp_path.glob(f"tiny/finetune-*/{fraction}trials/{arm}*/epoch-0001")
+            assert load_train_state(ckpt)["steps"] == rows // 16  # optimizer steps in the epoch
     # One subset, written once, read by both arms.
     (subset,) = tmp_path.glob("tiny/finetune-*/labels-0.5/*.parquet")
     picked = pq.read_table(subset).column("label").to_pylist()
@@ -410,6 +417,9 @@ def test_cli_runs_the_quickstart_at_smoke_size(ray_session, tmp_path):
     out = proc.stdout
     assert "raypipe: pipeline 'quickstart' finished" in out
     assert "pretrain step 20/20" in out  # progress lines reach the driver's console
+    # Each stage's last status line is in the log: the sweep's says every trial finished.
+    for arm in ("pretrained", "scratch"):
+        assert f"finetune {arm}: 1/1 trials done, 0 running, best val/accuracy" in out
     assert "pretrained" in out and "scratch" in out and "registered 'quickstart' version 1" in out
     assert (tmp_path / "data" / "quickstart" / "unlabeled").is_dir()  # generated on first run
     assert (tmp_path / "raypipe-runs" / "mlflow.db").is_file()

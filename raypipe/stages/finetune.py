@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import tempfile
@@ -37,6 +38,7 @@ from raypipe.config import (
     FinetuneConfig,
     LabeledSource,
     PreprocessConfig,
+    SweepConfig,
 )
 from raypipe.data.text import encode_labeled, encode_translation
 from raypipe.data.vision import encode_labeled_images
@@ -54,7 +56,7 @@ from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.plan import task_options
-from raypipe.progress import progress
+from raypipe.progress import console
 from raypipe.stages.common import (
     find_user_error,
     latest_checkpoint,
@@ -163,6 +165,55 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 def _trial_name(arm: str, trial_id: str) -> str:
     """Deterministic: Tune's trial ids end in the trial's index (`..._00003`)."""
     return f"{arm}-{trial_id.rsplit('_', 1)[-1]}"
+
+
+def num_trials(sweep: SweepConfig) -> int:
+    """Trials in one arm: num_samples times every grid point."""
+    points = math.prod(len(d.grid) for d in sweep.space.values() if d.kind == "grid")
+    return sweep.num_samples * points
+
+
+class _SweepStatus(tune.Callback):
+    """The sweep's one status line on the driver's console: trials finished of all, the best
+    so far, and the latest epoch's result with its throughput."""
+
+    def __init__(self, arm: str, cfg: FinetuneConfig):
+        self.arm, self.total, self.epochs = arm, num_trials(cfg.sweep), cfg.epochs
+        self.metric, self.mode = cfg.sweep.metric, cfg.sweep.mode
+        self.best: float | None = None
+        self.finished: set[str] = set()
+        self.latest = ""
+
+    def _show(self, trials) -> None:
+        self.finished |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        console.status(
+            f"finetune {self.arm}: {len(self.finished)}/{self.total} trials done, {running} "
+            f"running, best {self.metric} {best}" + (f" | {self.latest}" if self.latest else "")
+        )
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None:
+            return
+        if _is_better(value, self.best, self.mode):
+            self.best = float(value)
+        rate = [f"{v:,.0f} {k[5:-6]}/s" for k, v in result.items()
+                if k.startswith("perf/") and k.endswith("_per_s")]  # fmt: skip
+        self.latest = (
+            f"{_trial_name(self.arm, trial.trial_id)} epoch {result.get('epoch')}/{self.epochs} "
+            f"{self.metric} {value:.4f}" + (f", {rate[0]}" if rate else "")
+        )
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self._show(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self._show(trials)
 
 
 def _search_space(space: dict[str, Distribution]) -> dict[str, Any]:
@@ -423,12 +474,7 @@ def _finetune_loop(loop: dict[str, Any], session=None) -> None:
                 **{f"val/{k}": v for k, v in task.summarize(val_totals).items()},
                 **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
             }
-            logger.log_metrics(metrics, epoch)
-            if rank == 0:
-                progress(
-                    f"finetune {loop['trial_name']} epoch {epoch}/{cfg.epochs} "
-                    f"val/loss {metrics['val/loss']:.4f} {metric} {metrics[metric]:.4f}"
-                )
+            logger.log_metrics(metrics, epoch)  # the sweep's status line shows it (_SweepStatus)
             value = metrics[metric]
             save = None
             # PBT continues from the latest state, so it saves every epoch; otherwise the best only.
@@ -709,7 +755,7 @@ def run_arm(
     if tune.Tuner.can_restore(sweep_dir):
         # A driver that died mid-sweep: finished trials stay finished, unfinished ones resume
         # from their checkpoints, failed ones stay failed.
-        print(f"[finetune] resuming the {arm} sweep from {sweep_dir}", flush=True)
+        console.line(f"[finetune] resuming the {arm} sweep from {sweep_dir}")
         tuner = tune.Tuner.restore(
             sweep_dir, trainable=trainable, resume_unfinished=True, param_space=space
         )
@@ -730,6 +776,7 @@ def run_arm(
                 storage_path=stage_dir,
                 verbose=0,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                callbacks=[_SweepStatus(arm, cfg)],
             ),
         )
     grid = tuner.fit()

@@ -49,7 +49,7 @@ from raypipe.errors import UserError
 from raypipe.models import build_model
 from raypipe.objectives import build_objective
 from raypipe.objectives.base import DATA_KINDS
-from raypipe.progress import progress
+from raypipe.progress import progress, status
 from raypipe.stages.common import (
     Tally,
     latest_checkpoint,
@@ -74,6 +74,9 @@ class PretrainOutput:
 MAX_BYTES_PER_TOKEN = 8
 #: At most this many passes over the data in one Ray Data epoch.
 MAX_PASSES = 64
+#: Data read over several passes is read once into Ray's object store up to this size (raw
+#: column bytes from the Parquet footers); each pass then streams it through the transforms.
+CACHE_MAX_BYTES = 256 * 2**20
 
 
 def passes_per_epoch(
@@ -147,10 +150,6 @@ def build_dataset(
     ds = ray.data.read_parquet(files, columns=columns)
     if source.max_rows:
         ds = ds.limit(source.max_rows)
-    if passes > 1:
-        # A union of the same read, not one read of the shards listed `passes` times: that one
-        # stalled the trainer for seconds at each pass's end (measured: bench/pretrain_speed.py).
-        ds = ds.union(*[ds] * (passes - 1))
     if bad_image_tally is not None and kind != "text_blocks":
         ds = skip_bad_images(
             ds,
@@ -160,6 +159,14 @@ def build_dataset(
             preprocess=preprocess,
             tally=bad_image_tally,
         )
+    if passes > 1:
+        # A union of the same read, not one read of the shards listed `passes` times: that one
+        # stalled the trainer for seconds at each pass's end (measured: bench/pretrain_speed.py).
+        if sum(datafiles.footprint(files, c)[1] for c in columns) <= CACHE_MAX_BYTES:
+            # Small data read once: a union of `passes` reads starts every read at once, and
+            # the first batch waited for them (169 s for 64 passes over CIFAR-10's 10,000 JPEGs).
+            ds = ds.materialize()
+        ds = ds.union(*[ds] * (passes - 1))
     ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
     return ds.map_batches(
         fn,
@@ -450,7 +457,7 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
             logger.log_metrics(metrics, step)
             if rank == 0:
                 unit = objective.unit
-                progress(
+                status(
                     f"pretrain step {step}/{cfg.max_steps} loss {final_loss:.4f} "
                     f"{metrics[f'perf/{unit}_per_s']:.0f} {unit}/s "
                     f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
