@@ -27,6 +27,11 @@ FINETUNE = ["finetune.epochs=1", "finetune.batch_size=16", "finetune.sweep.num_s
             "finetune.compare_scratch=false", "finetune.sweep.grace_period=1"]  # fmt: skip
 
 
+# Label-efficiency studies: two fractions, the small one repeated, one trial per arm.
+FRACTIONS = ["finetune.label_fractions=[0.5, 1.0]", "finetune.min_epoch_rows=64",
+             "finetune.sweep.space={lr: {grid: [1.0e-3]}}"]  # fmt: skip
+
+
 def _paths(d: dict[str, str], *, unlabeled: str, train: str, val: str) -> list[str]:
     return [
         f"data.unlabeled.path={d[unlabeled]}",
@@ -57,6 +62,9 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
                             *PRETRAIN, "model.max_len=16"],
         "translation.yaml": [*_paths(d, unlabeled="unlabeled", train="pairs_train", val="pairs_val"),
                              *SMALL_TEXT, *PRETRAIN, *FINETUNE, "finetune.options.max_new_tokens=12"],
+        "sst2_label_efficiency.yaml": [*text, *SMALL_TEXT, *PRETRAIN, *FINETUNE, *FRACTIONS],
+        "cifar10_label_efficiency.yaml": [*images, *SMALL_CNN, *PRETRAIN, *FINETUNE, *FRACTIONS,
+                                          "finetune.num_classes=4"],
     }[name]  # fmt: skip
 
 
