@@ -2,7 +2,8 @@
 
 One run, side by side:
   1. `raypipe run pipelines/quickstart.yaml` with pretraining only (a first, short run writes the
-     data and warms the page cache; its cold start is reported too);
+     data and warms the page cache; its cold start is reported too), then the same short run
+     with its one worker in a Ray Train worker process instead of the driver (its cold start);
   2. a plain PyTorch loop: the same model, the same pre-tokenized blocks (packed by the same
      code from the same Parquet shards, held in memory), same seed, same torch threads as the
      raypipe worker, a hand-written forward / backward / clip / AdamW / schedule step;
@@ -59,6 +60,7 @@ def _role(cmdline: str) -> str:
 def _raypipe(args: list[str], cwd: Path, on_line=None) -> tuple[int, str, float]:
     cmd = [sys.executable, "-m", "raypipe", "run", str(PIPELINE), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env["RAYPIPE_PROGRESS_EVERY_S"] = "0"  # every status line: the CPU window starts on one
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -208,6 +210,23 @@ def main() -> int:
         print(out)
         return rc
     first_cold = re.search(r"first step ([\d.]+) s", out).group(1)
+    # 1b. the same short run with its worker in a Ray Train worker process, not in the driver
+    rc, out, _ = _raypipe(
+        [
+            *common,
+            "--set",
+            "pretrain.max_steps=25",
+            "--set",
+            "pretrain.scaling.in_process=false",
+            "--set",
+            f"storage={work}/worker",
+        ],
+        work,
+    )
+    if rc:
+        print(out)
+        return rc
+    worker_cold = re.search(r"first step .*", out).group(0)
     files = sorted(str(p) for p in (work / "data/quickstart/unlabeled").glob("*.parquet"))
     ckpt = next((work / "warm").rglob("step-00000025"))
 
@@ -279,6 +298,7 @@ def main() -> int:
     print(
         f"P3 cold start {total:.1f} s to the first step ({parts}); first run (writes data) {first_cold} s"
     )
+    print(f"   with a Ray Train worker process (in_process: false): {worker_cold}")
     cpu = meter.get("cpu")
     if cpu is not None:
         print(f"CPU seconds over the steady window ({cpu.seconds:.1f} s wall, 2 cores):")

@@ -179,6 +179,17 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    finally:
+        from raypipe import localray
+
+        # A local Ray begun early but never used (every stage reused, or a check failed):
+        # stopped after the summary or the error is out.
+        localray.discard()
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         return _prepare(args)
     if args.command == "report":
@@ -197,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         from raypipe import timing
 
         timing.MARKS.clear()
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            from raypipe import localray
+
+            # Ray's processes start while this one imports and checks (see raypipe/localray).
+            localray.start_in_background(verbose=args.verbose)
         # The heavy imports every run needs, up front so the cold-start breakdown shows them.
         import mlflow  # noqa: F401
         import ray.train.torch  # noqa: F401
@@ -211,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:
             _quiet_driver()
         try:
-            summary = run_pipeline(
-                cfg, address=args.address or os.environ.get("RAY_ADDRESS"), verbose=args.verbose
-            )
+            summary = run_pipeline(cfg, address=address, verbose=args.verbose)
         except UserError:
             raise
         except KeyboardInterrupt:

@@ -158,6 +158,25 @@ class ScalingConfig(Strict):
     )
 
 
+class PretrainScaling(ScalingConfig):
+    in_process: Literal["auto"] | bool = Field(
+        "auto",
+        description="Train in the `raypipe run` process itself (Ray Train's local mode) rather "
+        "than in a Ray worker process: seconds less to start, but a crash of the training ends "
+        "the run (the same command resumes it from the latest checkpoint). auto: when one CPU "
+        "worker trains on the embedded local Ray (never on a cluster).",
+    )
+
+    @model_validator(mode="after")
+    def _one_cpu_worker(self):
+        if self.in_process is True and (self.num_workers != 1 or self.use_gpu):
+            raise ValueError(
+                "in_process: true trains one CPU worker in this process; set num_workers: 1 "
+                "and use_gpu: false, or in_process: auto"
+            )
+        return self
+
+
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -172,7 +191,7 @@ class PretrainConfig(Strict):
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     seq_len: PositiveInt | None = Field(None, description="Tokens per sequence; default max_len.")
     optimizer: PretrainOptimizer = Field(default_factory=PretrainOptimizer)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    scaling: PretrainScaling = Field(default_factory=PretrainScaling)
     precision: Precision = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",

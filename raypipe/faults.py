@@ -1,5 +1,5 @@
-"""Injected faults, for the fault-tolerance tests: a worker that dies or hangs, a loss that
-turns NaN.
+"""Injected faults, for the fault-tolerance tests: a worker that dies, hangs or raises, a loss
+that turns NaN.
 
 Read from the RAYPIPE_FAULTS environment variable on the driver and handed to the workers in
 their loop config (a cluster's workers need not share the driver's environment). Unset in
@@ -8,8 +8,9 @@ normal use: `parse("")` is empty and `check` never fires.
     RAYPIPE_FAULTS="crash:pretrain:rank=1:at=6:once=/tmp/crashed;nan:pretrain:rank=0:at=9"
 
 Each entry is `kind:place:key=value…`. kind `crash` ends the worker process at once (as a
-preempted node would); `stall` blocks it for an hour (a test kills it meanwhile); `nan`
-poisons a weight so the next loss is NaN. place is `pretrain` or
+preempted node would); `stall` blocks it for an hour (a test kills it meanwhile); `raise`
+raises an error in the training loop (as a failed storage write would); `nan` poisons a
+weight so the next loss is NaN. place is `pretrain` or
 a trial name (`scratch-00001`); `at` is the step (pretrain) or epoch (trials). With `once=FILE`
 the fault fires only while FILE does not exist, and creates it.
 """
@@ -22,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "RAYPIPE_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """What a `raise` fault raises."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ def parse(spec: str | None) -> list[Fault]:
     out = []
     for entry in filter(None, (spec or "").split(";")):
         kind, place, *rest = entry.split(":")
-        if kind not in ("crash", "stall", "nan"):
+        if kind not in ("crash", "stall", "raise", "nan"):
             raise ValueError(f"{ENV}: unknown fault kind {kind!r} in {entry!r}")
         keys = dict(item.split("=", 1) for item in rest)
         out.append(Fault(kind, place, int(keys.get("rank", 0)), int(keys["at"]), keys.get("once")))
@@ -62,5 +67,7 @@ def check(faults: list[Fault], *, place: str, rank: int, at: int) -> str | None:
             os._exit(17)
         if f.kind == "stall":
             time.sleep(3600)
+        if f.kind == "raise":
+            raise InjectedFault(f"injected fault at {place} rank {rank} {at}")
         return f.kind
     return None

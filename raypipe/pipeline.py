@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import math
 import os
 import socket
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raypipe import storage, timing, tracking
+from raypipe import localray, progress, storage, timing, tracking
 from raypipe.config import PipelineConfig, to_yaml
 from raypipe.data import files as datafiles
 from raypipe.errors import UserError
@@ -34,25 +33,18 @@ STAGE_MARKER = "stage.json"
 #: Pretrain settings that change how a run is carried out, not what it computes: left out of
 #: the fingerprint, so changing one (say, on_nonfinite after a NaN stop) resumes the stage.
 RUN_ONLY_PRETRAIN = {
-    "max_failures",
-    "on_nonfinite",
-    "log_every",
-    "prefetch_batches",
-    "num_checkpoints_to_keep",
-    "compile",
-}
-
-
-#: Background work of an embedded local Ray, slowed where nothing depends on its pace: on a
-#: small machine it competes with the trainer for CPU (bench/pretrain_speed.py measures it).
-#: Task events (the State API, which Tune's clean-up of stopped trials needs) and log
-#: forwarding (progress lines) keep Ray's defaults. Set any of these to override.
-LOCAL_RAY_ENV = {
-    "REPORTER_UPDATE_INTERVAL_MS": "30000",  # dashboard agent's node stats sweep (5 s)
-    "RAY_metrics_report_interval_ms": "30000",  # every process's metrics export (10 s)
-    "RAY_health_check_period_ms": "10000",  # GCS -> raylet health checks, one node (3 s)
-    # One machine is not preempted: no watcher process polling for it per Train run.
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "scaling": {"in_process": True},  # where one worker trains (results are the same)
+    **dict.fromkeys(
+        [
+            "max_failures",
+            "on_nonfinite",
+            "log_every",
+            "prefetch_batches",
+            "num_checkpoints_to_keep",
+            "compile",
+        ],
+        True,
+    ),
 }
 
 
@@ -311,29 +303,23 @@ def _cluster_resources() -> dict[str, float] | None:
 
 
 def _init_ray(address: str | None, *, verbose: bool) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
+    """Connect to `address` / RAY_ADDRESS, or start an embedded local Ray (or take over the one
+    `localray.start_in_background` began). True if we started it."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    if address:
-        _check_reachable(address)
-    else:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
-    try:
-        ray.init(
-            # "local": always a new embedded Ray; a bare ray.init() would join whatever cluster
-            # `ray start` last ran on this machine, even one that is gone.
-            address=address or "local",
-            logging_level=logging.INFO if verbose else logging.ERROR,
-            log_to_driver=True,
-        )
-    except ConnectionError as e:
-        raise UserError(
-            f"cannot connect to the Ray cluster at '{address}' ({e}); check --address or "
-            "RAY_ADDRESS, or leave both unset to start a local Ray"
-        ) from None
+    begun_early = not address and localray.join()
+    if not begun_early:
+        if ray.is_initialized():
+            return False
+        if address:
+            _check_reachable(address)
+        try:
+            localray.init(address, verbose=verbose)
+        except ConnectionError as e:
+            raise UserError(
+                f"cannot connect to the Ray cluster at '{address}' ({e}); check --address or "
+                "RAY_ADDRESS, or leave both unset to start a local Ray"
+            ) from None
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         _forward_progress_only()
@@ -476,7 +462,9 @@ def _stage(
     tracking.end_run(run)
 
 
-def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dict, str]:
+def _run_pretrain(
+    cfg, inputs, parent, summary, need_ray, *, local_ray: bool
+) -> tuple[str, str, dict, str]:
     """Returns (checkpoint dir, tokenizer json, model spec, stage fingerprint)."""
     from raypipe.engine.checkpoint import TOKENIZER_FILE, has_file, read_spec, read_tokenizer
 
@@ -514,6 +502,7 @@ def _run_pretrain(cfg, inputs, parent, summary, need_ray) -> tuple[str, str, dic
                 fingerprint=fp,
                 preprocess=cfg.data.preprocess,
                 skip_undecodable=cfg.data.bad_images == "skip",
+                local_ray=local_ray,
             )
             out = {
                 "checkpoint": result.checkpoint,
@@ -895,6 +884,7 @@ def run_pipeline(
     cfg: PipelineConfig, *, address: str | None = None, verbose: bool = False
 ) -> Summary:
     started = time.perf_counter()
+    progress.in_driver()  # training run in this process prints straight to the console
     inputs = prepare(cfg, address=address)
     parent, pipeline_fp = _pipeline_run(cfg, inputs)
     summary = Summary(cfg.name, parent.run_id, inputs.tracking_uri, str(inputs.storage))
@@ -918,7 +908,7 @@ def run_pipeline(
         ckpt, pre_fp = None, None
         if cfg.pretrain is not None:
             ckpt, tokenizer_json, spec, pre_fp = _run_pretrain(
-                cfg, inputs, parent, summary, need_ray
+                cfg, inputs, parent, summary, need_ray, local_ray=not address
             )
         else:
             tokenizer_json = _tokenizer_json(cfg, inputs)
@@ -953,6 +943,7 @@ def run_pipeline(
                 raise user from None
         raise
     finally:
+        progress.in_driver(False)
         timing.MARKS.clear()  # a later run in this process starts its own count
         if started_ray:
             import ray

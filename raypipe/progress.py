@@ -25,15 +25,31 @@ STATUS_MARK = "[raypipe:status]"
 _log = logging.getLogger("raypipe")
 
 
+_in_driver = False
+
+
+def in_driver(on: bool = True) -> None:
+    """Mark this process as the driver: its own `progress` and `status` (training that runs
+    in this process) go straight to the console instead of through the log."""
+    global _in_driver
+    _in_driver = on
+
+
 def progress(message: str) -> None:
     """One progress line for the driver's console. Logged at WARNING so that Ray's worker
     logging level (INFO or above) never hides it."""
-    _log.warning("%s %s", PROGRESS_MARK, message)
+    if _in_driver:
+        console.line(message)
+    else:
+        _log.warning("%s %s", PROGRESS_MARK, message)
 
 
 def status(message: str) -> None:
     """A new state of this stage's status line on the driver's console."""
-    _log.warning("%s %s", STATUS_MARK, message)
+    if _in_driver:
+        console.status(message)
+    else:
+        _log.warning("%s %s", STATUS_MARK, message)
 
 
 class Console:

@@ -17,7 +17,7 @@ import torch
 import yaml
 from test_pipeline_e2e import tiny_config
 
-from raypipe import cli, pipeline
+from raypipe import cli, localray, pipeline
 from raypipe.config import parse_config
 from raypipe.data.text import train_tokenizer
 from raypipe.engine.checkpoint import save_checkpoint
@@ -199,7 +199,10 @@ def test_bad_input_gets_one_line_and_no_ray(case, tmp_path, quickstart_data, mon
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a problem visible up front")
 
-    monkeypatch.setattr(pipeline, "_init_ray", no_ray)
+    monkeypatch.setattr(pipeline, "_init_ray", no_ray)  # no stage asked for Ray
+    # Not the embedded Ray that `raypipe run` starts on a thread meanwhile (it is stopped
+    # after the error: tests/test_pipeline_e2e.py runs the command as a process).
+    monkeypatch.setattr(localray, "start_in_background", lambda **kwargs: None)
     code = cli.main(["run", str(path)])
     err = capsys.readouterr().err.strip()
     assert code == cli.EXIT_USER_ERROR, err

@@ -119,6 +119,10 @@ def test_negative_learning_rate_is_rejected():
             "data.unlabeled: required by the pretrain stage",
         ),
         ({"model": {"type": "transfomer"}}, "did you mean 'transformer'?"),
+        (
+            {"pretrain": {"max_steps": 1, "scaling": {"num_workers": 2, "in_process": True}}},
+            "pretrain.scaling: in_process: true trains one CPU worker in this process",
+        ),
     ],
 )
 def test_cross_field_rules(changes, expected):

@@ -139,16 +139,38 @@ def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data, monk
         return np.concatenate([b["image"] for b in stream.iter_batches(batch_size=None)])
 
     try:
-        first = images()
-        cached = images(passes=3)  # small data: read once, then three passes
+        first = images()  # small data: read on the driver into the object store
+        cached = images(passes=3)  # ... then three passes over it
         monkeypatch.setattr(pretrain, "CACHE_MAX_BYTES", 0)
-        streamed = images(passes=3)  # big data: a union of three reads
+        streamed_once = images()  # big data: Ray Data's reader
+        streamed = images(passes=3)  # ... a union of three reads
     finally:
         options.preserve_order = False
+    assert len(first) == 24  # max_rows
+    np.testing.assert_array_equal(first, streamed_once)  # the same rows in the same order
     for repeated in (cached, streamed):
-        assert len(repeated) == 3 * 24  # max_rows applies to each pass
-        # The same rows, each three times.
-        assert sorted(r.tobytes() for r in repeated) == sorted(3 * [r.tobytes() for r in first])
+        np.testing.assert_array_equal(repeated, np.concatenate([first] * 3))
+
+
+def test_small_data_is_read_in_order_in_blocks(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypipe.data.files import read_blocks
+
+    for i in range(3):
+        pq.write_table(
+            pa.table({"n": range(i * 10, i * 10 + 10), "other": ["x"] * 10}),
+            tmp_path / f"{i}.parquet",
+            row_group_size=4,
+        )
+    files = [str(tmp_path / f"{i}.parquet") for i in range(3)]
+    blocks = read_blocks(files, ["n"], rows_per_block=4)
+    assert [b.column_names for b in blocks] == [["n"]] * len(blocks)
+    assert max(b.num_rows for b in blocks) == 4
+    assert [v for b in blocks for v in b.column("n").to_pylist()] == list(range(30))
+    blocks = read_blocks(files, ["n"], rows_per_block=4, max_rows=13)
+    assert [v for b in blocks for v in b.column("n").to_pylist()] == list(range(13))
 
 
 def test_text_passes_are_estimated_low_from_the_footers(tmp_path):

@@ -95,6 +95,42 @@ def test_worker_death_resumes_exactly_where_it_stopped(
     assert final_crash["final loss"] == pytest.approx(final_clean["final loss"], rel=0.01)
 
 
+def test_in_process_pretraining_matches_a_worker_and_restarts_after_an_error(
+    ray_session, quickstart_data, tmp_path, faults
+):
+    """One worker trained in the driver (Ray Train's local mode) computes what a Ray Train
+    worker computes, step for step; an error at step 7 restarts it from its own step-4
+    checkpoint (local mode persists none) and every later loss equals the clean run's; only
+    the newest checkpoints stay."""
+    one = {"num_workers": 1, "cpus_per_worker": 1}
+
+    def run(name, where, **pretrain):
+        raw = _pretrain_only(quickstart_data, tmp_path / name, **pretrain)
+        raw["pretrain"]["scaling"] = {**one, "in_process": where}
+        return run_pipeline(parse_config(raw))
+
+    worker = run("worker", False)
+    here = run("here", True)
+    faults(f"raise:pretrain:rank=0:at=7:once={tmp_path / 'fired'}")
+    raised = run("raised", True, max_failures=1)
+
+    assert (tmp_path / "fired").exists()
+    losses = {}
+    for name, summary in (("worker", worker), ("here", here), ("raised", raised)):
+        client, stage_run = _stage_run(summary, "pretrain")
+        losses[name] = _losses(client, stage_run.info.run_id)
+        assert sorted(losses[name]) == list(range(1, 13)), name
+    for step in range(1, 13):
+        assert losses["here"][step] == pytest.approx(losses["worker"][step], rel=1e-5), step
+        assert losses["raised"][step] == pytest.approx(losses["worker"][step], rel=1e-5), step
+    client, stage_run = _stage_run(raised, "pretrain")
+    resumed = client.get_metric_history(stage_run.info.run_id, "train/resumed_from_step")
+    assert [m.value for m in resumed] == [4.0]
+    (train,) = (tmp_path / "raised").glob("tiny/pretrain-*/train")
+    kept = sorted(p.name for p in train.iterdir() if not p.name.startswith("."))
+    assert kept == ["step-00000008", "step-00000012"]  # num_checkpoints_to_keep: 2
+
+
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     ray_session, quickstart_data, tmp_path, faults
 ):

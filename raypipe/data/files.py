@@ -89,6 +89,28 @@ def footprint(files: list[str], column: str) -> tuple[int, int]:
     return rows, size
 
 
+def read_blocks(
+    files: list[str], columns: list[str], *, rows_per_block: int, max_rows: int | None = None
+) -> list[pa.Table]:
+    """`columns` of the shards' rows in order (the first `max_rows` only, if set), as tables of
+    at most `rows_per_block` rows each, each with buffers of its own."""
+    out: list[pa.Table] = []
+    left = max_rows
+    for f in files:
+        with storage.open_input_file(f) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(
+                batch_size=rows_per_block, columns=columns
+            ):
+                if left is not None:
+                    batch = batch.slice(0, left)
+                    left -= batch.num_rows
+                if batch.num_rows:
+                    out.append(pa.Table.from_batches([batch]))
+                if left == 0:
+                    return out
+    return out
+
+
 def read_column_sample(files: list[str], column: str, max_rows: int) -> list[str]:
     """Up to `max_rows` values of a text column, read shard by shard (for tokenizer training)."""
     out: list[str] = []

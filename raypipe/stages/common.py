@@ -37,11 +37,40 @@ def preprocess_args(section: PreprocessConfig | None) -> dict[str, Any]:
     return args
 
 
+def save_into(run_dir: str, name: str, save, *, num_to_keep: int | None) -> str:
+    """Write checkpoint `run_dir/name` with `save(dir)` straight to storage, whole or not at
+    all, and keep only the newest `num_to_keep` (as Train's CheckpointConfig does): for
+    training that runs without Ray Train workers, whose checkpoints Train does not persist."""
+    path = storage.join(run_dir, name)
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.upload_dir(save(Path(tmp) / "checkpoint"), path, last=META_FILE)
+    else:
+        save(Path(path))  # written whole or not at all
+    if num_to_keep is not None:
+        older = sorted({f.rsplit("/", 2)[-2] for f in storage.list_files(run_dir, META_FILE)})
+        for stale in older[:-num_to_keep]:
+            storage.delete_dir(storage.join(run_dir, stale))
+    return path
+
+
 def report(
-    metrics: dict[str, Any], *, rank: int, save=None, checkpoint_name: str | None = None
+    metrics: dict[str, Any],
+    *,
+    rank: int,
+    save=None,
+    checkpoint_name: str | None = None,
+    into: str | None = None,
+    num_to_keep: int | None = None,
 ) -> None:
-    """Every rank calls this (it is a barrier); rank 0 writes the checkpoint via `save(dir)`."""
+    """Every rank calls this (it is a barrier); rank 0 writes the checkpoint via `save(dir)`.
+    With `into` (one worker in the driver: Ray Train's local mode keeps no checkpoint), the
+    checkpoint goes straight to `into/checkpoint_name` (see `save_into`)."""
     if save is None:
+        ray.train.report(metrics)
+        return
+    if into is not None:
+        save_into(into, checkpoint_name, save, num_to_keep=num_to_keep)
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,9 +14,7 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -62,6 +60,7 @@ from raypipe.stages.common import (
     latest_checkpoint,
     preprocess_args,
     report,
+    save_into,
     scaling_config,
     skip_bad_images,
 )
@@ -322,19 +321,7 @@ class _InlineSession:
 
     def report(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
         if save is not None:
-            path = storage.join(self.run_dir, checkpoint_name)
-            if storage.is_remote(path):
-                with tempfile.TemporaryDirectory() as tmp:
-                    storage.upload_dir(save(Path(tmp) / "checkpoint"), path, last=META_FILE)
-            else:
-                save(Path(path))  # written whole or not at all
-            if self.num_to_keep is not None:
-                # Like Train's CheckpointConfig(num_to_keep): the newest ones stay.
-                older = sorted(
-                    {f.rsplit("/", 2)[-2] for f in storage.list_files(self.run_dir, META_FILE)}
-                )
-                for name in older[: -self.num_to_keep]:
-                    storage.delete_dir(storage.join(self.run_dir, name))
+            save_into(self.run_dir, checkpoint_name, save, num_to_keep=self.num_to_keep)
         self.last_metrics = metrics
         if self.to_tune:
             tune.report(metrics)

@@ -18,8 +18,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig
+from ray.data import ExecutionOptions, ExecutionResources
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypipe import faults, storage, timing
@@ -52,6 +52,7 @@ from raypipe.objectives.base import DATA_KINDS
 from raypipe.progress import progress, status
 from raypipe.stages.common import (
     Tally,
+    find_user_error,
     latest_checkpoint,
     preprocess_args,
     report,
@@ -74,9 +75,10 @@ class PretrainOutput:
 MAX_BYTES_PER_TOKEN = 8
 #: At most this many passes over the data in one Ray Data epoch.
 MAX_PASSES = 64
-#: Data read over several passes is read once into Ray's object store up to this size (raw
-#: column bytes from the Parquet footers); each pass then streams it through the transforms.
+#: Data up to this size (raw column bytes, from the Parquet footers) is read once into Ray's
+#: object store, in blocks of about BLOCK_BYTES; larger data streams from its shards.
 CACHE_MAX_BYTES = 256 * 2**20
+BLOCK_BYTES = 8 * 2**20
 
 
 def passes_per_epoch(
@@ -147,9 +149,28 @@ def build_dataset(
         }
     else:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {DATA_KINDS}")
-    ds = ray.data.read_parquet(files, columns=columns)
-    if source.max_rows:
-        ds = ds.limit(source.max_rows)
+    rows, size = 0, 0
+    for c in columns:
+        rows, column_bytes = datafiles.footprint(files, c)
+        size += column_bytes
+    if source.max_rows and rows > source.max_rows:
+        size, rows = size * source.max_rows // rows, source.max_rows
+    if size <= CACHE_MAX_BYTES:
+        # Small data is read once, here, into Ray's object store; each pass streams it through
+        # the transforms. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s
+        # (the quickstart's 20,000 rows), and a union of `passes` reads started every read at
+        # once: the first batch waited for them all (169 s for 64 passes over CIFAR-10's 10,000
+        # JPEGs). Rows stay in order, in blocks of about BLOCK_BYTES.
+        per_block = max(1, rows * BLOCK_BYTES // max(size, 1))
+        ds = ray.data.from_arrow(
+            datafiles.read_blocks(
+                files, columns, rows_per_block=per_block, max_rows=source.max_rows
+            )
+        )
+    else:
+        ds = ray.data.read_parquet(files, columns=columns)
+        if source.max_rows:
+            ds = ds.limit(source.max_rows)
     if bad_image_tally is not None and kind != "text_blocks":
         ds = skip_bad_images(
             ds,
@@ -159,13 +180,13 @@ def build_dataset(
             preprocess=preprocess,
             tally=bad_image_tally,
         )
-    if passes > 1:
-        # A union of the same read, not one read of the shards listed `passes` times: that one
-        # stalled the trainer for seconds at each pass's end (measured: bench/pretrain_speed.py).
-        if sum(datafiles.footprint(files, c)[1] for c in columns) <= CACHE_MAX_BYTES:
-            # Small data read once: a union of `passes` reads starts every read at once, and
-            # the first batch waited for them (169 s for 64 passes over CIFAR-10's 10,000 JPEGs).
+        if passes > 1 and size <= CACHE_MAX_BYTES:
+            # Each bad image skipped (and counted) once, not once per pass; in read order.
+            ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
+    if passes > 1:
+        # A union of the same data, not one read of the shards listed `passes` times: that one
+        # stalled the trainer for seconds at each pass's end (measured: bench/pretrain_speed.py).
         ds = ds.union(*[ds] * (passes - 1))
     ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
     return ds.map_batches(
@@ -379,8 +400,8 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
     )
     last_saved = step if state is not None else None
     while step < cfg.max_steps:
-        # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process here, "nan" poisons a
-        # weight so this step's loss is NaN.
+        # Test-only faults (RAYPIPE_FAULTS): "crash" ends this process here, "raise" raises,
+        # "nan" poisons a weight so this step's loss is NaN.
         if faults.check(injected, place="pretrain", rank=rank, at=step + 1) == "nan":
             with torch.no_grad():
                 next(objective.parameters()).fill_(float("nan"))
@@ -470,10 +491,41 @@ def _train_loop(loop: dict[str, Any]) -> dict[str, Any]:
                 rank=rank,
                 save=lambda directory, taken=taken: save(directory, taken),
                 checkpoint_name=f"step-{step:08d}",
+                into=loop["train_dir"] if loop["in_process"] else None,
+                num_to_keep=cfg.num_checkpoints_to_keep,
             )
             last_saved = step
     logger.close()  # waits for metrics queued while the tracking server was away
     return {"steps": step, "final_loss": final_loss, "skipped_steps": skipped}
+
+
+def in_process(cfg: PretrainConfig, *, local_ray: bool) -> bool:
+    """Whether pretraining runs in this process (see `pretrain.scaling.in_process`)."""
+    sc = cfg.scaling
+    if sc.in_process != "auto":
+        return sc.in_process
+    return local_ray and sc.num_workers == 1 and not sc.use_gpu and cfg.strategy == "ddp"
+
+
+def _fit_in_process(trainer: TorchTrainer, cfg: PretrainConfig):
+    """`trainer.fit()` in this process with the worker's torch threads, and Ray Train's
+    failure policy kept: after an error the loop starts again from the latest checkpoint in
+    storage, up to `max_failures` times. A user's mistake is not retried."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # as Ray gives a worker
+    try:
+        for attempt in range(cfg.max_failures + 1):
+            try:
+                return trainer.fit()
+            except Exception as e:
+                if attempt == cfg.max_failures or find_user_error(e) is not None:
+                    raise
+                progress(
+                    f"pretrain failed ({type(e).__name__}: {e}); starting again from the latest "
+                    f"checkpoint ({attempt + 1} of {cfg.max_failures} restarts)"
+                )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_pretrain(
@@ -491,8 +543,12 @@ def run_pretrain(
     fingerprint: str,
     preprocess: PreprocessConfig | None = None,
     skip_undecodable: bool = False,
+    local_ray: bool = False,
 ) -> PretrainOutput:
+    """Train on `files`; `local_ray`: Ray is the embedded one this process started, so one
+    CPU worker may train right here (`pretrain.scaling.in_process`)."""
     tally = Tally.remote() if skip_undecodable else None
+    here = in_process(cfg, local_ray=local_ray)
     timing.mark("setup")
     passes = passes_per_epoch(
         files,
@@ -516,9 +572,19 @@ def run_pretrain(
     )
     timing.mark("dataset")
     train_dir = storage.join(stage_dir, "train")
+    if here:
+        # Ray Train's local mode gives the loop the dataset itself: set what DataConfig and
+        # the worker's placement would (stream order; the CPU this process trains on is not
+        # Ray Data's, though Ray never reserved it: at least one CPU stays, never a deadlock).
+        cpus = ray.cluster_resources().get("CPU", 1.0) - cfg.scaling.cpus_per_worker
+        dataset = dataset.copy(dataset)
+        dataset.context.execution_options = ExecutionOptions(
+            preserve_order=True, resource_limits=ExecutionResources.for_limits(cpu=max(cpus, 1.0))
+        )
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
+            "in_process": here,
             "train_dir": train_dir,
             "faults": os.environ.get(faults.ENV, ""),
             "pretrain": cfg,
@@ -533,7 +599,8 @@ def run_pretrain(
             if "imports" in timing.MARKS
             else {},
         },
-        scaling_config=scaling_config(cfg.scaling),
+        # num_workers=0: Ray Train's local mode, the loop runs in this process.
+        scaling_config=ScalingConfig(num_workers=0) if here else scaling_config(cfg.scaling),
         run_config=ray.train.RunConfig(
             name="train",
             storage_path=stage_dir,
@@ -544,7 +611,7 @@ def run_pretrain(
         # Blocks arrive in read order, so a seeded run sees the same data in the same order.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    result = _fit_in_process(trainer, cfg) if here else trainer.fit()
     out = result.return_value or {}
     if out.get("error"):
         raise UserError(out["error"])
