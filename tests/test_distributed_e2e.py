@@ -141,14 +141,18 @@ def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data, monk
     try:
         first = images()  # small data: read on the driver into the object store
         cached = images(passes=3)  # ... then three passes over it
+        monkeypatch.setattr(pretrain, "BLOCK_BYTES", 1)  # a block per row
+        blocks = images(passes=3)
         monkeypatch.setattr(pretrain, "CACHE_MAX_BYTES", 0)
-        streamed_once = images()  # big data: Ray Data's reader
-        streamed = images(passes=3)  # ... a union of three reads
+        streamed = images(passes=3)  # big data: Ray Data's reader, one pass an epoch
+        assert passes(10**6, 8) == 1
     finally:
         options.preserve_order = False
     assert len(first) == 24  # max_rows
-    np.testing.assert_array_equal(first, streamed_once)  # the same rows in the same order
-    for repeated in (cached, streamed):
+    np.testing.assert_array_equal(first, streamed)  # the same rows in the same order
+    # Three passes one after the other (a union of the data with itself dealt its blocks out
+    # in turn: each block three times in a row).
+    for repeated in (cached, blocks):
         np.testing.assert_array_equal(repeated, np.concatenate([first] * 3))
 
 

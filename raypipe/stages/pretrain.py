@@ -96,6 +96,8 @@ def passes_per_epoch(
     rows, size = datafiles.footprint(files, column)
     if source.max_rows and rows > source.max_rows:
         size, rows = size * source.max_rows // rows, source.max_rows
+    if size > CACHE_MAX_BYTES:
+        return 1  # streamed from the shards: an epoch's start is small beside a pass of them
     have = size / (MAX_BYTES_PER_TOKEN * block_size) if kind == "text_blocks" else rows
     return int(min(MAX_PASSES, max(1, math.ceil(needed / max(have, 1)))))
 
@@ -117,7 +119,8 @@ def build_dataset(
 
     `kind` is the objective's `data_kind`; each kind is one transform over numpy batches.
     With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
-    One epoch of the result makes `passes` passes over the shards, in order.
+    One epoch of the result makes `passes` passes over small data (`CACHE_MAX_BYTES`), in
+    order; over larger data, streamed from the shards, one (see `passes_per_epoch`).
     """
     images = {
         "image_column": source.image_column,
@@ -155,18 +158,17 @@ def build_dataset(
         size += column_bytes
     if source.max_rows and rows > source.max_rows:
         size, rows = size * source.max_rows // rows, source.max_rows
-    if size <= CACHE_MAX_BYTES:
-        # Small data is read once, here, into Ray's object store; each pass streams it through
-        # the transforms. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s
-        # (the quickstart's 20,000 rows), and a union of `passes` reads started every read at
-        # once: the first batch waited for them all (169 s for 64 passes over CIFAR-10's 10,000
-        # JPEGs). Rows stay in order, in blocks of about BLOCK_BYTES.
+    small = size <= CACHE_MAX_BYTES
+    if small:
+        # Small data is read once, here, into Ray's object store, in order, in blocks of about
+        # BLOCK_BYTES. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s
+        # (the quickstart's 20,000 rows).
         per_block = max(1, rows * BLOCK_BYTES // max(size, 1))
-        ds = ray.data.from_arrow(
-            datafiles.read_blocks(
-                files, columns, rows_per_block=per_block, max_rows=source.max_rows
-            )
+        tables = datafiles.read_blocks(
+            files, columns, rows_per_block=per_block, max_rows=source.max_rows
         )
+        refs = [ray.put(t) for t in tables]
+        ds = ray.data.from_arrow_refs(refs)
     else:
         ds = ray.data.read_parquet(files, columns=columns)
         if source.max_rows:
@@ -180,14 +182,15 @@ def build_dataset(
             preprocess=preprocess,
             tally=bad_image_tally,
         )
-        if passes > 1 and size <= CACHE_MAX_BYTES:
-            # Each bad image skipped (and counted) once, not once per pass; in read order.
+    if small and passes > 1:
+        # One epoch makes `passes` passes: the same blocks listed `passes` times, in order. (A
+        # union of the data with itself deals its inputs' blocks out in turn, even with the
+        # order kept: each block came `passes` times in a row.) Bad images are skipped (and
+        # counted) once, before the passes.
+        if bad_image_tally is not None and kind != "text_blocks":
             ds.context.execution_options.preserve_order = True
-            ds = ds.materialize()
-    if passes > 1:
-        # A union of the same data, not one read of the shards listed `passes` times: that one
-        # stalled the trainer for seconds at each pass's end (measured: bench/pretrain_speed.py).
-        ds = ds.union(*[ds] * (passes - 1))
+            refs = ds.materialize().to_arrow_refs()
+        ds = ray.data.from_arrow_refs(refs * passes)
     ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
     return ds.map_batches(
         fn,
