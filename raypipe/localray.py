@@ -52,7 +52,10 @@ def start_in_background(*, verbose: bool) -> None:
         return
     # Set on the main thread: Ray sets its SIGTERM handler (exit, so that its processes are
     # cleaned up) only when ray.init runs there.
-    ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+    try:  # Ray's helper (internal): if it moves, Python's default SIGTERM handling stays
+        ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+    except AttributeError:
+        pass
     logging.getLogger("ray._private.worker").addFilter(_not_main_thread_warning)
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
