@@ -219,6 +219,15 @@ class PretrainConfig(Strict):
         0, description="Rows in each worker's local shuffle buffer; 0: stream order."
     )
 
+    @model_validator(mode="after")
+    def _fsdp_needs_workers(self):
+        if self.strategy == "fsdp" and self.scaling.in_process is True:
+            raise ValueError(
+                "strategy: fsdp shards the model over worker processes, and in_process: true "
+                "starts none; set pretrain.scaling.in_process: auto (or false), or strategy: ddp"
+            )
+        return self
+
 
 # --- fine-tuning sweep --------------------------------------------------------------------------
 

@@ -57,6 +57,8 @@ def start_in_background(*, verbose: bool) -> None:
     except AttributeError:
         pass
     logging.getLogger("ray._private.worker").addFilter(_not_main_thread_warning)
+    # Also on the main thread, before the thread starts (its `init` then finds them set): a
+    # setenv on one thread while another reads the environment is not safe in C.
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
 

@@ -123,6 +123,10 @@ def test_negative_learning_rate_is_rejected():
             {"pretrain": {"max_steps": 1, "scaling": {"num_workers": 2, "in_process": True}}},
             "pretrain.scaling: in_process: true trains one CPU worker in this process",
         ),
+        (
+            {"pretrain": {"max_steps": 1, "strategy": "fsdp", "scaling": {"in_process": True}}},
+            "pretrain: strategy: fsdp shards the model over worker processes",
+        ),
     ],
 )
 def test_cross_field_rules(changes, expected):

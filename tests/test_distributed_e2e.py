@@ -113,16 +113,15 @@ def test_max_rows_limits_what_a_stage_reads(ray_session, media_data):
 def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data, monkeypatch):
     from raypipe.config import PretrainConfig, Source
     from raypipe.stages import pretrain
-    from raypipe.stages.pretrain import MAX_PASSES, build_dataset, passes_per_epoch
+    from raypipe.stages.pretrain import MAX_PASSES, build_dataset, data_footprint, passes_per_epoch
 
     files = [str(p) for p in sorted(Path(media_data["shapes_train"]).glob("*.parquet"))]
     source = Source(path="x", max_rows=24)
 
     def passes(max_steps, batch_size, world=1):
         cfg = PretrainConfig(max_steps=max_steps, batch_size=batch_size)
-        return passes_per_epoch(
-            files, kind="images", source=source, cfg=cfg, block_size=0, world=world
-        )
+        footprint = data_footprint(files, kind="images", source=source)
+        return passes_per_epoch(footprint, kind="images", cfg=cfg, block_size=0, world=world)
 
     # 24 rows (max_rows): the run needs max_steps x batch_size x workers of them
     assert passes(3, 8) == 1
@@ -181,9 +180,9 @@ def test_text_passes_are_estimated_low_from_the_footers(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raypipe.config import PretrainConfig, Source
+    from raypipe.config import PretrainConfig
     from raypipe.data.files import footprint
-    from raypipe.stages.pretrain import MAX_BYTES_PER_TOKEN, passes_per_epoch
+    from raypipe.stages.pretrain import MAX_BYTES_PER_TOKEN, Footprint, passes_per_epoch
 
     # Unique texts (a repeated one is dictionary-encoded, smaller: more passes, never fewer).
     texts = [f"{i:05d} " + "x" * 93 + " " for i in range(1000)]
@@ -191,11 +190,36 @@ def test_text_passes_are_estimated_low_from_the_footers(tmp_path):
     files = [str(tmp_path / "a.parquet")]
     # ~100,000 bytes of text (plus 4 per value for its length) and at most MAX_BYTES_PER_TOKEN
     # per token: >= ~200 blocks of 64; 50 steps x 8 blocks = 400 blocks need 2 passes.
-    rows, size = footprint(files, "text")
+    rows, size = footprint(files, ["text"])
     assert rows == 1000 and 100_000 <= size <= 110_000
     blocks = size / (MAX_BYTES_PER_TOKEN * 64)
     cfg = PretrainConfig(max_steps=50, batch_size=8)
     got = passes_per_epoch(
-        files, kind="text_blocks", source=Source(path="x"), cfg=cfg, block_size=64, world=1
+        Footprint(rows=rows, size=size), kind="text_blocks", cfg=cfg, block_size=64, world=1
     )
     assert got == int(np.ceil(400 / blocks)) == 2
+
+
+def test_footprint_counts_the_columns_a_stage_reads(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypipe.config import Source
+    from raypipe.stages.pretrain import data_footprint
+
+    table = pa.table({
+        "image": [bytes([i]) * 1000 for i in range(10)],
+        "text": [f"{i}" * 100 for i in range(10)],
+        "unread": [f"{i}" * 5000 for i in range(10)],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "a.parquet", compression="none", use_dictionary=False)
+    files = [str(tmp_path / "a.parquet")]
+    images = data_footprint(files, kind="images", source=Source(path="x"))
+    both = data_footprint(files, kind="image_text", source=Source(path="x"))
+    first = data_footprint(files, kind="image_text", source=Source(path="x", max_rows=5))
+    assert images.rows == both.rows == 10 and first.rows == 5
+    # The image column (10,000 bytes plus page overhead), then the text's 1,000 bytes on top;
+    # never the unread column's 50,000.
+    assert 10_000 <= images.size < 20_000
+    assert 1_000 <= both.size - images.size < 5_000
+    assert first.size == both.size // 2

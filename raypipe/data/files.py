@@ -74,17 +74,19 @@ def manifest_digest(files: list[str]) -> str:
     return h.hexdigest()
 
 
-def footprint(files: list[str], column: str) -> tuple[int, int]:
-    """(rows, uncompressed bytes of `column`) over the shards, from their Parquet footers."""
+def footprint(files: list[str], columns: list[str]) -> tuple[int, int]:
+    """(rows, uncompressed bytes of `columns`) over the shards, from their Parquet footers."""
     rows, size = 0, 0
     for f in files:
         fs, path = storage.resolve(f)
         meta = pq.read_metadata(path, filesystem=fs)
-        idx = meta.schema.to_arrow_schema().get_field_index(column)
+        schema = meta.schema.to_arrow_schema()
+        indices = [schema.get_field_index(c) for c in columns]
         rows += meta.num_rows
         size += sum(
-            meta.row_group(rg).column(idx).total_uncompressed_size
+            meta.row_group(rg).column(i).total_uncompressed_size
             for rg in range(meta.num_row_groups)
+            for i in indices
         )
     return rows, size
 

@@ -81,24 +81,55 @@ CACHE_MAX_BYTES = 256 * 2**20
 BLOCK_BYTES = 8 * 2**20
 
 
+def data_columns(kind: str, source: Source) -> list[str]:
+    """The columns of the shards that objectives of data kind `kind` read."""
+    if kind == "text_blocks":
+        return [source.text_column]
+    if kind in ("images", "image_views"):
+        return [source.image_column]
+    if kind == "image_text":
+        return [source.image_column, source.text_column]
+    raise ValueError(f"unknown data kind {kind!r}; expected one of {DATA_KINDS}")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a stage will read, from the Parquet footers: rows (after `max_rows`) and the
+    uncompressed bytes of the columns read. Decides how the data is read (`small`)."""
+
+    rows: int
+    size: int
+
+    @property
+    def small(self) -> bool:
+        """Read once on the driver into the object store; otherwise streamed from the shards."""
+        return self.size <= CACHE_MAX_BYTES
+
+
+def data_footprint(files: list[str], *, kind: str, source: Source) -> Footprint:
+    rows, size = datafiles.footprint(files, data_columns(kind, source))
+    if source.max_rows and rows > source.max_rows:
+        size, rows = size * source.max_rows // rows, source.max_rows
+    return Footprint(rows=rows, size=size)
+
+
 def passes_per_epoch(
-    files: list[str], *, kind: str, source: Source, cfg: PretrainConfig, block_size: int, world: int
+    footprint: Footprint, *, kind: str, cfg: PretrainConfig, block_size: int, world: int
 ) -> int:
     """Passes over the data that one Ray Data epoch makes: enough for the whole run.
 
     Each epoch of a streaming split starts a new execution (tasks, the first blocks through
     the transforms) behind a barrier, and the trainer waits for it: seconds every epoch, a real
-    cost when the data is small and epochs are short. Repeating the shards inside one epoch
+    cost when the data is small and epochs are short. Repeating the data inside one epoch
     removes those waits. Estimated from the Parquet footers, before anything is read.
     """
-    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum_steps * world
-    column = source.text_column if kind == "text_blocks" else source.image_column
-    rows, size = datafiles.footprint(files, column)
-    if source.max_rows and rows > source.max_rows:
-        size, rows = size * source.max_rows // rows, source.max_rows
-    if size > CACHE_MAX_BYTES:
+    if not footprint.small:
         return 1  # streamed from the shards: an epoch's start is small beside a pass of them
-    have = size / (MAX_BYTES_PER_TOKEN * block_size) if kind == "text_blocks" else rows
+    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum_steps * world
+    if kind == "text_blocks":
+        have = footprint.size / (MAX_BYTES_PER_TOKEN * block_size)
+    else:
+        have = footprint.rows
     return int(min(MAX_PASSES, max(1, math.ceil(needed / max(have, 1)))))
 
 
@@ -113,23 +144,25 @@ def build_dataset(
     model_config: dict[str, Any],
     preprocess: PreprocessConfig | None = None,
     bad_image_tally=None,
+    footprint: Footprint | None = None,
     passes: int = 1,
 ) -> ray.data.Dataset:
     """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
 
     `kind` is the objective's `data_kind`; each kind is one transform over numpy batches.
     With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
-    One epoch of the result makes `passes` passes over small data (`CACHE_MAX_BYTES`), in
-    order; over larger data, streamed from the shards, one (see `passes_per_epoch`).
+    One epoch of the result makes `passes` passes over small data (`Footprint.small`; the
+    footprint is read from the footers unless given), in order; over larger data, streamed
+    from the shards, one (see `passes_per_epoch`).
     """
     images = {
         "image_column": source.image_column,
         "image_size": model_config.get("image_size"),
         "channels": model_config.get("channels"),
     }
+    columns = data_columns(kind, source)
     if kind == "text_blocks":
-        columns, fn, kwargs, batch_size = (
-            [source.text_column],
+        fn, kwargs, batch_size = (
             pack_blocks,
             {
                 "tokenizer_json": tokenizer_json,
@@ -139,31 +172,24 @@ def build_dataset(
             1024,
         )
     elif kind == "images":
-        columns, fn, kwargs, batch_size = [source.image_column], decode_images, images, 256
+        fn, kwargs, batch_size = decode_images, images, 256
     elif kind == "image_views":
-        columns, fn, kwargs, batch_size = [source.image_column], simclr_views, images, 256
-    elif kind == "image_text":
-        columns, fn, batch_size = [source.image_column, source.text_column], encode_image_text, 256
+        fn, kwargs, batch_size = simclr_views, images, 256
+    else:  # image_text (data_columns rejected any other kind)
+        fn, batch_size = encode_image_text, 256
         kwargs = {
             **images,
             "text_column": source.text_column,
             "tokenizer_json": tokenizer_json,
             "text_len": seq_len + text_extra,
         }
-    else:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {DATA_KINDS}")
-    rows, size = 0, 0
-    for c in columns:
-        rows, column_bytes = datafiles.footprint(files, c)
-        size += column_bytes
-    if source.max_rows and rows > source.max_rows:
-        size, rows = size * source.max_rows // rows, source.max_rows
-    small = size <= CACHE_MAX_BYTES
+    footprint = footprint or data_footprint(files, kind=kind, source=source)
+    small = footprint.small
     if small:
         # Small data is read once, here, into Ray's object store, in order, in blocks of about
         # BLOCK_BYTES. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s
         # (the quickstart's 20,000 rows).
-        per_block = max(1, rows * BLOCK_BYTES // max(size, 1))
+        per_block = max(1, footprint.rows * BLOCK_BYTES // max(footprint.size, 1))
         tables = datafiles.read_blocks(
             files, columns, rows_per_block=per_block, max_rows=source.max_rows
         )
@@ -553,10 +579,10 @@ def run_pretrain(
     tally = Tally.remote() if skip_undecodable else None
     here = in_process(cfg, local_ray=local_ray)
     timing.mark("setup")
+    footprint = data_footprint(files, kind=data_kind, source=source)  # read once: both agree
     passes = passes_per_epoch(
-        files,
+        footprint,
         kind=data_kind,
-        source=source,
         cfg=cfg,
         block_size=cfg.seq_len + text_extra,
         world=cfg.scaling.num_workers,
@@ -571,6 +597,7 @@ def run_pretrain(
         model_config=model_spec["config"],
         preprocess=preprocess,
         bad_image_tally=tally,
+        footprint=footprint,
         passes=passes,
     )
     timing.mark("dataset")
