@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from raypipe import registry, storage
 from raypipe.errors import UserError
@@ -42,8 +49,20 @@ class Strict(BaseModel):
 # --- data ---------------------------------------------------------------------------------------
 
 
+def _path_or_paths(value: Any) -> Any:
+    ok = isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    )
+    if not ok:
+        raise ValueError(f"must be a path or a non-empty list of paths (got {value!r})")
+    return value
+
+
 class Source(Strict):
-    path: str = Field(description="A Parquet file, a directory of shards, or a glob.")
+    path: Annotated[str | list[str], BeforeValidator(_path_or_paths)] = Field(
+        description="A Parquet file, a directory of shards, or a glob; or a list of them, read "
+        "in the order listed (say a general corpus, then the task's own text)."
+    )
     text_column: str = Field("text", description="Column holding text (or a caption).")
     image_column: str = Field(
         "image", description="Column holding images: encoded bytes (PNG/JPEG) or uint8 arrays."
@@ -51,6 +70,10 @@ class Source(Strict):
     max_rows: PositiveInt | None = Field(
         None, description="Read only the first this many rows (a quick run on big data)."
     )
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
 class LabeledSource(Source):

@@ -74,7 +74,13 @@ def _generated_paths(cfg: PipelineConfig) -> list[str]:
         raise UserError(
             "data.generate: quickstart writes data.unlabeled and data.labeled; set both paths"
         )
-    return [d.unlabeled.path, d.labeled.train.path, d.labeled.validation.path]
+    sources = [d.unlabeled, d.labeled.train, d.labeled.validation]
+    if any(len(source.paths) != 1 for source in sources):
+        raise UserError(
+            "data.generate: quickstart writes one folder for each of data.unlabeled.path and "
+            "data.labeled's paths; give each one path, not a list"
+        )
+    return [source.paths[0] for source in sources]
 
 
 def _generate_if_missing(cfg: PipelineConfig) -> None:
@@ -553,10 +559,17 @@ def _datasets(cfg: PipelineConfig, inputs: Inputs, *, only=None) -> list[tuple[s
             inputs.validation,
         ),
     ):
-        if source is not None and files and (only is None or context in only):
-            name = f"{cfg.name}-{context}"
-            location = storage.normalize(source.path)
+        if source is None or not files or (only is not None and context not in only):
+            continue
+        name = f"{cfg.name}-{context}"
+        if len(source.paths) == 1:
+            location = storage.normalize(source.paths[0])
             out.append((name, location, datafiles.manifest_digest(files), context))
+            continue
+        for i, path in enumerate(source.paths):  # a list of sources: one input each
+            part = datafiles.resolve_parquet_files(path, key=f"{context}[{i}]")
+            digest = datafiles.manifest_digest(part)
+            out.append((f"{name}-{i + 1}", storage.normalize(path), digest, context))
     return out
 
 

@@ -124,6 +124,10 @@ def test_negative_learning_rate_is_rejected():
             "pretrain.scaling: in_process: true trains one CPU worker in this process",
         ),
         (
+            {"data": {"unlabeled": {"path": []}, "labeled": BASE["data"]["labeled"]}},
+            "data.unlabeled.path: must be a path or a non-empty list of paths (got [])",
+        ),
+        (
             {"pretrain": {"max_steps": 1, "strategy": "fsdp", "scaling": {"in_process": True}}},
             "pretrain: strategy: fsdp shards the model over worker processes",
         ),

@@ -48,7 +48,9 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
     return {
         "quickstart.yaml": ["data.generate=null", *text, *SMALL_TEXT, *PRETRAIN, *FINETUNE,
                             "finetune.max_len=24"],
-        "masked_lm.yaml": [*text, *SMALL_TEXT, *PRETRAIN, *FINETUNE],
+        # Two text sources in one list: the unlabeled text, then the labeled set's text.
+        "masked_lm.yaml": [*text, f"data.unlabeled.path=[{d['unlabeled']}, {d['train']}]",
+                           *SMALL_TEXT, *PRETRAIN, *FINETUNE],
         "masked_image.yaml": [*images, *SMALL_IMAGE, *PRETRAIN, *FINETUNE, "finetune.epochs=2",
                               "finetune.sweep.perturbation_interval=1",
                               "finetune.num_classes=4", "pretrain.options.decoder_dim=32"],
@@ -105,6 +107,22 @@ def test_pipeline_runs_at_smoke_size(name, ray_session, quickstart_data, media_d
         metric = summary.arms["pretrained"]["best_metric"]
         assert metric is not None and metric == metric
         assert summary.model["version"]
+    if isinstance(cfg.data.unlabeled.path, list):  # each source is an input of its own
+        from mlflow.tracking import MlflowClient
+
+        from raypipe.data import files as datafiles
+
+        client = MlflowClient(summary.tracking_uri)
+        exp = client.get_run(summary.run_id).info.experiment_id
+        (run,) = [r for r in client.search_runs([exp]) if r.info.run_name == "pretrain"]
+        got = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+        expected = {
+            f"{cfg.name}-pretrain-{i + 1}": datafiles.manifest_digest(
+                datafiles.resolve_parquet_files(path, key="k")
+            )[:36]
+            for i, path in enumerate(cfg.data.unlabeled.path)
+        }
+        assert len(expected) == 2 and got == expected
     if cfg.finetune is not None and cfg.finetune.sweep.scheduler == "pbt":
         # PBT trains in segments of perturbation_interval epochs, each continuing the last.
         runs = sorted(p.name for p in tmp_path.glob(f"{cfg.name}/finetune-*/trials/*"))

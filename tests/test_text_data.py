@@ -116,6 +116,17 @@ def test_resolve_file_dir_and_glob(tmp_path):
     )
 
 
+def test_a_list_of_paths_reads_each_in_order_once(tmp_path):
+    _write(tmp_path / "b" / "1.parquet", text=["x"])
+    _write(tmp_path / "a" / "2.parquet", text=["y"])
+    b, a = (str(tmp_path / d) for d in ("b", "a"))
+    found = datafiles.resolve_parquet_files([b, a, f"{a}/*.parquet"], key="k")
+    assert [p.rsplit("/", 2)[1] for p in found] == ["b", "a"]  # as listed, each file once
+    with pytest.raises(UserError) as info:
+        datafiles.resolve_parquet_files([b, str(tmp_path / "c")], key="data.unlabeled.path")
+    assert str(info.value).startswith("data.unlabeled.path[1]: data path ")
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -16,12 +16,18 @@ from raypipe.errors import UserError
 _GLOB_CHARS = set("*?[")
 
 
-def resolve_parquet_files(path: str, *, key: str) -> list[str]:
-    """A file, a directory (searched recursively for *.parquet) or a glob -> sorted file list.
-    Local paths come back absolute; `s3://…` and other object-store URIs stay URIs.
+def resolve_parquet_files(path: str | list[str], *, key: str) -> list[str]:
+    """A file, a directory (searched recursively for *.parquet) or a glob -> sorted file list;
+    a list of those -> their files in the order listed, each file once. Local paths come back
+    absolute; `s3://…` and other object-store URIs stay URIs.
 
     `key` is the config key the path came from, named in errors.
     """
+    if not isinstance(path, str):
+        files: dict[str, None] = {}
+        for i, one in enumerate(path):
+            files.update(dict.fromkeys(resolve_parquet_files(one, key=f"{key}[{i}]")))
+        return list(files)
     remote = storage.is_remote(path)
     if _GLOB_CHARS & set(path):
         if remote:
