@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 
+from raypipe.data import files as datafiles
 from raypipe.data.text import encode_labeled
 from raypipe.engine.checkpoint import load_weights, read_spec, read_tokenizer
 from raypipe.engine.optim import warmup_cosine
@@ -50,13 +50,10 @@ DEFAULTS = {
 
 
 def _encode(path: str, tokenizer_json: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
-    columns = {"text": [], "label": []}
-    for f in files:
-        table = pq.read_table(f, columns=["text", "label"]).to_pydict()
-        for k in columns:
-            columns[k] += table[k]
-    batch = {"text": np.array(columns["text"], dtype=object), "label": np.array(columns["label"])}
+    files = datafiles.resolve_parquet_files(path, key=path)
+    table = pa.concat_tables(datafiles.read_blocks(files, ["text", "label"], rows_per_block=2**20))
+    batch = {"text": np.array(table.column("text").to_pylist(), dtype=object),
+             "label": table.column("label").to_numpy()}  # fmt: skip
     out = encode_labeled(batch, tokenizer_json=tokenizer_json, text_column="text",
                          label_column="label", max_len=max_len)  # fmt: skip
     return torch.as_tensor(out["input_ids"]).long(), torch.as_tensor(out["label"])

@@ -56,9 +56,20 @@ class Inputs:
     tracking_uri: str
     experiment_id: str
     plan: Plan
-    unlabeled: list[str] = field(default_factory=list)
-    train: list[str] = field(default_factory=list)
-    validation: list[str] = field(default_factory=list)
+    #: "unlabeled", "train", "validation" -> each location listed with its files
+    sources: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+
+    @property
+    def unlabeled(self) -> list[str]:
+        return datafiles.all_files(self.sources.get("unlabeled", []))
+
+    @property
+    def train(self) -> list[str]:
+        return datafiles.all_files(self.sources.get("train", []))
+
+    @property
+    def validation(self) -> list[str]:
+        return datafiles.all_files(self.sources.get("validation", []))
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -121,14 +132,17 @@ def _check_storage(location: str) -> str:
     return where
 
 
-def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
-    """Resolve and check every shard a stage will read."""
+def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, list[str]]]]:
+    """Resolve and check every shard a stage will read: each split's listed locations, each
+    with its files (`datafiles.resolve_sources`)."""
     d = cfg.data
-    out: dict[str, list[str]] = {"unlabeled": [], "train": [], "validation": []}
+    sources: dict[str, list[tuple[str, list[str]]]] = {}
+    out: dict[str, list[str]] = {}
     if cfg.pretrain is not None and d.unlabeled is not None:
-        out["unlabeled"] = datafiles.resolve_parquet_files(
+        sources["unlabeled"] = datafiles.resolve_sources(
             d.unlabeled.path, key="data.unlabeled.path"
         )
+        out["unlabeled"] = datafiles.all_files(sources["unlabeled"])
         columns = plan.pretrain_columns(d.unlabeled)
         datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
         datafiles.check_values(out["unlabeled"], columns, key="data.unlabeled")
@@ -136,7 +150,8 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
         for split in ("train", "validation"):
             src = getattr(d.labeled, split)
             key = f"data.labeled.{split}"
-            out[split] = datafiles.resolve_parquet_files(src.path, key=f"{key}.path")
+            sources[split] = datafiles.resolve_sources(src.path, key=f"{key}.path")
+            out[split] = datafiles.all_files(sources[split])
             columns = plan.labeled_columns(src)
             datafiles.check_columns(out[split], columns, key=key)
             task = plan.task
@@ -153,7 +168,7 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[str]]:
             )
     if cfg.tokenizer.path and not storage.is_file(cfg.tokenizer.path):
         raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
-    return out
+    return sources
 
 
 def _init_checkpoint(cfg: PipelineConfig) -> str | None:
@@ -195,7 +210,7 @@ def prepare(cfg: PipelineConfig, *, address: str | None = None) -> Inputs:
     Nothing is written before the last of them but the storage probe."""
     plan = make_plan(cfg)
     _generate_if_missing(cfg)
-    files = _data_files(cfg, plan)
+    sources = _data_files(cfg, plan)
     _check_init_tokenizer(cfg)
     if not address:
         _check_resources(cfg, _local_resources(cfg), "this machine")
@@ -212,7 +227,7 @@ def prepare(cfg: PipelineConfig, *, address: str | None = None) -> Inputs:
         cfg.tracking.experiment,
         artifact_root=storage.join(where, "mlartifacts") if default_store else None,
     )
-    return Inputs(where, uri, experiment_id, plan, **files)
+    return Inputs(where, uri, experiment_id, plan, sources)
 
 
 def _forward_progress_only() -> None:
@@ -548,28 +563,18 @@ def _run_pretrain(
 
 
 def _datasets(cfg: PipelineConfig, inputs: Inputs, *, only=None) -> list[tuple[str, str, str, str]]:
-    """The pipeline's data as MLflow dataset inputs: (name, location, digest, context)."""
+    """The pipeline's data as MLflow dataset inputs: (name, location, digest, context); a
+    list of locations gives one input each (NAME-pretrain-1, -2, ...)."""
     out = []
-    for context, source, files in (
-        ("pretrain", cfg.data.unlabeled, inputs.unlabeled),
-        ("train", cfg.data.labeled.train if cfg.data.labeled else None, inputs.train),
-        (
-            "validation",
-            cfg.data.labeled.validation if cfg.data.labeled else None,
-            inputs.validation,
-        ),
-    ):
-        if source is None or not files or (only is not None and context not in only):
+    for context, split in (("pretrain", "unlabeled"), ("train", "train"),
+                           ("validation", "validation")):  # fmt: skip
+        if only is not None and context not in only:
             continue
-        name = f"{cfg.name}-{context}"
-        if len(source.paths) == 1:
-            location = storage.normalize(source.paths[0])
-            out.append((name, location, datafiles.manifest_digest(files), context))
-            continue
-        for i, path in enumerate(source.paths):  # a list of sources: one input each
-            part = datafiles.resolve_parquet_files(path, key=f"{context}[{i}]")
-            digest = datafiles.manifest_digest(part)
-            out.append((f"{name}-{i + 1}", storage.normalize(path), digest, context))
+        found = inputs.sources.get(split, [])
+        for i, (location, files) in enumerate(found):
+            name = f"{cfg.name}-{context}" + (f"-{i + 1}" if len(found) > 1 else "")
+            digest = datafiles.manifest_digest(files)
+            out.append((name, storage.normalize(location), digest, context))
     return out
 
 

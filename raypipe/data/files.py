@@ -24,10 +24,7 @@ def resolve_parquet_files(path: str | list[str], *, key: str) -> list[str]:
     `key` is the config key the path came from, named in errors.
     """
     if not isinstance(path, str):
-        files: dict[str, None] = {}
-        for i, one in enumerate(path):
-            files.update(dict.fromkeys(resolve_parquet_files(one, key=f"{key}[{i}]")))
-        return list(files)
+        return all_files(resolve_sources(path, key=key))
     remote = storage.is_remote(path)
     if _GLOB_CHARS & set(path):
         if remote:
@@ -54,6 +51,19 @@ def resolve_parquet_files(path: str | list[str], *, key: str) -> list[str]:
             raise UserError(f"{key}: directory '{path}' holds no .parquet files")
         return files
     return [storage.normalize(path)]
+
+
+def resolve_sources(path: str | list[str], *, key: str) -> list[tuple[str, list[str]]]:
+    """Each location `path` names (one, or each of a list) with its files, as
+    `resolve_parquet_files` finds them."""
+    if isinstance(path, str):
+        return [(path, resolve_parquet_files(path, key=key))]
+    return [(one, resolve_parquet_files(one, key=f"{key}[{i}]")) for i, one in enumerate(path)]
+
+
+def all_files(sources: list[tuple[str, list[str]]]) -> list[str]:
+    """The files of `resolve_sources`, in the order listed, each once."""
+    return list(dict.fromkeys(f for _, files in sources for f in files))
 
 
 def check_columns(files: list[str], columns: list[str], *, key: str) -> None:

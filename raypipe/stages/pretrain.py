@@ -606,8 +606,8 @@ def run_pretrain(
         # Ray Train's local mode gives the loop the dataset itself: set what DataConfig and
         # the worker's placement would (stream order; the CPU this process trains on is not
         # Ray Data's, though Ray never reserved it: at least one CPU stays, never a deadlock).
+        # The context is this dataset's own (a copy made when it was read), not Ray's global.
         cpus = ray.cluster_resources().get("CPU", 1.0) - cfg.scaling.cpus_per_worker
-        dataset = dataset.copy(dataset)
         dataset.context.execution_options = ExecutionOptions(
             preserve_order=True, resource_limits=ExecutionResources.for_limits(cpu=max(cpus, 1.0))
         )
