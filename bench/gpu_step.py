@@ -1,6 +1,6 @@
 """P6: raypipe's exact training step (no Ray) on one GPU: tokens/s and MFU, bf16.
 
-Runs `raypipe.engine.loop.train_step` (the step every pretrain worker runs) with raypipe's
+Runs `raypipe.engine.step.train_step` (the step every pretrain worker runs) with raypipe's
 Transformer and CausalLM objective and its optimizer (fused AdamW, weight decay on matrices,
 warmup + cosine), on random tokens already on the device, so the figure is the step alone.
 Needs only PyTorch (run from the repository root; no Ray, no MLflow):
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from raypipe.engine.flops import mfu, peak_flops, transformer_flops_per_token  # noqa: E402
-from raypipe.engine.loop import train_step  # noqa: E402
 from raypipe.engine.optim import build_optimizer, warmup_cosine  # noqa: E402
+from raypipe.engine.step import train_step  # noqa: E402
 from raypipe.models import build_model  # noqa: E402
 from raypipe.objectives import build_objective  # noqa: E402
 

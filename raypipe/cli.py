@@ -167,11 +167,10 @@ def _report(args: argparse.Namespace) -> int:
                 "mlflow.db, as the run's summary printed) or set MLFLOW_TRACKING_URI"
             )
         uri = f"sqlite:///{local.resolve()}"
-    from raypipe import tracking
-    from raypipe.summary import format_summary
+    from raypipe.summary import format_summary, read_summary
 
     try:
-        print(format_summary(tracking.read_summary(uri, args.run_id)))
+        print(format_summary(read_summary(uri, args.run_id)))
     except UserError as e:
         return _error(str(e))
     return 0
@@ -199,9 +198,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.pipeline, args.overrides)
         if args.command == "validate":
-            from raypipe.pipeline import prepare_offline
+            from raypipe.preflight import check_offline
 
-            prepare_offline(cfg)
+            check_offline(cfg)
             print(to_yaml(cfg), end="")
             print(f"raypipe: {args.pipeline} is valid", file=sys.stderr)
             return 0
@@ -219,8 +218,8 @@ def _main(args: argparse.Namespace) -> int:
         import ray.train.torch  # noqa: F401
         import torch  # noqa: F401
 
+        from raypipe.errors import find_user_error
         from raypipe.pipeline import run_pipeline
-        from raypipe.stages.common import find_user_error
         from raypipe.summary import format_summary
 
         timing.mark("imports")

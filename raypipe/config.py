@@ -42,6 +42,11 @@ class ConfigError(UserError):
             super().__init__(f"{source}: {len(problems)} problems\n{lines}")
 
 
+#: On a field that changes how a run is carried out, not what it computes: left out of the
+#: stage fingerprints (see `run_only_exclusions`), so changing it resumes a stage.
+RUN_ONLY = {"run_only": True}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -188,6 +193,7 @@ class PretrainScaling(ScalingConfig):
         "than in a Ray worker process: seconds less to start, but a crash of the training ends "
         "the run (the same command resumes it from the latest checkpoint). auto: when one CPU "
         "worker trains on the embedded local Ray (never on a cluster).",
+        json_schema_extra=RUN_ONLY,
     )
 
     @model_validator(mode="after")
@@ -221,22 +227,32 @@ class PretrainConfig(Strict):
         description="ddp: a full copy of the model per worker; fsdp: parameters, gradients and "
         "optimizer state sharded over the workers (FSDP2), for models beyond one GPU's memory.",
     )
-    log_every: PositiveInt = Field(20, description="Steps between metric reports.")
+    log_every: PositiveInt = Field(
+        20, description="Steps between metric reports.", json_schema_extra=RUN_ONLY
+    )
     checkpoint_every: PositiveInt = Field(100, description="Steps between checkpoints.")
-    num_checkpoints_to_keep: PositiveInt = Field(2, description="Checkpoints kept in storage.")
+    num_checkpoints_to_keep: PositiveInt = Field(
+        2, description="Checkpoints kept in storage.", json_schema_extra=RUN_ONLY
+    )
     max_failures: Annotated[int, Field(ge=0)] = Field(
-        2, description="Worker-group restarts (from the latest checkpoint) before giving up."
+        2,
+        description="Worker-group restarts (from the latest checkpoint) before giving up.",
+        json_schema_extra=RUN_ONLY,
     )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="A NaN/Inf loss or gradient: stop naming the step (the last good checkpoint "
         "stays), or skip that batch's update and count it.",
+        json_schema_extra=RUN_ONLY,
     )
-    prefetch_batches: PositiveInt = Field(2, description="Batches Ray Data prepares ahead.")
+    prefetch_batches: PositiveInt = Field(
+        2, description="Batches Ray Data prepares ahead.", json_schema_extra=RUN_ONLY
+    )
     compile: bool = Field(
         False,
         description="torch.compile the objective's forward (worth it on GPU for large models; "
         "the first steps then wait for compilation).",
+        json_schema_extra=RUN_ONLY,
     )
     shuffle_buffer: Annotated[int, Field(ge=0)] = Field(
         0, description="Rows in each worker's local shuffle buffer; 0: stream order."
@@ -311,6 +327,7 @@ class SweepConfig(Strict):
         1,
         description="Retries of a crashed trial (it resumes from its latest checkpoint); a trial "
         "that still fails is recorded as failed and the sweep goes on without it.",
+        json_schema_extra=RUN_ONLY,
     )
 
 
@@ -363,8 +380,13 @@ class FinetuneConfig(Strict):
             raise ValueError(f"label_fractions lists a fraction twice: {self.label_fractions}")
         return self
 
+    # --- top level ----------------------------------------------------------------------------------
 
-# --- top level ----------------------------------------------------------------------------------
+    @property
+    def init_directory(self) -> str | None:
+        """The checkpoint directory fine-tuning starts from when `init` names one (then the
+        pipeline has no pretrain stage); None for 'pretrain' and 'scratch'."""
+        return None if self.init in ("pretrain", "scratch") else self.init
 
 
 class TrackingConfig(Strict):
@@ -429,7 +451,7 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                 "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
                 "'scratch' or a checkpoint directory"
             )
-        if f.init not in ("pretrain", "scratch"):
+        if f.init_directory is not None:
             # A checkpoint in an object store is checked when the plan reads its model.json.
             if not storage.is_remote(f.init) and not Path(f.init).is_dir():
                 problems.append(
@@ -524,6 +546,28 @@ def _fields_at(loc: tuple) -> list[str]:
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return list(cls.model_fields)
     return []
+
+
+def _config_class(annotation: Any) -> type[BaseModel] | None:
+    """The config class inside Optional[...] / Annotated[...], if any."""
+    while typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def run_only_exclusions(cls: type[BaseModel]) -> dict[str, Any]:
+    """The fields marked RUN_ONLY in `cls` and the sections under it, as a pydantic `exclude`
+    mapping: what a stage fingerprint leaves out."""
+    out: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        if (info.json_schema_extra or {}).get("run_only"):
+            out[name] = True
+        elif (inner := _config_class(info.annotation)) and (sub := run_only_exclusions(inner)):
+            out[name] = sub
+    return out
 
 
 def _format_error(err: dict) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from raypipe import registry
 from raypipe.config import FinetuneConfig, LabeledSource, PipelineConfig, Source
+from raypipe.data.kinds import DataKind, labeled_kind, pretrain_kind
 from raypipe.errors import UserError
 from raypipe.vocab import PAD_ID
 
@@ -32,13 +33,21 @@ class Plan:
     def pretrain_kind(self) -> str | None:
         return self.objective.data_kind if self.objective else None
 
+    @property
+    def pretrain_data(self) -> DataKind | None:
+        return pretrain_kind(self.pretrain_kind) if self.objective else None
+
+    @property
+    def finetune_data(self) -> DataKind | None:
+        return labeled_kind(self.task.data_kind, self.finetune_input) if self.task else None
+
     def needs_tokenizer(self) -> bool:
-        text_pretrain = self.pretrain_kind in ("text_blocks", "image_text")
-        return text_pretrain or self.finetune_input == "text"
+        return any(k is not None and k.needs_tokenizer
+                   for k in (self.pretrain_data, self.finetune_data))  # fmt: skip
 
     def tokenizer_columns(self, cfg: PipelineConfig) -> tuple[str, list[str]]:
         """Where to sample text for training a tokenizer: ("unlabeled" | "train", columns)."""
-        if self.pretrain_kind in ("text_blocks", "image_text"):
+        if self.pretrain_data is not None and self.pretrain_data.needs_tokenizer:
             return "unlabeled", [cfg.data.unlabeled.text_column]
         src = cfg.data.labeled.train
         if self.task.data_kind == "pairs":
@@ -46,18 +55,10 @@ class Plan:
         return "train", [src.text_column]
 
     def pretrain_columns(self, src: Source) -> list[str]:
-        return {
-            "text_blocks": [src.text_column],
-            "images": [src.image_column],
-            "image_views": [src.image_column],
-            "image_text": [src.image_column, src.text_column],
-        }[self.pretrain_kind]
+        return self.pretrain_data.column_names(src)
 
     def labeled_columns(self, src: LabeledSource) -> list[str]:
-        if self.task.data_kind == "pairs":
-            return [src.text_column, src.target_column]
-        column = src.image_column if self.finetune_input == "image" else src.text_column
-        return [column, src.label_column]
+        return self.finetune_data.column_names(src)
 
 
 def _resolve(kind: str, name: str, key: str):
@@ -77,12 +78,12 @@ def model_spec(cfg: PipelineConfig, objective=None, *, vocab_size: int | None) -
 
     Fine-tuning from a checkpoint directory takes that checkpoint's model instead.
     """
-    f = cfg.finetune
-    if cfg.pretrain is None and f is not None and f.init not in ("pretrain", "scratch"):
+    init = cfg.finetune.init_directory if cfg.finetune else None
+    if init is not None:
         from raypipe.engine.checkpoint import check_weights_file, read_spec
 
-        spec = read_spec(f.init)
-        check_weights_file(f.init)
+        spec = read_spec(init)
+        check_weights_file(init)
         _check_against_checkpoint(cfg, spec)
         return {"type": spec["type"], "config": spec["config"]}
     m = cfg.model
@@ -168,7 +169,7 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     plan = Plan()
     objective = None
     # The model section builds the model unless fine-tuning starts from a checkpoint directory.
-    if cfg.pretrain is not None or cfg.finetune.init in ("pretrain", "scratch"):
+    if cfg.pretrain is not None or cfg.finetune.init_directory is None:
         _check_model_fields(cfg)
     if cfg.pretrain is not None:
         plan.objective = _resolve("objective", cfg.pretrain.objective, "pretrain.objective")

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from raypipe import tracking
+from raypipe.errors import UserError
 
 
 @dataclass
-class StageReport:
+class StageOutcome:
     name: str
     status: str  # "done" or "reused"
     seconds: float
@@ -24,7 +25,7 @@ class Summary:
     tracking_uri: str
     storage: str
     seconds: float = 0.0
-    stages: list[StageReport] = field(default_factory=list)
+    stages: list[StageOutcome] = field(default_factory=list)
     metric: str | None = None
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -40,7 +41,7 @@ def to_json(s: Summary) -> str:
 
 def from_json(text: str) -> Summary:
     raw = json.loads(text)
-    raw["stages"] = [StageReport(**st) for st in raw.get("stages", [])]
+    raw["stages"] = [StageOutcome(**st) for st in raw.get("stages", [])]
     return Summary(**raw)
 
 
@@ -108,3 +109,27 @@ def format_summary(s: Summary) -> str:
     lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
     lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
     return tracking.redact("\n".join(lines))
+
+
+def read_summary(tracking_uri: str, run_id: str) -> Summary:
+    """The Summary a finished pipeline run logged (see `raypipe report`)."""
+    run = tracking.get_run(tracking_uri, run_id)
+    if run is None:
+        raise UserError(
+            f"no run '{run_id}' in the tracking store '{tracking.redact(tracking_uri)}'; pass "
+            "the pipeline run id the summary printed, and --tracking-uri for another store"
+        )
+    kind = run.data.tags.get(tracking.Tag.KIND)
+    if kind != "pipeline":
+        parent = run.data.tags.get(tracking.PARENT_TAG, "")
+        raise UserError(
+            f"run '{run_id}' is a {kind or 'non-raypipe'} run, not a pipeline run"
+            + (f"; its parent is '{parent}'" if parent else "")
+        )
+    text = tracking.read_artifact_text(tracking_uri, run_id, ARTIFACT)
+    if text is None:
+        raise UserError(
+            f"pipeline run '{run_id}' has no summary: it did not finish (status "
+            f"{run.info.status}); run the same pipeline again to finish it"
+        )
+    return from_json(text)

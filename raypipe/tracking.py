@@ -3,6 +3,7 @@
 Runs are created through `MlflowClient` with explicit ids, never through MLflow's global
 "active run", so the driver, Train workers and Tune trials can all write to one tree.
 Workers get a `RunRef` (picklable) and call `logger_for(ref, rank)`: rank 0 logs, others no-op.
+Owns raypipe's tag vocabulary (`Tag`) and the one find-or-reopen-or-start of a run.
 """
 
 from __future__ import annotations
@@ -16,15 +17,44 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from raypipe.errors import UserError
 from raypipe.progress import progress
 
 PARENT_TAG = "mlflow.parentRunId"
-#: Tag set on every run raypipe creates: pipeline, stage or trial.
-KIND_TAG = "raypipe.kind"
+
+
+class Tag:
+    """raypipe's tag vocabulary on runs and registered versions: the only place these
+    names are spelled."""
+
+    KIND = "raypipe.kind"  # on every run raypipe creates: pipeline, stage or trial
+    FINGERPRINT = "raypipe.fingerprint"  # a pipeline's or a stage's fingerprint
+    STAGE = "raypipe.stage"
+    REUSED = "raypipe.reused"  # a stage's outputs came from an earlier run
+    REUSED_FROM = "raypipe.reused_from_run"
+    CHECKPOINT = "raypipe.checkpoint"  # a stage's or a registered version's checkpoint
+    BEST_CHECKPOINT = "raypipe.best_checkpoint"  # the fine-tune stage's best
+    ARM = "raypipe.arm"  # "pretrained" | "scratch" (with its label fraction on trials)
+    TRIAL_ID = "raypipe.trial_id"
+    TRIAL = "raypipe.trial"
+    SETTINGS_NOW = "raypipe.settings_now"  # a PBT trial's settings after a perturbation
+    STOPPED_EARLY = "raypipe.stopped_early"
+    LABEL_FRACTION = "raypipe.label_fraction"
+    INIT_CHECKPOINT = "raypipe.init_checkpoint"  # lineage: the pretraining it started from
+    PRETRAIN_STEP = "raypipe.pretrain_step"
+    PRETRAIN_RUN_ID = "raypipe.pretrain_run_id"
+    PIPELINE_FINGERPRINT = "raypipe.pipeline_fingerprint"
+    PIPELINE_RUN_ID = "raypipe.pipeline_run_id"
+    #: On a registered version: the digest of the validation data its metric was measured on.
+    VALIDATION_DIGEST = "raypipe.validation_digest"
+
+    @staticmethod
+    def metric(name: str) -> str:
+        """A registered version's value of the sweep metric `name`."""
+        return f"raypipe.{name}"
 
 
 def resolve_tracking_uri(configured: str | None, storage: str) -> str:
@@ -115,8 +145,29 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+class MetricsLogger(Protocol):
+    """What a training loop logs through (see `logger_for`): metrics and params, flushed and
+    closed by the loop."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def close(self, timeout: float = 300.0) -> None: ...
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in _flat(params).items()]
+    for i in range(0, len(items), 100):  # MLflow's per-batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
 class RunLogger:
-    """Writes metrics, params and tags to one run; safe to create in any worker."""
+    """Writes metrics, params and tags to one run at once; the driver's logger."""
 
     def __init__(self, ref: RunRef):
         self.ref = ref
@@ -130,18 +181,14 @@ class RunLogger:
         self._client.log_batch(self.ref.run_id, metrics=batch, synchronous=True)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in _flat(params).items()]
-        for i in range(0, len(items), 100):  # MLflow's per-batch limit
-            self._client.log_batch(self.ref.run_id, params=items[i : i + 100])
+        _log_params(self._client, self.ref.run_id, params)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self._client.set_tag(self.ref.run_id, k, redact(str(v)))
 
 
-class BufferedLogger(RunLogger):
+class BufferedLogger:
     """A training loop's metrics and params, sent by a background thread: a slow or unreachable
     tracking server never stalls training, and neither does the MLflow import and client set-up
     (done in that thread, while the first steps run). A batch that cannot be sent stays queued
@@ -171,16 +218,13 @@ class BufferedLogger(RunLogger):
             self._params.append(params)
             self._cv.notify()
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        raise NotImplementedError("a training worker logs metrics and params only")
-
     def _send_some(self, params: list[dict[str, Any]], batch: list[tuple]) -> None:
         from mlflow.entities import Metric
 
         if self._client is None:
             self._client = _client(self.ref.tracking_uri)
         for p in params:
-            RunLogger.log_params(self, p)
+            _log_params(self._client, self.ref.run_id, p)
         if batch:
             metrics = [Metric(*m) for m in batch]
             self._client.log_batch(self.ref.run_id, metrics=metrics, synchronous=True)
@@ -244,9 +288,6 @@ class NullLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        pass
-
     def flush(self, timeout: float) -> bool:
         return True
 
@@ -268,7 +309,7 @@ def start_run(
     parent: RunRef | None = None,
     tags: dict[str, Any] | None = None,
 ) -> RunRef:
-    all_tags = {KIND_TAG: kind, **(tags or {})}
+    all_tags = {Tag.KIND: kind, **(tags or {})}
     if parent is not None:
         all_tags[PARENT_TAG] = parent.run_id
     run = _client(tracking_uri).create_run(
@@ -286,7 +327,7 @@ def find_run(
     parent: RunRef | None = None,
 ) -> tuple[RunRef, str] | None:
     """The newest run of `kind` carrying all `tags` (under `parent`): (ref, its status)."""
-    wanted = {KIND_TAG: kind, **tags}
+    wanted = {Tag.KIND: kind, **tags}
     if parent is not None:
         wanted[PARENT_TAG] = parent.run_id
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items())
@@ -296,6 +337,32 @@ def find_run(
     if not runs:
         return None
     return RunRef(tracking_uri, experiment_id, runs[0].info.run_id), runs[0].info.status
+
+
+def find_or_start_run(
+    *,
+    tracking_uri: str,
+    experiment_id: str,
+    name: str,
+    kind: str,
+    tags: dict[str, Any],
+    parent: RunRef | None = None,
+    new_tags: dict[str, Any] | None = None,
+    reuse_finished: bool = True,
+    reopen: bool = True,
+) -> tuple[RunRef, str | None]:
+    """The run of `kind` carrying `tags` (under `parent`), so a restarted driver continues its
+    own run tree: (the run found, its status), marked running again if it had ended (`reopen`),
+    or a new run with `tags` and `new_tags`: (it, None). A finished run is not taken up again
+    unless `reuse_finished`."""
+    where = {"tracking_uri": tracking_uri, "experiment_id": experiment_id}
+    found = find_run(**where, kind=kind, tags=tags, parent=parent)
+    if found is not None and (reuse_finished or found[1] != "FINISHED"):
+        if reopen and found[1] != "FINISHED":
+            reopen_run(found[0])
+        return found
+    run = start_run(**where, name=name, kind=kind, parent=parent, tags={**tags, **(new_tags or {})})
+    return run, None
 
 
 def reopen_run(ref: RunRef) -> None:
@@ -335,38 +402,27 @@ def log_plot(ref: RunRef, name: str, series: dict, **labels) -> None:
         _client(ref.tracking_uri).log_artifact(ref.run_id, str(path), "plots")
 
 
-def read_summary(tracking_uri: str, run_id: str):
-    """The Summary a finished pipeline run logged (see `raypipe report`)."""
+def get_run(tracking_uri: str, run_id: str):
+    """The MLflow run `run_id`, or None when the store has no such run."""
     from mlflow.exceptions import MlflowException
 
-    from raypipe import summary
-
     check_reachable(tracking_uri)
-    client = _client(tracking_uri)
-    where = f"in the tracking store '{redact(tracking_uri)}'"
     try:
-        run = client.get_run(run_id)
+        return _client(tracking_uri).get_run(run_id)
     except MlflowException:
-        raise UserError(
-            f"no run '{run_id}' {where}; pass the pipeline run id the summary printed, and "
-            "--tracking-uri for another store"
-        ) from None
-    kind = run.data.tags.get(KIND_TAG)
-    if kind != "pipeline":
-        parent = run.data.tags.get(PARENT_TAG, "")
-        raise UserError(
-            f"run '{run_id}' is a {kind or 'non-raypipe'} run, not a pipeline run"
-            + (f"; its parent is '{parent}'" if parent else "")
-        )
+        return None
+
+
+def read_artifact_text(tracking_uri: str, run_id: str, artifact: str) -> str | None:
+    """A run's text artifact, or None when the run has none by that name."""
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp:
         try:
-            local = client.download_artifacts(run_id, summary.ARTIFACT, tmp)
+            local = _client(tracking_uri).download_artifacts(run_id, artifact, tmp)
         except (MlflowException, OSError):
-            raise UserError(
-                f"pipeline run '{run_id}' has no summary: it did not finish (status "
-                f"{run.info.status}); run the same pipeline again to finish it"
-            ) from None
-        return summary.from_json(Path(local).read_text())
+            return None
+        return Path(local).read_text()
 
 
 def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
@@ -441,8 +497,8 @@ def promote_champion(
     if current is not None and str(current.version) == version:
         return version, "already the champion"
     if current is not None:
-        theirs = current.tags.get(f"raypipe.{metric}")
-        if current.tags.get(DATA_DIGEST_TAG) != data_digest or theirs is None:
+        theirs = current.tags.get(Tag.metric(metric))
+        if current.tags.get(Tag.VALIDATION_DIGEST) != data_digest or theirs is None:
             return str(current.version), "measured on other validation data: the alias stays"
         better = value > float(theirs) if mode == "max" else value < float(theirs)
         if not better:
@@ -451,10 +507,6 @@ def promote_champion(
             )
     client.set_registered_model_alias(name, CHAMPION, version)
     return version, "new champion"
-
-
-#: On a registered version: the digest of the validation data its metric was measured on.
-DATA_DIGEST_TAG = "raypipe.validation_digest"
 
 
 def log_registered_model(

@@ -23,6 +23,7 @@ from raypipe.data.text import train_tokenizer
 from raypipe.engine.checkpoint import save_checkpoint
 from raypipe.errors import UserError
 from raypipe.models import build_model
+from raypipe.stages import connect
 
 TEXTS = ["a fine film .", "a dull film .", "what a great cast", "not worth it"] * 8
 
@@ -199,7 +200,7 @@ def test_bad_input_gets_one_line_and_no_ray(case, tmp_path, quickstart_data, mon
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a problem visible up front")
 
-    monkeypatch.setattr(pipeline, "_init_ray", no_ray)  # no stage asked for Ray
+    monkeypatch.setattr(connect, "_init_ray", no_ray)  # no stage asked for Ray
     # Not the embedded Ray that `raypipe run` starts on a thread meanwhile (it is stopped
     # after the error: tests/test_pipeline_e2e.py runs the command as a process).
     monkeypatch.setattr(localray, "start_in_background", lambda **kwargs: None)

@@ -93,8 +93,7 @@ def test_regression_finetune_from_scratch(ray_session, media_data, tmp_path):
 
 def test_max_rows_limits_what_a_stage_reads(ray_session, media_data):
     from raypipe.config import LabeledSource, Source
-    from raypipe.stages.finetune import labeled_dataset
-    from raypipe.stages.pretrain import build_dataset
+    from raypipe.data.pipelines import build_dataset, labeled_dataset
 
     files = [str(p) for p in sorted(Path(media_data["shapes_train"]).glob("*.parquet"))]
     model_config = {"image_size": 8, "channels": 3}
@@ -112,8 +111,8 @@ def test_max_rows_limits_what_a_stage_reads(ray_session, media_data):
 
 def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data, monkeypatch):
     from raypipe.config import PretrainConfig, Source
-    from raypipe.stages import pretrain
-    from raypipe.stages.pretrain import MAX_PASSES, build_dataset, data_footprint, passes_per_epoch
+    from raypipe.data import pipelines
+    from raypipe.data.pipelines import MAX_PASSES, build_dataset, data_footprint, passes_per_epoch
 
     files = [str(p) for p in sorted(Path(media_data["shapes_train"]).glob("*.parquet"))]
     source = Source(path="x", max_rows=24)
@@ -140,9 +139,9 @@ def test_one_epoch_makes_enough_passes_for_the_run(ray_session, media_data, monk
     try:
         first = images()  # small data: read on the driver into the object store
         cached = images(passes=3)  # ... then three passes over it
-        monkeypatch.setattr(pretrain, "BLOCK_BYTES", 1)  # a block per row
+        monkeypatch.setattr(pipelines, "BLOCK_BYTES", 1)  # a block per row
         blocks = images(passes=3)
-        monkeypatch.setattr(pretrain, "CACHE_MAX_BYTES", 0)
+        monkeypatch.setattr(pipelines, "CACHE_MAX_BYTES", 0)
         streamed = images(passes=3)  # big data: Ray Data's reader, one pass an epoch
         assert passes(10**6, 8) == 1
     finally:
@@ -182,7 +181,7 @@ def test_text_passes_are_estimated_low_from_the_footers(tmp_path):
 
     from raypipe.config import PretrainConfig
     from raypipe.data.files import footprint
-    from raypipe.stages.pretrain import MAX_BYTES_PER_TOKEN, Footprint, passes_per_epoch
+    from raypipe.data.pipelines import MAX_BYTES_PER_TOKEN, Footprint, passes_per_epoch
 
     # Unique texts (a repeated one is dictionary-encoded, smaller: more passes, never fewer).
     texts = [f"{i:05d} " + "x" * 93 + " " for i in range(1000)]
@@ -205,7 +204,7 @@ def test_footprint_counts_the_columns_a_stage_reads(tmp_path):
     import pyarrow.parquet as pq
 
     from raypipe.config import Source
-    from raypipe.stages.pretrain import data_footprint
+    from raypipe.data.pipelines import data_footprint
 
     table = pa.table({
         "image": [bytes([i]) * 1000 for i in range(10)],

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from raypipe import registry
-from raypipe.engine.loop import Meter, NonFiniteLoss, evaluate, train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
+from raypipe.engine.step import Meter, NonFiniteLoss, evaluate, train_step
 from raypipe.models import build_model
 from raypipe.models.transformer import Transformer, TransformerConfig
 from raypipe.objectives.lm import CausalLM

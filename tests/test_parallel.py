@@ -19,7 +19,6 @@ from raypipe.engine.checkpoint import (
     save_checkpoint,
     split_objective_state,
 )
-from raypipe.engine.loop import train_step
 from raypipe.engine.optim import build_optimizer, warmup_cosine
 from raypipe.engine.parallel import (
     full_optimizer_state,
@@ -27,6 +26,7 @@ from raypipe.engine.parallel import (
     load_optimizer_state,
     shard,
 )
+from raypipe.engine.step import train_step
 
 STEPS = 4
 
@@ -148,7 +148,8 @@ def test_fsdp_refuses_an_objective_that_runs_its_own_step():
 def test_training_asks_for_gpus_and_preprocessing_for_cpus_only():
     from raypipe.config import PreprocessConfig
     from raypipe.config import ScalingConfig as Section
-    from raypipe.stages.common import preprocess_args, scaling_config
+    from raypipe.data.pipelines import preprocess_args
+    from raypipe.stages.sessions import scaling_config
 
     gpu = scaling_config(Section(num_workers=2, use_gpu=True, cpus_per_worker=2))
     assert gpu.use_gpu and gpu.resources_per_worker == {"CPU": 2, "GPU": 1}

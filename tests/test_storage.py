@@ -24,7 +24,7 @@ from raypipe.engine.checkpoint import (
     save_checkpoint,
 )
 from raypipe.errors import UserError
-from raypipe.pipeline import prepare
+from raypipe.preflight import preflight
 
 BUCKET = "storage-test"
 
@@ -106,7 +106,7 @@ def test_checkpoints_load_straight_from_s3(s3, tmp_path):
 
 def test_a_checkpoint_is_uploaded_whole_and_the_newest_found(s3, tmp_path):
     """What a one-worker fine-tuning trial does with its checkpoints in an object store."""
-    from raypipe.stages.common import latest_checkpoint
+    from raypipe.engine.checkpoint import latest_checkpoint
 
     model = torch.nn.Linear(3, 2)
     for epoch in (1, 2):
@@ -147,15 +147,15 @@ def _raw(s3: str, **changes) -> dict:
 def test_object_store_needs_a_tracking_server(s3, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(UserError, match="set tracking.uri to an MLflow server"):
-        prepare(parse_config(_raw(s3)))
+        preflight(parse_config(_raw(s3)))
 
 
 def test_unusable_bucket_is_named_before_anything_runs(s3, tmp_path):
     tracking = {"uri": f"sqlite:///{tmp_path / 'm.db'}"}
     raw = _raw(s3, storage="s3://no-such-bucket/runs", tracking=tracking)
     with pytest.raises(UserError, match=r"storage: 's3://no-such-bucket/runs' is not writable"):
-        prepare(parse_config(raw))
-    inputs = prepare(parse_config(_raw(s3, tracking=tracking)))
+        preflight(parse_config(raw))
+    inputs = preflight(parse_config(_raw(s3, tracking=tracking)))
     assert inputs.storage == f"{s3}/runs" and inputs.unlabeled[0].startswith(f"{s3}/q/")
 
 
@@ -172,4 +172,4 @@ def test_generated_data_is_never_written_to_an_object_store(s3, tmp_path):
         "pretrain": {"max_steps": 2},
     }  # fmt: skip
     with pytest.raises(UserError, match="data.generate: writes local files"):
-        prepare(parse_config(raw))
+        preflight(parse_config(raw))

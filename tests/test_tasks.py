@@ -9,7 +9,7 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from raypipe.data.text import encode_translation, train_tokenizer
-from raypipe.engine.loop import evaluate
+from raypipe.engine.step import evaluate
 from raypipe.models import build_model
 from raypipe.tasks import build_task
 from raypipe.tasks.classification import Classification

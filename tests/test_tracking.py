@@ -76,7 +76,7 @@ def test_champion_moves_only_for_a_better_model_on_the_same_data(tmp_path):
         version = client.create_model_version(
             "m",
             source=str(tmp_path),
-            tags={"raypipe.val/accuracy": str(accuracy), tracking.DATA_DIGEST_TAG: data},
+            tags={"raypipe.val/accuracy": str(accuracy), tracking.Tag.VALIDATION_DIGEST: data},
         ).version
         version = str(version)
         moved = tracking.promote_champion(

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,40 @@ def load_task(directory: str | os.PathLike):
     )
     load_weights(directory, task)
     return task
+
+
+def save_into(run_dir: str, name: str, save, *, num_to_keep: int | None) -> str:
+    """Write checkpoint `run_dir/name` with `save(dir)` straight to storage, whole or not at
+    all, and keep only the newest `num_to_keep` (as Train's CheckpointConfig does): for
+    training that runs without Ray Train workers, whose checkpoints Train does not persist."""
+    path = storage.join(run_dir, name)
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.upload_dir(save(Path(tmp) / "checkpoint"), path, last=META_FILE)
+    else:
+        save(Path(path))  # written whole or not at all
+    if num_to_keep is not None:
+        older = sorted({f.rsplit("/", 2)[-2] for f in storage.list_files(run_dir, META_FILE)})
+        for stale in older[:-num_to_keep]:
+            storage.delete_dir(storage.join(run_dir, stale))
+    return path
+
+
+def latest_checkpoint(directory: str, *, prefix: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint `directory/<prefix>…` in storage that loads whole: (path, train
+    state). Names sort by age (zero-padded counts).
+
+    Read from storage rather than from Ray Train's record, which registers a checkpoint a
+    moment after its report and so, after a crash, can point one interval back. A checkpoint
+    cut short by the crash fails to load and the one before it is taken.
+    """
+    dirs = {m.rsplit("/", 1)[0] for m in storage.list_files(directory, META_FILE)}
+    for path in sorted((d for d in dirs if d.rsplit("/", 1)[-1].startswith(prefix)), reverse=True):
+        try:
+            state = load_train_state(path)
+            read_meta(path)
+            storage.read_bytes(storage.join(path, MODEL_FILE))
+        except Exception:  # noqa: BLE001 - any damage means "not this one"
+            continue
+        return path, state
+    return None

@@ -1,4 +1,4 @@
-"""The pieces of a training loop that every stage shares: one optimizer step, evaluation, meters.
+"""One optimizer step, evaluation, meters and the non-finite tally: what both training loops share.
 
 Pure PyTorch: the same step runs inside a Ray Train worker, in the unit tests and in the
 benchmarks, with or without DDP around the module.
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from raypipe import faults
 from raypipe.engine.parallel import local_value
 from raypipe.engine.precision import autocast_for
 from raypipe.errors import UserError
@@ -175,3 +176,48 @@ class Meter:
         }
         self.items, self.steps, self.waited, self.started = 0, 0, 0.0, now
         return out
+
+
+class SkippedSteps:
+    """Steps whose update was skipped for a non-finite loss or gradient (see `train_step`),
+    kept as device tensors and read only when asked: no per-step host sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending = torch.zeros((), device=device)
+        self.first = torch.zeros((), device=device, dtype=torch.long)
+
+    def add(self, stats: dict[str, torch.Tensor], step: int) -> None:
+        """Take `stats["skipped_steps"]` (0 or 1) of step `step` out of `stats`."""
+        now = stats.pop("skipped_steps", None)
+        if now is not None:
+            self.first = torch.where((self.pending == 0) & (now > 0), step, self.first)
+            self.pending = self.pending + now
+
+    def take(self, world: int) -> int:
+        """Skipped steps summed over ranks since the last take (a collective)."""
+        found = int(all_reduce_sum({"n": self.pending}, self.device)["n"].item())
+        self.pending = torch.zeros((), device=self.device)
+        return found
+
+    def first_step(self, world: int) -> int:
+        """The first step skipped on any rank since the last take (a collective, rarely run)."""
+        firsts = all_gather(int(self.first.item()), world)
+        return min(f for f in firsts if f > 0)
+
+
+def all_gather(value, world: int) -> list:
+    """Every rank's picklable `value`, in rank order (a collective; itself without a group)."""
+    if world == 1:
+        return [value]
+    out: list = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def inject_fault(injected: list, module: nn.Module, *, place: str, rank: int, at: int) -> None:
+    """Test-only faults (RAYPIPE_FAULTS, see raypipe/faults.py): "crash" ends this process,
+    "raise" raises, "nan" poisons a weight so the next loss is NaN."""
+    if faults.check(injected, place=place, rank=rank, at=at) == "nan":
+        with torch.no_grad():
+            next(module.parameters()).fill_(float("nan"))

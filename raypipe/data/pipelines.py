@@ -1,0 +1,216 @@
+"""The Ray Data pipelines, defined once on the driver: pretraining's stream (read -> transform,
+over several passes when the data is small) and fine-tuning's encoded, materialized splits;
+the data's footprint, and the count of undecodable images skipped.
+
+Each data kind's columns and transform come from `data/kinds.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.data
+
+from raypipe.config import LabeledSource, PreprocessConfig, PretrainConfig, Source
+from raypipe.data import files as datafiles
+from raypipe.data.kinds import Needs, labeled_kind, pretrain_kind
+
+#: Bytes of text per token, a generous upper bound (BPE on English gives 2-5): so the count of
+#: blocks estimated from the text's size is low, and `passes_per_epoch` errs towards more.
+MAX_BYTES_PER_TOKEN = 8
+#: At most this many passes over the data in one Ray Data epoch.
+MAX_PASSES = 64
+#: Data up to this size (raw column bytes, from the Parquet footers) is read once into Ray's
+#: object store, in blocks of about BLOCK_BYTES; larger data streams from its shards.
+CACHE_MAX_BYTES = 256 * 2**20
+BLOCK_BYTES = 8 * 2**20
+
+
+def data_columns(kind: str, source: Source) -> list[str]:
+    """The columns of the shards that objectives of data kind `kind` read."""
+    return pretrain_kind(kind).column_names(source)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a stage will read, from the Parquet footers: rows (after `max_rows`) and the
+    uncompressed bytes of the columns read. Decides how the data is read (`small`)."""
+
+    rows: int
+    size: int
+
+    @property
+    def small(self) -> bool:
+        """Read once on the driver into the object store; otherwise streamed from the shards."""
+        return self.size <= CACHE_MAX_BYTES
+
+
+def data_footprint(files: list[str], *, kind: str, source: Source) -> Footprint:
+    rows, size = datafiles.footprint(files, data_columns(kind, source))
+    if source.max_rows and rows > source.max_rows:
+        size, rows = size * source.max_rows // rows, source.max_rows
+    return Footprint(rows=rows, size=size)
+
+
+def passes_per_epoch(
+    footprint: Footprint, *, kind: str, cfg: PretrainConfig, block_size: int, world: int
+) -> int:
+    """Passes over the data that one Ray Data epoch makes: enough for the whole run.
+
+    Each epoch of a streaming split starts a new execution (tasks, the first blocks through
+    the transforms) behind a barrier, and the trainer waits for it: seconds every epoch, a real
+    cost when the data is small and epochs are short. Repeating the data inside one epoch
+    removes those waits. Estimated from the Parquet footers, before anything is read.
+    """
+    if not footprint.small:
+        return 1  # streamed from the shards: an epoch's start is small beside a pass of them
+    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum_steps * world
+    if kind == "text_blocks":
+        have = footprint.size / (MAX_BYTES_PER_TOKEN * block_size)
+    else:
+        have = footprint.rows
+    return int(min(MAX_PASSES, max(1, math.ceil(needed / max(have, 1)))))
+
+
+def preprocess_args(section: PreprocessConfig | None) -> dict[str, Any]:
+    """Ray Data map arguments: CPUs only (preprocessing never holds a GPU), optional cap."""
+    section = section or PreprocessConfig()
+    args: dict[str, Any] = {"num_cpus": section.cpus_per_task, "num_gpus": 0}
+    if section.concurrency is not None:
+        args["concurrency"] = section.concurrency
+    return args
+
+
+@ray.remote(num_cpus=0)
+class Tally:
+    """A count that Ray Data tasks add to (e.g. images skipped as undecodable)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def get(self) -> int:
+        return self.count
+
+
+def skip_bad_images(ds, *, image_column: str, channels: int, batch_size: int, preprocess, tally):
+    """Put the undecodable-row filter in front of a dataset's decoding transform."""
+    from raypipe.data.vision import drop_undecodable
+
+    return ds.map_batches(
+        drop_undecodable,
+        batch_format="numpy",
+        batch_size=batch_size,
+        fn_kwargs={"image_column": image_column, "channels": channels, "tally": tally},
+        **preprocess_args(preprocess),
+    )
+
+
+def _read_small(files: list[str], columns: list[str], footprint: Footprint, max_rows):
+    """Small data, read once here into Ray's object store, in order, in blocks of about
+    BLOCK_BYTES. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s (the
+    quickstart's 20,000 rows). Returns the blocks' refs."""
+    per_block = max(1, footprint.rows * BLOCK_BYTES // max(footprint.size, 1))
+    tables = datafiles.read_blocks(files, columns, rows_per_block=per_block, max_rows=max_rows)
+    return [ray.put(t) for t in tables]
+
+
+def build_dataset(
+    files: list[str],
+    *,
+    kind: str,
+    source: Source,
+    tokenizer_json: str | None,
+    seq_len: int,
+    text_extra: int,
+    model_config: dict[str, Any],
+    preprocess: PreprocessConfig | None = None,
+    bad_image_tally=None,
+    footprint: Footprint | None = None,
+    passes: int = 1,
+) -> ray.data.Dataset:
+    """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
+
+    `kind` is the objective's `data_kind` (see data/kinds.py). With `bad_image_tally` (a
+    Tally), rows whose image does not decode are dropped and counted. One epoch of the result
+    makes `passes` passes over small data (`Footprint.small`; the footprint is read from the
+    footers unless given), in order; over larger data, streamed from the shards, one (see
+    `passes_per_epoch`).
+    """
+    described = pretrain_kind(kind)
+    needs = Needs(source, model_config, tokenizer_json, length=seq_len + text_extra)
+    enc = described.encode(needs)
+    footprint = footprint or data_footprint(files, kind=kind, source=source)
+    if footprint.small:
+        refs = _read_small(files, enc.columns, footprint, source.max_rows)
+        ds = ray.data.from_arrow_refs(refs)
+    else:
+        ds = ray.data.read_parquet(files, columns=enc.columns)
+        if source.max_rows:
+            ds = ds.limit(source.max_rows)
+    skipping = bad_image_tally is not None and described.reads_images
+    if skipping:
+        ds = skip_bad_images(
+            ds, image_column=source.image_column, channels=model_config.get("channels"),
+            batch_size=enc.batch_size, preprocess=preprocess, tally=bad_image_tally,
+        )  # fmt: skip
+    if footprint.small and passes > 1:
+        # One epoch makes `passes` passes: the same blocks listed `passes` times, in order. (A
+        # union of the data with itself deals its inputs' blocks out in turn, even with the
+        # order kept: each block came `passes` times in a row.) Bad images are skipped (and
+        # counted) once, before the passes.
+        if skipping:
+            ds.context.execution_options.preserve_order = True
+            refs = ds.materialize().to_arrow_refs()
+        ds = ray.data.from_arrow_refs(refs * passes)
+    ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
+    return ds.map_batches(
+        enc.transform,
+        batch_format="numpy",
+        batch_size=enc.batch_size,
+        fn_kwargs=enc.kwargs,
+        **preprocess_args(preprocess),
+    )
+
+
+def labeled_dataset(
+    files: list[str],
+    *,
+    source: LabeledSource,
+    kind: str,
+    input: str,
+    label_dtype: str,
+    tokenizer_json: str | None,
+    max_len: int,
+    model_config: dict[str, Any],
+    preprocess: PreprocessConfig | None = None,
+    bad_image_tally=None,
+) -> ray.data.Dataset:
+    """Encoded once and materialized: every trial and epoch re-reads the same blocks.
+    With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
+
+    kind "labeled": one input column (text or image) + label; "pairs": source -> target text.
+    """
+    described = labeled_kind(kind, input)
+    needs = Needs(source, model_config, tokenizer_json, length=max_len, label_dtype=label_dtype)
+    enc = described.encode(needs)
+    ds = ray.data.read_parquet(files, columns=enc.columns)
+    if source.max_rows:
+        ds = ds.limit(source.max_rows)
+    if bad_image_tally is not None and described.reads_images:
+        ds = skip_bad_images(
+            ds, image_column=source.image_column, channels=model_config["channels"],
+            batch_size=enc.batch_size, preprocess=preprocess, tally=bad_image_tally,
+        )  # fmt: skip
+    ds = ds.map_batches(
+        enc.transform, batch_format="numpy", batch_size=enc.batch_size, fn_kwargs=enc.kwargs,
+        **preprocess_args(preprocess),
+    )  # fmt: skip
+    ds.context.execution_options.preserve_order = True  # the same rows in the same order
+    ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
+    return ds.materialize()

@@ -1,0 +1,386 @@
+"""The pretraining loop: plain PyTorch over a `Session` (see engine/session.py).
+
+One function per worker, read top to bottom: build the objective, wrap it (DDP or FSDP), build
+the optimizers, resume from the session's checkpoint, then step until `max_steps`, logging every
+`log_every` steps and checkpointing every `checkpoint_every`. The same loop runs in a Ray Train
+worker, in the driver (Ray Train's local mode) and in the tests and benchmarks without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from raypipe import faults, timing
+from raypipe.config import PretrainConfig
+from raypipe.engine.checkpoint import (
+    load_train_state,
+    load_weights,
+    read_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    split_objective_state,
+)
+from raypipe.engine.flops import mfu, peak_flops, transformer_flops_per_token
+from raypipe.engine.optim import build_optimizer, warmup_cosine
+from raypipe.engine.parallel import (
+    full_optimizer_state,
+    full_state_dict,
+    load_optimizer_state,
+    shard,
+)
+from raypipe.engine.precision import autocast_for
+from raypipe.engine.session import Session
+from raypipe.engine.step import (
+    Meter,
+    NonFiniteLoss,
+    SkippedSteps,
+    all_gather,
+    all_reduce_sum,
+    inject_fault,
+    train_step,
+)
+from raypipe.errors import UserError
+from raypipe.models import build_model
+from raypipe.objectives import build_objective
+from raypipe.progress import progress, status
+
+#: A pretraining checkpoint is `<checkpoint_dir>/step-00000300`.
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """Everything one pretraining worker needs, decided on the driver."""
+
+    cfg: PretrainConfig
+    model_spec: dict[str, Any]
+    tokenizer_json: str | None
+    seed: int
+    fingerprint: str
+    checkpoint_dir: str  # where the checkpoints go (named in messages)
+    run_id: str | None = None  # the MLflow run that trains it (lineage in meta.json)
+    passes: int = 1  # passes over the data in one epoch of the dataset
+    startup: dict[str, float] = field(default_factory=dict)  # driver's cold-start marks
+    faults: str = ""  # RAYPIPE_FAULTS, read on the driver
+
+
+@dataclass(frozen=True)
+class PretrainOutcome:
+    steps: int
+    final_loss: float = float("nan")
+    skipped_steps: int = 0
+    error: str | None = None  # a non-finite stop: the message for the user
+
+
+@dataclass
+class DataPosition:
+    """Where one worker is in its stream: the epoch, and the batches it consumed in it."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+@dataclass
+class _State:
+    """What the loop changes as it goes (and a checkpoint restores)."""
+
+    step: int = 0
+    final_loss: float = float("nan")
+    skipped: int = 0
+    last_saved: int | None = None
+    position: DataPosition = field(default_factory=DataPosition)
+    resumed: str | None = None  # the checkpoint it resumed from
+    note: str = ""  # how the resume differs (another number of workers)
+
+
+def _batches_forever(session: Session, cfg: PretrainConfig, seed: int, at: DataPosition):
+    """Epoch after epoch over this worker's split, from `at` on; keeps `at` current.
+
+    Ray Data's iterators cannot seek, so resuming mid-epoch re-reads the epoch and drops the
+    batches consumed before the checkpoint: the split is deterministic (order preserved, rows
+    dealt to the worker with the fewest), so the same rows come back in the same order.
+    """
+    while True:
+        skip, count = at.batches, 0
+        for batch in session.batches(
+            "train",
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            prefetch=cfg.prefetch_batches,
+            shuffle_buffer=cfg.shuffle_buffer or None,
+            shuffle_seed=seed + at.epoch if cfg.shuffle_buffer else None,
+        ):
+            count += 1
+            if count <= skip:
+                continue
+            at.batches = count
+            yield batch
+        if count == 0:
+            raise UserError(
+                f"pretrain: the unlabeled data yields no full batch of {cfg.batch_size} rows per "
+                "worker; lower pretrain.batch_size (or pretrain.seq_len for text), or add data"
+            )
+        at.epoch, at.batches = at.epoch + 1, 0
+
+
+def _build(job: PretrainJob, device: torch.device):
+    """The objective around a new model, identical on every rank."""
+    torch.manual_seed(job.seed)
+    model = build_model(job.model_spec)
+    return build_objective(job.cfg.objective, model, job.cfg.options).to(device)
+
+
+def _optimizers(objective, cfg: PretrainConfig):
+    opt = cfg.optimizer
+    # Built after sharding, so each optimizer holds this rank's shards (and moments) only.
+    optimizers = [
+        build_optimizer(params, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas)
+        for params in objective.param_groups()
+    ]
+    schedulers = [
+        warmup_cosine(
+            o,
+            warmup_steps=opt.warmup_steps,
+            total_steps=cfg.max_steps,
+            min_lr_ratio=opt.min_lr_ratio,
+        )  # fmt: skip
+        for o in optimizers
+    ]
+    return optimizers, schedulers
+
+
+def _restore(directory: str, objective, state: _State) -> dict[str, Any]:
+    """Weights, the objective's own state and the loss of a checkpoint; its train state."""
+    load_weights(directory, objective.model)
+    meta = read_meta(directory)
+    state.final_loss, state.skipped = (
+        meta.get("loss", state.final_loss),
+        meta.get("skipped_steps", 0),
+    )
+    saved = load_train_state(directory)
+    objective.load_state_dict({**objective.state_dict(), **saved["objective"]}, strict=True)
+    return saved
+
+
+def _resume_optimizers(saved, objective, optimizers, schedulers, state: _State, session) -> None:
+    for o, o_state in zip(optimizers, saved["optimizers"], strict=True):
+        load_optimizer_state(objective, o, o_state)
+    for sch, sch_state in zip(schedulers, saved["schedulers"], strict=True):
+        sch.load_state_dict(sch_state)
+    state.step = state.last_saved = saved["step"]
+    ranks = saved["ranks"]
+    if len(ranks) != session.world:
+        state.note = f"; {len(ranks)} workers then, {session.world} now"
+    if len(ranks) == session.world:  # each rank continues its own stream and random draws
+        set_rng_state(ranks[session.rank]["rng"])
+        state.position = DataPosition(**ranks[session.rank]["data"])
+    else:  # another split of the data: the epoch starts over
+        set_rng_state(ranks[0]["rng"])
+        state.position = DataPosition(epoch=ranks[0]["data"]["epoch"])
+
+
+def _saver(job: PretrainJob, session: Session, objective, optimizers, schedulers, state: _State):
+    """Take a snapshot now (collectives: every rank calls this); returns `save(directory)`."""
+    cfg, world = job.cfg, session.world
+    full = full_state_dict(objective)
+    optimizer_states = [full_optimizer_state(objective, o) for o in optimizers]
+    ranks = all_gather({"rng": rng_state(), "data": asdict(state.position)}, world)
+    step, loss, skipped = state.step, state.final_loss, state.skipped
+
+    def save(directory):
+        weights, own = split_objective_state(full)
+        return save_checkpoint(
+            directory,
+            weights=weights,
+            spec=job.model_spec,
+            tokenizer_json=job.tokenizer_json,
+            meta={
+                "step": step,
+                "samples_seen": step * cfg.batch_size * cfg.grad_accum_steps * world,
+                "objective": cfg.objective,
+                "fingerprint": job.fingerprint,
+                "loss": loss,
+                "strategy": cfg.strategy,
+                "skipped_steps": skipped,
+                "num_workers": world,
+                # Lineage: the MLflow run that trained it (fine-tune trials tag themselves).
+                "mlflow_run_id": job.run_id,
+            },
+            train_state={
+                "step": step,
+                "optimizers": optimizer_states,
+                "schedulers": [sch.state_dict() for sch in schedulers],
+                "ranks": ranks,
+                "objective": own,
+            },
+        )
+
+    return save
+
+
+def _nonfinite(job: PretrainJob, state: _State, at_step: int, detail: str) -> PretrainOutcome:
+    kept = (
+        f"the last good checkpoint (step {state.last_saved}) stays in "
+        f"{job.checkpoint_dir.rstrip('/')}/{CHECKPOINT_PREFIX}{state.last_saved:08d}"
+        if state.last_saved is not None
+        else "no checkpoint was written before it"
+    )
+    return PretrainOutcome(
+        steps=at_step - 1,
+        error=f"pretrain: the loss became non-finite at step {at_step} ({detail}); {kept}; lower "
+        "pretrain.optimizer.lr, set pretrain.optimizer.grad_clip, or set "
+        "pretrain.on_nonfinite: skip",
+    )
+
+
+def _step(objective, module, optimizers, schedulers, micro, cfg: PretrainConfig, device):
+    """One optimizer step: the objective's own (a GAN's alternating updates) or `train_step`."""
+    opt = cfg.optimizer
+    if not objective.owns_step:
+        return train_step(
+            module, optimizers[0], schedulers[0], micro, grad_clip=opt.grad_clip, device=device,
+            precision=cfg.precision, on_nonfinite=cfg.on_nonfinite,
+        )  # fmt: skip
+    loss, stats = objective.step(
+        module, optimizers, micro, grad_clip=opt.grad_clip,
+        autocast=lambda: autocast_for(device, cfg.precision),
+    )  # fmt: skip
+    for sch in schedulers:
+        sch.step()
+    # It has stepped already: a non-finite loss can only stop the run, which happens when the
+    # count is read (no per-step sync or collective).
+    stats["skipped_steps"] = (~torch.isfinite(loss.detach())).float()
+    return loss, stats
+
+
+def _log_start(job: PretrainJob, session: Session, objective, state: _State) -> None:
+    if state.resumed:
+        session.logger.log_metrics({"train/resumed_from_step": state.step}, state.step)
+        if session.rank == 0:
+            p = state.position
+            progress(
+                f"pretrain resumed at step {state.step} from {state.resumed} (epoch {p.epoch}, "
+                f"{p.batches} batches in){state.note}"
+            )
+    elif session.rank == 0:
+        session.logger.log_params(
+            {
+                "num_parameters": sum(p.numel() for p in objective.parameters()),
+                "torch_threads": torch.get_num_threads(),
+                "data_passes_per_epoch": job.passes,
+            }
+        )
+
+
+def _metrics(loss, stats, schedulers, meter: Meter, state: _State, session, mfu_of) -> dict:
+    """The logged metrics (the loss is the mean over ranks: a collective, all ranks log)."""
+    state.final_loss = all_reduce_sum({"loss": loss}, session.device)["loss"].item() / session.world
+    metrics = {
+        "train/loss": state.final_loss,
+        "train/lr": schedulers[0].get_last_lr()[0],
+        "train/skipped_steps": state.skipped,
+        **{f"train/{k}": float(v) for k, v in stats.items()},
+        **{f"perf/{k}": v for k, v in meter.read_and_reset().items()},
+    }
+    if mfu_of is not None:
+        metrics["perf/mfu"] = mfu_of(metrics["perf/tokens_per_s"] / session.world)
+    return metrics
+
+
+def _mfu_of(objective, cfg: PretrainConfig, device):
+    """tokens/s -> MFU on GPUs whose peak is known, for transformers (engine/flops.py)."""
+    peak = peak_flops(device)
+    if not (peak and objective.unit == "tokens"):
+        return None
+    per_token = transformer_flops_per_token(objective.model, cfg.seq_len)
+    return lambda rate: mfu(rate, per_token, peak)
+
+
+def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
+    marks = {"workers": time.time()}  # this worker's cold-start milestones
+    cfg, rank, world, device = job.cfg, session.rank, session.world, session.device
+    objective = _build(job, device)
+    # Identical init on every rank above; from here each rank draws its own masks and noise.
+    torch.manual_seed(job.seed * 1000 + rank)
+    state, saved = _State(), None
+    with session.resumed() as found:
+        if found is not None:
+            saved, state.resumed = _restore(found, objective, state), found
+    if cfg.compile:
+        objective.compile()  # in place, before DDP/FSDP wrap it
+    if cfg.strategy == "fsdp":
+        module = shard(objective)  # in place: the objective now holds parameter shards
+    else:
+        module = session.wrap(objective, find_unused_parameters=objective.owns_step)
+    optimizers, schedulers = _optimizers(objective, cfg)
+    marks["model"] = time.time()
+    if saved is not None:
+        _resume_optimizers(saved, objective, optimizers, schedulers, state, session)
+    _log_start(job, session, objective, state)
+    skipped = SkippedSteps(device)
+    batches = _batches_forever(session, cfg, job.seed + rank, state.position)
+    meter, mfu_of = Meter(unit=objective.unit), _mfu_of(objective, cfg, device)
+    injected = faults.parse(job.faults)
+    while state.step < cfg.max_steps:
+        inject_fault(injected, objective, place="pretrain", rank=rank, at=state.step + 1)
+        micro = [meter.timed_next(batches) for _ in range(cfg.grad_accum_steps)]
+        marks.setdefault("first_batch", time.time())
+        try:
+            loss, stats = _step(objective, module, optimizers, schedulers, micro, cfg, device)
+        except NonFiniteLoss as e:
+            # Every rank gets here at the same step (see train_step), so all return together.
+            return _nonfinite(job, state, state.step + 1, str(e))
+        state.step += 1
+        step, last = state.step, state.step == cfg.max_steps
+        if "first_step" not in marks:
+            marks["first_step"] = time.time()
+            if rank == 0 and not state.resumed and "start" in job.startup:
+                # Not after a resume: the restarted workers' marks would mix two starts.
+                _log_startup({**job.startup, **marks}, session.logger, step)
+        skipped.add(stats, step)
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:
+            # Summed over ranks (a GAN's loss is per rank), so every rank decides alike.
+            found = skipped.take(world)
+            if found and (cfg.on_nonfinite == "stop" or objective.owns_step):
+                return _nonfinite(
+                    job, state, skipped.first_step(world),
+                    "found when the step count was next read; the updates of that step and "
+                    + ("any since were applied" if objective.owns_step else "any since skipped"),
+                )  # fmt: skip
+            state.skipped += found // world  # train_step skips on every rank alike
+        meter.steps += 1
+        meter.items += sum(objective.items_in(b) for b in micro) * world
+        if step % cfg.log_every == 0 or last:
+            metrics = _metrics(loss, stats, schedulers, meter, state, session, mfu_of)
+            session.logger.log_metrics(metrics, step)
+            if rank == 0:
+                _status(cfg, objective.unit, state, metrics)
+        if step % cfg.checkpoint_every == 0 or last:
+            save = _saver(job, session, objective, optimizers, schedulers, state)
+            report = {"step": step, "loss": state.final_loss}
+            session.report(report, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+            state.last_saved = step
+    return PretrainOutcome(
+        steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped
+    )
+
+
+def _status(cfg: PretrainConfig, unit: str, state: _State, metrics: dict) -> None:
+    status(
+        f"pretrain step {state.step}/{cfg.max_steps} loss {state.final_loss:.4f} "
+        f"{metrics[f'perf/{unit}_per_s']:.0f} {unit}/s "
+        f"data wait {100 * metrics['perf/data_wait_share']:.1f}%"
+        + (f" skipped {state.skipped} step(s)" if state.skipped else "")
+    )
+
+
+def _log_startup(marks: dict[str, float], logger, step: int) -> None:
+    """The cold start, `raypipe run` process start -> first step, as metrics and a line."""
+    spans = timing.breakdown(marks, marks["start"])
+    logger.log_metrics({f"startup/{k}_s": v for k, v in spans.items()}, step)
+    progress(timing.describe(spans))

@@ -1,0 +1,117 @@
+"""What a training loop needs from where it runs: the `Session` protocol, and a plain in-memory
+session for tests and benchmarks.
+
+The loops (`engine/pretrain_loop.py`, `engine/finetune_loop.py`) call only these methods, so the
+same loop runs in a Ray Train worker, in a Tune trial's process (the sessions in
+`stages/sessions.py`) and here, without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from raypipe.engine.checkpoint import latest_checkpoint, save_into
+
+if TYPE_CHECKING:
+    from raypipe.tracking import MetricsLogger
+
+#: save(directory) -> the checkpoint directory written: how a loop hands over a checkpoint.
+Save = Any
+
+
+class Session(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+    logger: MetricsLogger
+
+    def batches(
+        self,
+        name: str,
+        *,
+        batch_size: int,
+        drop_last: bool = True,
+        shuffle_buffer: int | None = None,
+        shuffle_seed: int | None = None,
+        prefetch: int = 1,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of dataset `name` (this rank's share), as tensor batches on `device`."""
+
+    def wrap(self, module: nn.Module, *, find_unused_parameters: bool) -> nn.Module:
+        """The module to train: DDP around it with several ranks, itself with one."""
+
+    def resumed(self) -> contextlib.AbstractContextManager[str | None]:
+        """The checkpoint directory this run continues from, or None for a fresh start."""
+
+    def report(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
+        """Every rank calls this; rank 0's `save(directory)` writes the checkpoint, if any."""
+
+
+class RecordingLogger:
+    """A logger that keeps what it is given: [(step, metrics)] and the params."""
+
+    def __init__(self):
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.params: dict[str, Any] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float = 0.0) -> None:
+        pass
+
+    def series(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.metrics if key in m]
+
+
+class MemorySession:
+    """One rank, no Ray: datasets are lists of batches (dicts of tensors) given up front,
+    replayed in order every epoch; checkpoints go to `checkpoint_dir`, newest `num_to_keep`
+    kept, and a new session over the same directory resumes from the newest."""
+
+    rank, world = 0, 1
+
+    def __init__(
+        self,
+        datasets: dict[str, list[dict[str, torch.Tensor]]],
+        *,
+        checkpoint_dir: str | Path,
+        prefix: str,
+        device: str | torch.device = "cpu",
+        num_to_keep: int | None = 2,
+    ):
+        self.datasets = datasets
+        self.checkpoint_dir, self.prefix = str(checkpoint_dir), prefix
+        self.device = torch.device(device)
+        self.num_to_keep = num_to_keep
+        self.logger = RecordingLogger()
+        self.reports: list[dict[str, Any]] = []
+
+    def batches(self, name: str, *, batch_size: int, **_: Any) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.datasets[name]:
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    def wrap(self, module: nn.Module, *, find_unused_parameters: bool) -> nn.Module:
+        return module
+
+    @contextlib.contextmanager
+    def resumed(self):
+        found = latest_checkpoint(self.checkpoint_dir, prefix=self.prefix)
+        yield found[0] if found else None
+
+    def report(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
+        if save is not None:
+            save_into(self.checkpoint_dir, checkpoint_name, save, num_to_keep=self.num_to_keep)
+        self.reports.append(dict(metrics))

@@ -1,0 +1,279 @@
+"""Preflight: everything resolved and checked before a cluster is touched.
+
+`RunContext` is what a run works with (storage, tracking store and experiment, the plan, the
+data files of each split); `preflight` builds it, raising a UserError that names the cause and
+the fix for anything wrong in the config, the data, the storage or the tracking store; nothing
+is written before the last check but the storage probe. `check_offline` is `raypipe validate`:
+the same checks of the config and data, writing nothing. This module imports no Ray.
+
+Also here: the tokenizer a run uses (given, from the init checkpoint, or trained on a sample
+of the data) and the model spec that follows from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from raypipe import storage, tracking
+from raypipe.config import PipelineConfig
+from raypipe.data import files as datafiles
+from raypipe.data.synthetic import generate_quickstart
+from raypipe.data.text import check_tokenizer, load_tokenizer, train_tokenizer
+from raypipe.engine.checkpoint import TOKENIZER_FILE, has_file, read_tokenizer
+from raypipe.errors import UserError
+from raypipe.plan import Plan, make_plan, model_spec
+from raypipe.progress import console
+
+#: "unlabeled" | "train" | "validation" -> each location listed, with its files
+Sources = dict[str, list[tuple[str, list[str]]]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run works with, resolved and checked before Ray starts."""
+
+    storage: str  # a local path made absolute, or a URI (s3://…)
+    tracking_uri: str
+    experiment_id: str
+    plan: Plan
+    sources: Sources = field(default_factory=dict)
+
+    @property
+    def unlabeled(self) -> list[str]:
+        return datafiles.all_files(self.sources.get("unlabeled", []))
+
+    @property
+    def train(self) -> list[str]:
+        return datafiles.all_files(self.sources.get("train", []))
+
+    @property
+    def validation(self) -> list[str]:
+        return datafiles.all_files(self.sources.get("validation", []))
+
+
+def check_offline(cfg: PipelineConfig) -> None:
+    """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
+    plan = make_plan(cfg)
+    if all(storage.exists(p) for p in generated_paths(cfg)):
+        _data_files(cfg, plan)
+
+
+def preflight(cfg: PipelineConfig, *, address: str | None = None) -> RunContext:
+    """All the checks that need no cluster; raises UserError naming the cause and the fix.
+    Nothing is written before the last of them but the storage probe."""
+    plan = make_plan(cfg)
+    _generate_if_missing(cfg)
+    sources = _data_files(cfg, plan)
+    _check_init_tokenizer(cfg)
+    if not address:
+        check_resources(cfg, _local_resources(cfg), "this machine")
+    where = _check_storage(cfg.storage)
+    default_store = not (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    if default_store and storage.is_remote(where):
+        raise UserError(
+            f"storage: '{cfg.storage}' is an object store, which cannot hold the default local "
+            "MLflow store; set tracking.uri to an MLflow server (or MLFLOW_TRACKING_URI)"
+        )
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, where)
+    experiment_id = tracking.open_experiment(
+        uri,
+        cfg.tracking.experiment,
+        artifact_root=storage.join(where, "mlartifacts") if default_store else None,
+    )
+    return RunContext(where, uri, experiment_id, plan, sources)
+
+
+def generated_paths(cfg: PipelineConfig) -> list[str]:
+    """The paths `data.generate` writes ([] when nothing is generated)."""
+    d = cfg.data
+    if d.generate is None:
+        return []
+    if d.unlabeled is None or d.labeled is None:
+        raise UserError(
+            "data.generate: quickstart writes data.unlabeled and data.labeled; set both paths"
+        )
+    sources = [d.unlabeled, d.labeled.train, d.labeled.validation]
+    if any(len(source.paths) != 1 for source in sources):
+        raise UserError(
+            "data.generate: quickstart writes one folder for each of data.unlabeled.path and "
+            "data.labeled's paths; give each one path, not a list"
+        )
+    return [source.paths[0] for source in sources]
+
+
+def _generate_if_missing(cfg: PipelineConfig) -> None:
+    paths = generated_paths(cfg)
+    if all(storage.exists(p) for p in paths):
+        return
+    remote = [p for p in paths if storage.is_remote(p)]
+    if remote:
+        raise UserError(
+            f"data.generate: writes local files, but '{remote[0]}' is in an object store and "
+            "missing; generate the data locally and upload it, or set data.generate to null"
+        )
+    rows = generate_quickstart(
+        unlabeled_dir=paths[0], train_dir=paths[1], validation_dir=paths[2], seed=cfg.seed
+    )
+    console.line(f"[data] generated quickstart data: {rows}")
+
+
+def _check_storage(location: str) -> str:
+    """Write and delete a probe file: fail now, not after an hour of training."""
+    where = storage.normalize(location)
+    try:
+        storage.makedirs(where)
+        probe = storage.join(where, ".raypipe-write-test")
+        storage.write_text(probe, "ok")
+        storage.delete_file(probe)
+    except OSError as e:
+        reason = e.strerror or str(e).splitlines()[0]
+        fix = (
+            "check the bucket name and the credentials in the environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible stores)"
+            if storage.is_remote(where)
+            else "choose a writable directory"
+        )
+        raise UserError(f"storage: '{location}' is not writable ({reason}); {fix}") from None
+    return where
+
+
+def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, list[str]]]]:
+    """Resolve and check every shard a stage will read: each split's listed locations, each
+    with its files (`datafiles.resolve_sources`)."""
+    d = cfg.data
+    sources: dict[str, list[tuple[str, list[str]]]] = {}
+    out: dict[str, list[str]] = {}
+    if cfg.pretrain is not None and d.unlabeled is not None:
+        sources["unlabeled"] = datafiles.resolve_sources(
+            d.unlabeled.path, key="data.unlabeled.path"
+        )
+        out["unlabeled"] = datafiles.all_files(sources["unlabeled"])
+        columns = plan.pretrain_columns(d.unlabeled)
+        datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
+        datafiles.check_values(out["unlabeled"], columns, key="data.unlabeled")
+    if cfg.finetune is not None and d.labeled is not None:
+        for split in ("train", "validation"):
+            src = getattr(d.labeled, split)
+            key = f"data.labeled.{split}"
+            sources[split] = datafiles.resolve_sources(src.path, key=f"{key}.path")
+            out[split] = datafiles.all_files(sources[split])
+            columns = plan.labeled_columns(src)
+            datafiles.check_columns(out[split], columns, key=key)
+            task = plan.task
+            labeled = task.data_kind != "pairs"
+            datafiles.check_values(
+                out[split],
+                columns,
+                key=key,
+                label_column=src.label_column if labeled else None,
+                label_dtype=task.label_dtype if labeled else None,
+                num_classes=(
+                    cfg.finetune.num_classes if "num_classes" in task.option_names else None
+                ),
+            )
+    if cfg.tokenizer.path and not storage.is_file(cfg.tokenizer.path):
+        raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
+    return sources
+
+
+def _check_init_tokenizer(cfg: PipelineConfig) -> None:
+    """A given tokenizer must be the one the init checkpoint was trained with."""
+    init = cfg.finetune.init_directory if cfg.finetune else None
+    if not (cfg.tokenizer.path and init and has_file(init, TOKENIZER_FILE)):
+        return
+    given = load_tokenizer(storage.read_text(cfg.tokenizer.path))
+    theirs = load_tokenizer(read_tokenizer(init))
+    if given.get_vocab() != theirs.get_vocab():
+        raise UserError(
+            f"tokenizer.path: '{cfg.tokenizer.path}' is not the tokenizer checkpoint '{init}' "
+            f"was trained with (vocabularies of {given.get_vocab_size()} and "
+            f"{theirs.get_vocab_size()} tokens differ); remove tokenizer.path to use the "
+            "checkpoint's own"
+        )
+
+
+def check_resources(cfg: PipelineConfig, have: dict[str, float], where: str) -> None:
+    """Training workers that ask for more than the cluster can ever have would wait forever
+    for a placement: say so instead."""
+    for name, stage in (("pretrain", cfg.pretrain), ("finetune", cfg.finetune)):
+        if stage is None:
+            continue
+        sc = stage.scaling
+        per_worker = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+        if sc.use_gpu:
+            per_worker["GPU"] = 1
+        for resource, amount in per_worker.items():
+            need = amount * sc.num_workers
+            if need > have.get(resource, 0):
+                fix = (
+                    f"set {name}.scaling.use_gpu: false, or run on a cluster with GPU nodes"
+                    if resource == "GPU"
+                    else f"lower {name}.scaling.num_workers or its per-worker {resource}"
+                )
+                raise UserError(
+                    f"{name}.scaling: {sc.num_workers} worker(s) need {need:g} {resource} but "
+                    f"{where} can have at most {have.get(resource, 0):g}; {fix}"
+                )
+
+
+def _local_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """What an embedded Ray on this machine will have (Ray counts the same way)."""
+    have: dict[str, float] = {"CPU": float(os.cpu_count() or 1), "GPU": 0.0}
+    if any(s is not None and s.scaling.use_gpu for s in (cfg.pretrain, cfg.finetune)):
+        import torch
+
+        have["GPU"] = float(torch.cuda.device_count())
+    return have
+
+
+def tokenizer_json(cfg: PipelineConfig, ctx: RunContext) -> str | None:
+    """The tokenizer for a pipeline's first stage: given, from the init checkpoint, or trained.
+    None when no stage reads text."""
+    if not ctx.plan.needs_tokenizer():
+        return None
+    if cfg.tokenizer.path:  # prepare() checked it against the init checkpoint's
+        text = storage.read_text(cfg.tokenizer.path)
+        check_tokenizer(load_tokenizer(text))
+        return text
+    init = cfg.finetune.init_directory if cfg.finetune else None
+    if init is not None:
+        if not has_file(init, TOKENIZER_FILE):
+            raise UserError(
+                f"finetune.init: checkpoint '{init}' has no tokenizer (it was pretrained on "
+                "images); fine-tune it on images, or give tokenizer.path"
+            )
+        return read_tokenizer(init)
+    split, columns = ctx.plan.tokenizer_columns(cfg)
+    files = ctx.unlabeled if split == "unlabeled" else ctx.train
+    texts: list[str] = []
+    for column in columns:
+        texts += datafiles.read_column_sample(files, column, cfg.tokenizer.sample_rows)
+    t = cfg.tokenizer
+    return train_tokenizer(
+        texts, kind=t.type, vocab_size=t.vocab_size, lowercase=t.lowercase
+    ).to_str()
+
+
+def model_spec_for(cfg: PipelineConfig, ctx: RunContext, tokenizer_json: str | None) -> dict:
+    """The model to build: the model section (sized to the tokenizer) or the init checkpoint's."""
+    vocab = load_tokenizer(tokenizer_json).get_vocab_size() if tokenizer_json else None
+    return model_spec(cfg, ctx.plan.objective, vocab_size=vocab)
+
+
+def dataset_inputs(
+    cfg: PipelineConfig, ctx: RunContext, *, only=None
+) -> list[tuple[str, str, str, str]]:
+    """The pipeline's data as MLflow dataset inputs: (name, location, digest, context); a
+    list of locations gives one input each (NAME-pretrain-1, -2, ...)."""
+    out = []
+    for context, split in (("pretrain", "unlabeled"), ("train", "train"),
+                           ("validation", "validation")):  # fmt: skip
+        if only is not None and context not in only:
+            continue
+        found = ctx.sources.get(split, [])
+        for i, (location, files) in enumerate(found):
+            name = f"{cfg.name}-{context}" + (f"-{i + 1}" if len(found) > 1 else "")
+            digest = datafiles.manifest_digest(files)
+            out.append((name, storage.normalize(location), digest, context))
+    return out

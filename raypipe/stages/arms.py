@@ -1,0 +1,52 @@
+"""The values a fine-tuning sweep is organised by: an `Arm` (where the weights start, on what
+share of the labels) and an `ArmResult` (the best trial one arm's sweep found).
+
+Typed from the sweep up to the summary and the registry; `label` is only ever written (run
+names, directories, tags), never parsed back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PRETRAINED, SCRATCH = "pretrained", "scratch"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One sweep: `base` ("pretrained" or "scratch") on `label_fraction` of the labeled rows.
+    Room for a task and a seed later."""
+
+    base: str
+    label_fraction: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """`pretrained`, or `pretrained_0.01` on a fraction of the labels."""
+        return self.base if self.label_fraction == 1 else f"{self.base}_{self.label_fraction:g}"
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    arm: Arm
+    best_metric: float | None
+    best_checkpoint: str | None
+    best_trial: str | None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    num_trials: int = 0
+    num_stopped_early: int = 0
+    num_failed: int = 0
+    num_train_rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stage marker's and the summary's form of it."""
+        out = asdict(self)
+        out["arm"] = self.arm.label
+        out["base_arm"], out["label_fraction"] = self.arm.base, self.arm.label_fraction
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ArmResult:
+        values = {k: v for k, v in raw.items() if k not in ("arm", "base_arm", "label_fraction")}
+        return cls(arm=Arm(raw["base_arm"], raw.get("label_fraction", 1.0)), **values)

@@ -1,0 +1,162 @@
+"""Publishing a pipeline's results: the best fine-tuned model registered (with its lineage) and
+the champion alias, the label-efficiency table and plot, the loss and fine-tune curves."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raypipe import tracking
+from raypipe.config import PipelineConfig
+from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
+from raypipe.progress import console
+from raypipe.stages.arms import ArmResult
+from raypipe.stages.cache import Stage
+from raypipe.summary import label_efficiency
+from raypipe.tracking import Tag
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    uri: str
+    arm: str  # the arm's label
+    trial: str
+    checkpoint: str
+    champion: str  # the version the champion alias points at now
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register_best(
+    cfg: PipelineConfig,
+    run: tracking.RunRef,
+    arms: list[ArmResult],
+    tokenizer_json: str | None,
+    *,
+    tags: dict,
+    lineage: dict,
+) -> RegisteredModel:
+    """Log the best trial's model (pt2, no pickled code) into the finetune run, register it with
+    its lineage (`tags`; the pretraining it started from when it is the pretrained arm's), and
+    move the champion alias to it if it beats the champion on the same validation data."""
+    f = cfg.finetune
+    sign = 1 if f.sweep.mode == "max" else -1
+    candidates = [a for a in arms if a.best_checkpoint]
+    if not candidates:
+        raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
+    best = max(candidates, key=lambda a: sign * a.best_metric)
+    task = load_task(best.best_checkpoint).eval()
+    meta = read_meta(best.best_checkpoint)
+    with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp, torch.no_grad():
+        extra_files = []
+        if tokenizer_json is not None:
+            tok_file = Path(tmp) / TOKENIZER_FILE
+            tok_file.write_text(tokenizer_json)
+            extra_files.append(str(tok_file))
+        uri, version = tracking.log_registered_model(
+            run,
+            model=task.predictor(),
+            input_example=task.example_input(),
+            spec=task.serving_spec(),
+            registered_name=cfg.tracking.registered_model,
+            extra_files=extra_files,
+            tags={
+                Tag.ARM: best.arm.label,
+                Tag.TRIAL: best.best_trial,
+                Tag.metric(f.sweep.metric): best.best_metric,
+                Tag.CHECKPOINT: best.best_checkpoint,
+                Tag.INIT_CHECKPOINT: meta.get("init_checkpoint") or "none",
+                Tag.LABEL_FRACTION: best.arm.label_fraction,
+                **tags,
+                **(lineage if meta.get("init_checkpoint") else {}),
+            },
+        )
+    champion, why = tracking.promote_champion(
+        run.tracking_uri,
+        cfg.tracking.registered_model,
+        version,
+        metric=f.sweep.metric,
+        value=best.best_metric,
+        mode=f.sweep.mode,
+        data_digest=tags[Tag.VALIDATION_DIGEST],
+    )
+    console.line(f"[finetune] alias '{tracking.CHAMPION}' -> version {champion} ({why})")
+    return RegisteredModel(
+        name=cfg.tracking.registered_model,
+        version=version,
+        uri=uri,
+        arm=best.arm.label,
+        trial=best.best_trial,
+        checkpoint=best.best_checkpoint,
+        champion=champion,
+    )
+
+
+def log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, rows: dict) -> None:
+    """On the pipeline run: label_efficiency.json (the summary's table) and its plot, the best
+    metric against the fraction of labeled rows, one curve per arm."""
+    table = label_efficiency(rows)
+    if not table:
+        return
+    tracking.log_text(parent, json.dumps(table, indent=2), "label_efficiency.json")
+    metric = cfg.finetune.sweep.metric
+    series = {
+        arm: [(row["fraction"], row[arm]) for row in table if row.get(arm) is not None]
+        for arm in ("pretrained", "scratch")
+        if any(row.get(arm) is not None for row in table)
+    }
+    tracking.log_plot(
+        parent,
+        "label_efficiency.png",
+        series,
+        title=f"{cfg.name}: best {metric} against labeled rows used",
+        xlabel="fraction of the labeled training rows (log scale)",
+        ylabel=metric,
+        log_x=True,
+    )
+
+
+def plot_pretraining(cfg: PipelineConfig, stage: Stage) -> None:
+    """plots/pretrain_loss.png on the stage's run: the training loss at each logged step."""
+    loss = tracking.metric_history(stage.computed_by, "train/loss")
+    if loss:
+        tracking.log_plot(
+            stage.run,
+            "pretrain_loss.png",
+            {"train/loss": loss},
+            title=f"{cfg.name}: pretraining loss ({cfg.pretrain.objective})",
+            xlabel="step",
+            ylabel="loss",
+        )
+
+
+def plot_finetuning(cfg: PipelineConfig, stage: Stage, arms: list[ArmResult]) -> None:
+    """plots/finetune_curves.png on the stage's run: the sweep metric epoch by epoch for the
+    best trial of each arm (pretrained against scratch)."""
+    metric = cfg.finetune.sweep.metric
+    trials = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage.computed_by)}
+    series = {}
+    for result in arms:
+        if result.best_trial in trials:
+            ref = tracking.RunRef(
+                stage.run.tracking_uri, stage.run.experiment_id, trials[result.best_trial]
+            )
+            label = f"{result.arm.label} ({result.best_trial})"
+            series[label] = tracking.metric_history(ref, metric)
+    if series:
+        tracking.log_plot(
+            stage.run,
+            "finetune_curves.png",
+            series,
+            title=f"{cfg.name}: best trial per arm, {metric} on the validation split",
+            xlabel="epoch",
+            ylabel=metric,
+        )

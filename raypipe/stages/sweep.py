@@ -1,0 +1,258 @@
+"""One arm's fine-tuning sweep: a Ray Tune experiment over the arm's trials (stages/trial.py),
+its scheduler and search, its status line, and the best checkpoint it found.
+
+Every arm (pretrained, scratch; per label fraction) is its own Tune experiment with the same
+seeded search, so both arms try the same settings and the early-stopping scheduler only ever
+compares trials of one arm with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from raypipe import storage, tracking
+from raypipe.config import Distribution, FinetuneConfig, SweepConfig
+from raypipe.engine.checkpoint import META_FILE
+from raypipe.engine.finetune_loop import is_better
+from raypipe.errors import find_user_error
+from raypipe.progress import console
+from raypipe.stages.arms import Arm, ArmResult
+from raypipe.stages.trial import ArmSweep, inline_trials, run_trial, trial_name, trial_resources
+from raypipe.tracking import Tag
+
+
+def num_trials(sweep: SweepConfig) -> int:
+    """Trials in one arm: num_samples times every grid point."""
+    points = math.prod(len(d.grid) for d in sweep.space.values() if d.kind == "grid")
+    return sweep.num_samples * points
+
+
+class _SweepStatus(tune.Callback):
+    """The sweep's one status line on the driver's console: trials finished of all, the best
+    so far, and the latest epoch's result with its throughput."""
+
+    def __init__(self, arm: Arm, cfg: FinetuneConfig):
+        self.arm, self.total, self.epochs = arm, num_trials(cfg.sweep), cfg.epochs
+        self.metric, self.mode = cfg.sweep.metric, cfg.sweep.mode
+        self.best: float | None = None
+        self.finished: set[str] = set()
+        self.latest = ""
+
+    def _show(self, trials) -> None:
+        self.finished |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        running = sum(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        console.status(
+            f"finetune {self.arm.label}: {len(self.finished)}/{self.total} trials done, {running} "
+            f"running, best {self.metric} {best}" + (f" | {self.latest}" if self.latest else "")
+        )
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None:
+            return
+        if is_better(value, self.best, self.mode):
+            self.best = float(value)
+        rate = [f"{v:,.0f} {k[5:-6]}/s" for k, v in result.items()
+                if k.startswith("perf/") and k.endswith("_per_s")]  # fmt: skip
+        self.latest = (
+            f"{trial_name(self.arm, trial.trial_id)} epoch {result.get('epoch')}/{self.epochs} "
+            f"{self.metric} {value:.4f}" + (f", {rate[0]}" if rate else "")
+        )
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self._show(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        self._show(trials)
+
+
+def _search_space(space: dict[str, Distribution]) -> dict[str, Any]:
+    out = {}
+    for key, dist_ in space.items():
+        kind, value = dist_.kind, getattr(dist_, dist_.kind)
+        out[key] = {
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1),  # inclusive high, like YAML reads
+            "choice": tune.choice,
+            "grid": tune.grid_search,
+        }[kind](value)
+    return out
+
+
+def _mutations(space: dict[str, Distribution]) -> dict[str, Any]:
+    """PBT's explore step resamples from the same distributions (lists for discrete ones)."""
+    out = {}
+    for key, dist_ in space.items():
+        value = getattr(dist_, dist_.kind)
+        if dist_.kind in ("choice", "grid"):
+            out[key] = list(value)
+        elif dist_.kind == "randint":
+            out[key] = list(range(value[0], value[1] + 1))
+        else:
+            out[key] = _search_space({key: dist_})[key]
+    return out
+
+
+def _close_trial_runs(parent: tracking.RunRef, arm: Arm, grid, epochs: int) -> int:
+    """Close the arm's trial runs; returns how many the scheduler stopped early.
+
+    A trial the scheduler stops is killed before it can end its own MLflow run.
+    """
+    by_trial = {r.metrics.get("trial_id"): r for r in grid if r.metrics}
+    stopped = 0
+    for run in tracking.child_runs(parent):
+        if run.data.tags.get(Tag.ARM) != arm.label:
+            continue
+        result = by_trial.get(run.data.tags.get(Tag.TRIAL_ID))
+        errored = result is None or result.error is not None
+        early = not errored and result.metrics.get("epoch", 0) < epochs
+        stopped += early
+        ref = tracking.RunRef(parent.tracking_uri, parent.experiment_id, run.info.run_id)
+        tracking.RunLogger(ref).set_tags({Tag.STOPPED_EARLY: str(early).lower()})
+        if run.info.status == "RUNNING":
+            tracking.end_run(ref, "FAILED" if errored else "FINISHED")
+    return stopped
+
+
+def _scheduler(cfg: FinetuneConfig, seed: int):
+    sweep = cfg.sweep
+    if sweep.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.epochs,
+            grace_period=min(sweep.grace_period, cfg.epochs),
+            reduction_factor=sweep.reduction_factor,
+        )
+    if sweep.scheduler == "pbt":
+        # PBT draws its explore/exploit choices from Python's global `random` (no seed argument).
+        random.seed(seed)
+        return PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=sweep.perturbation_interval,
+            hyperparam_mutations=_mutations(sweep.space),
+        )
+    return FIFOScheduler()
+
+
+def _search(sweep: SweepConfig, seed: int):
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        # TPE seeded alike in every arm: the arms start from the same suggestions.
+        return ConcurrencyLimiter(
+            OptunaSearch(seed=seed), max_concurrent=sweep.max_concurrent_trials
+        )
+    # The same seed in every arm: the arms sample the same settings.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=sweep.max_concurrent_trials)
+
+
+def _tuner(spec: ArmSweep, stage_dir: str, trainable, space) -> tune.Tuner:
+    cfg = spec.cfg
+    sweep_dir = storage.join(stage_dir, f"sweep-{spec.arm.label}")
+    if tune.Tuner.can_restore(sweep_dir):
+        # A driver that died mid-sweep: finished trials stay finished, unfinished ones resume
+        # from their checkpoints, failed ones stay failed.
+        console.line(f"[finetune] resuming the {spec.arm.label} sweep from {sweep_dir}")
+        return tune.Tuner.restore(
+            sweep_dir, trainable=trainable, resume_unfinished=True, param_space=space
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=cfg.sweep.metric,
+            mode=cfg.sweep.mode,
+            num_samples=cfg.sweep.num_samples,
+            scheduler=_scheduler(cfg, spec.seed),
+            search_alg=_search(cfg.sweep, spec.seed),
+            reuse_actors=inline_trials(cfg),
+        ),
+        run_config=tune.RunConfig(
+            name=f"sweep-{spec.arm.label}",
+            storage_path=stage_dir,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+            callbacks=[_SweepStatus(spec.arm, cfg)],
+        ),
+    )
+
+
+def _raise_if_all_failed(grid, arm: Arm) -> int:
+    """The number of failed trials; when every trial failed, the cause instead."""
+    errors = [r.error for r in grid if r.error is not None]
+    if len(errors) == len(grid):
+        # Every trial failed: surface the cause instead of an empty sweep.
+        cause = next((u for u in map(find_user_error, errors) if u is not None), None)
+        if cause is not None:
+            raise cause
+        first = str(errors[0]).strip().splitlines()
+        raise RuntimeError(
+            f"all {len(grid)} {arm.label} trials failed; first error: "
+            f"{first[-1] if first else errors[0]!r}"
+        )
+    return len(errors)
+
+
+def _best_checkpoint(
+    spec: ArmSweep, good: set[str]
+) -> tuple[float | None, str | None, str | None, dict]:
+    """(metric, checkpoint, trial, settings) of the best checkpoint of the trials in `good`,
+    read from storage: each checkpoint's meta.json holds its metrics and trial. Tune's own
+    record of a resumed sweep lacks the checkpoints of the sessions before it."""
+    sweep = spec.cfg.sweep
+    best: tuple[float | None, str | None, str | None, dict] = (None, None, None, {})
+    for meta_file in storage.list_files(spec.trials_dir, META_FILE):
+        meta = json.loads(storage.read_text(meta_file))
+        if meta.get("trial") not in good:
+            continue
+        value = meta["metrics"].get(sweep.metric)
+        if value is not None and is_better(value, best[0], sweep.mode):
+            params = {k: meta["hyperparameters"][k] for k in sweep.space}
+            best = (float(value), meta_file.rsplit("/", 1)[0], meta["trial"], params)
+    return best
+
+
+def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
+    """Every trial of one arm; its best checkpoint by the sweep metric."""
+    cfg = spec.cfg
+    space = _search_space(cfg.sweep.space)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=spec, train_ds=train_ds, val_ds=val_ds),
+        trial_resources(cfg),
+    )
+    if not storage.is_remote(stage_dir):
+        # Save the sweep's state (which trials finished) every second rather than every 10+ s,
+        # so a restarted driver reruns as little as possible; a local write costs nothing.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    grid = _tuner(spec, stage_dir, trainable, space).fit()
+    stopped = _close_trial_runs(spec.parent, spec.arm, grid, cfg.epochs)
+    failed = _raise_if_all_failed(grid, spec.arm)
+    good = {
+        trial_name(spec.arm, r.metrics["trial_id"]) for r in grid if r.error is None and r.metrics
+    }
+    metric, checkpoint, trial, params = _best_checkpoint(spec, good)
+    return ArmResult(
+        arm=spec.arm,
+        best_metric=metric,
+        best_checkpoint=checkpoint,
+        best_trial=trial,
+        best_params=params,
+        num_trials=len(grid),
+        num_stopped_early=stopped,
+        num_failed=failed,
+        num_train_rows=None,
+    )
