@@ -1,123 +1,82 @@
 """Fine-tuning recipes on a small labeled set, pretrained vs scratch, averaged over seeds.
 
 A study harness for the label-efficiency question (BENCHMARKS.md, SST-2). It fine-tunes the
-backbone of a raypipe pretraining checkpoint with raypipe's classification task in a plain
-PyTorch loop (no Ray, no MLflow: seconds per trial), from the pretrained weights and from random
-ones, over several seeds, and prints each arm's mean validation accuracy (at the end and at its
-best evaluation) and the gap. Recipes raypipe's sweep does not offer can be tried here first:
-a lower learning rate for the backbone than for the head, a linear-probe warm start of the head,
-frozen token embeddings.
+backbone of a raypipe pretraining checkpoint with raypipe's own fine-tuning loop
+(`raypipe.engine.finetune_loop`, the loop every sweep trial runs) over an in-memory session (no
+Ray, no MLflow: seconds per trial), from the pretrained weights and from random ones, over
+several seeds, and prints each arm's mean validation accuracy (at the last epoch and at its best
+epoch) and the gap. A recipe is any of the loop's settings, so what wins here runs unchanged in a
+sweep:
 
     python bench/finetune_recipes.py --checkpoint RUNS/NAME/pretrain-*/train/step-00001600 \\
         --train RUNS/NAME/finetune-*/labels-0.01 --validation data/sst2/dev \\
-        [--seeds 3] [--grid '[{"lr": 1e-3}, {"lr": 3e-3, "backbone_lr_scale": 0.1}]']
+        [--seeds 3] [--grid '[{"lr": 1e-3}, {"lr": 3e-3, "freeze_backbone": true}]']
 
-Grid keys: lr, steps (400), batch_size (32), pool (mean|last), dropout (0.1), weight_decay
-(0.01), backbone_lr_scale (1.0), freeze_embeddings (false), probe_steps (0: head-only steps at
-probe_lr 1e-2 before fine-tuning), evals (4).
+Grid keys: lr, epochs (4), batch_size (32), pool (mean|last), dropout (0.1), weight_decay
+(0.01), warmup_ratio (0.1), freeze_backbone (false).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import tempfile
 import time
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from raypipe.config import FinetuneConfig
 from raypipe.data import files as datafiles
 from raypipe.data.text import encode_labeled
-from raypipe.engine.checkpoint import load_weights, read_spec, read_tokenizer
-from raypipe.engine.optim import warmup_cosine
-from raypipe.models import build_model
-from raypipe.tasks.base import build_task
+from raypipe.engine.checkpoint import read_spec, read_tokenizer
+from raypipe.engine.finetune_loop import FinetuneJob, finetune_loop
+from raypipe.engine.session import MemorySession
 
 DEFAULTS = {
     "lr": 1e-3,
-    "steps": 400,
+    "epochs": 4,
     "batch_size": 32,
     "pool": "mean",
     "dropout": 0.1,
     "weight_decay": 0.01,
-    "backbone_lr_scale": 1.0,
-    "freeze_embeddings": False,
-    "probe_steps": 0,
-    "probe_lr": 1e-2,
-    "evals": 4,
+    "warmup_ratio": 0.1,
+    "freeze_backbone": False,
 }
 
 
-def _encode(path: str, tokenizer_json: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(path: str, tokenizer_json: str, max_len: int) -> dict[str, torch.Tensor]:
     files = datafiles.resolve_parquet_files(path, key=path)
     table = pa.concat_tables(datafiles.read_blocks(files, ["text", "label"], rows_per_block=2**20))
     batch = {"text": np.array(table.column("text").to_pylist(), dtype=object),
              "label": table.column("label").to_numpy()}  # fmt: skip
     out = encode_labeled(batch, tokenizer_json=tokenizer_json, text_column="text",
                          label_column="label", max_len=max_len)  # fmt: skip
-    return torch.as_tensor(out["input_ids"]).long(), torch.as_tensor(out["label"])
+    return {"input_ids": torch.as_tensor(out["input_ids"]).long(),
+            "label": torch.as_tensor(out["label"])}  # fmt: skip
 
 
-def _groups(params, lr: float, weight_decay: float) -> list[dict]:
-    params = [p for p in params if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
-    ]
-
-
-def _accuracy(task, x: torch.Tensor, y: torch.Tensor) -> float:
-    task.eval()
-    with torch.no_grad():
-        return float((task.predict(x).argmax(-1) == y).float().mean())
-
-
-def trial(spec, checkpoint: str | None, data, *, seed: int, **recipe) -> list[float]:
-    """Validation accuracy at `evals` evenly spaced points of one fine-tuning run."""
+def trial(spec, tokenizer_json, checkpoint: str | None, data, *, seed: int, **recipe) -> list:
+    """Validation accuracy after each epoch of one fine-tuning run."""
     r = {**DEFAULTS, **recipe}
-    (x, y), (vx, vy) = data
-    torch.manual_seed(seed)
-    backbone = build_model(spec)
-    if checkpoint:
-        load_weights(checkpoint, backbone)
-    options = {"num_classes": int(y.max()) + 1, "pool": r["pool"], "dropout": r["dropout"]}
-    task = build_task("classification", backbone, options)
-    if r["freeze_embeddings"]:
-        backbone.tok_emb.weight.requires_grad_(False)
-    draw = torch.Generator().manual_seed(seed)
-    if r["probe_steps"]:
-        probe = torch.optim.AdamW(task.head.parameters(), lr=r["probe_lr"])
-        for _ in range(r["probe_steps"]):
-            idx = torch.randint(0, len(y), (r["batch_size"],), generator=draw)
-            task.eval()  # the backbone as pretrained: no dropout
-            loss, _ = task({"input_ids": x[idx], "label": y[idx]})
-            probe.zero_grad()
-            loss.backward()
-            probe.step()
-    optimizer = torch.optim.AdamW(
-        _groups(task.head.parameters(), r["lr"], r["weight_decay"])
-        + _groups(backbone.parameters(), r["lr"] * r["backbone_lr_scale"], r["weight_decay"]),
-        betas=(0.9, 0.95),
-    )
-    steps = r["steps"]
-    scheduler = warmup_cosine(optimizer, warmup_steps=steps // 10, total_steps=steps)
-    order, at, accuracies = torch.randperm(len(y), generator=draw), 0, []
-    for step in range(1, steps + 1):
-        if at + r["batch_size"] > len(y):
-            order, at = torch.randperm(len(y), generator=draw), 0
-        idx = order[at : at + r["batch_size"]]
-        at += r["batch_size"]
-        task.train()
-        loss, _ = task({"input_ids": x[idx], "label": y[idx]})
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        if step % (steps // r["evals"]) == 0:
-            accuracies.append(_accuracy(task, vx, vy))
-    return accuracies
+    cfg = FinetuneConfig(task="classification", epochs=r["epochs"], batch_size=r["batch_size"],
+                         sweep={"metric": "val/accuracy", "mode": "max"})  # fmt: skip
+    hp = {k: r[k] for k in ("lr", "weight_decay", "warmup_ratio", "batch_size",
+                            "freeze_backbone", "dropout")}  # fmt: skip
+    num_classes = int(data["train"]["label"].max()) + 1
+    with tempfile.TemporaryDirectory(prefix="raypipe-recipes-") as tmp:
+        session = MemorySession(data, checkpoint_dir=tmp, prefix="epoch-", num_to_keep=1)
+        job = FinetuneJob(
+            cfg=cfg, hp=hp,
+            task_options={"num_classes": num_classes, "pool": r["pool"], "dropout": r["dropout"]},
+            model_spec=spec, init_checkpoint=checkpoint, tokenizer_json=tokenizer_json,
+            num_train_rows=len(data["train"]["label"]), seed=seed, fingerprint="recipes",
+            arm="pretrained" if checkpoint else "scratch", trial_name=f"recipe-{seed}",
+        )  # fmt: skip
+        finetune_loop(job, session)
+    return [record["val/accuracy"] for record in session.records]
 
 
 def main() -> None:
@@ -130,18 +89,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = read_spec(args.checkpoint)
+    logging.getLogger("raypipe").setLevel(logging.ERROR)  # the loop's progress lines
+    full = read_spec(args.checkpoint)
+    spec = {"type": full["type"], "config": full["config"]}
     tokenizer_json = read_tokenizer(args.checkpoint)
     max_len = spec["config"]["max_len"]
-    data = (_encode(args.train, tokenizer_json, max_len),
-            _encode(args.validation, tokenizer_json, max_len))  # fmt: skip
-    print(f"{len(data[0][1])} training rows, {len(data[1][1])} validation rows, "
-          f"{args.seeds} seeds; mean accuracy at the end / at the best evaluation")  # fmt: skip
+    data = {"train": _encode(args.train, tokenizer_json, max_len),
+            "validation": _encode(args.validation, tokenizer_json, max_len)}  # fmt: skip
+    print(f"{len(data['train']['label'])} training rows, {len(data['validation']['label'])} "
+          f"validation rows, {args.seeds} seeds; mean accuracy at the last / at the best epoch")  # fmt: skip
     print("| recipe | pretrained | scratch | gap (points) |\n|---|---|---|---|")
     for recipe in json.loads(args.grid):
         t0 = time.perf_counter()
         arms = {
-            arm: np.array([trial(spec, ckpt, data, seed=s, **recipe) for s in range(args.seeds)])
+            arm: np.array(
+                [
+                    trial(spec, tokenizer_json, ckpt, data, seed=s, **recipe)
+                    for s in range(args.seeds)
+                ]
+            )
             for arm, ckpt in (("pretrained", args.checkpoint), ("scratch", None))
         }
         end = {a: v[:, -1].mean() for a, v in arms.items()}

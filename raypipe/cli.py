@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from raypipe.errors import UserError
+from raypipe.errors import UserError, find_user_error
 from raypipe.progress import console
 
 EXIT_USER_ERROR = 2
@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store "
         "./raypipe-runs/mlflow.db)",
     )
+    _add_prepare(sub)
+    return parser
+
+
+def _add_prepare(sub) -> None:
+    """`raypipe prepare`: raw files to Parquet shards."""
     prep = sub.add_parser(
         "prepare",
         help="turn raw files into Parquet shards",
@@ -103,7 +109,6 @@ def _parser() -> argparse.ArgumentParser:
         help="table, images, captions: keep input order (default: seeded shuffle)",
     )
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
 
 
 def _quiet_driver() -> None:
@@ -148,10 +153,10 @@ def _prepare(args: argparse.Namespace) -> int:
         **({"shuffle": False} if args.keep_order else {"shuffle": True} if args.shuffle else {}),
     }
     try:
-        report = prepare(args.kind, args.inputs, out=args.out, options=options)
+        outcome = prepare(args.kind, args.inputs, out=args.out, options=options)
     except UserError as e:
         return _error(str(e))
-    print(report.describe(Path(args.out)))
+    print(outcome.describe(Path(args.out)))
     return 0
 
 
@@ -213,12 +218,10 @@ def _main(args: argparse.Namespace) -> int:
 
             # Ray's processes start while this one imports and checks (see raypipe/localray).
             localray.start_in_background(verbose=args.verbose)
-        # The heavy imports every run needs, up front so the cold-start breakdown shows them.
+        # The heavy imports every run needs (torch, Ray Train and Tune come with the stages),
+        # up front so the cold-start breakdown shows them.
         import mlflow  # noqa: F401
-        import ray.train.torch  # noqa: F401
-        import torch  # noqa: F401
 
-        from raypipe.errors import find_user_error
         from raypipe.pipeline import run_pipeline
         from raypipe.summary import format_summary
 

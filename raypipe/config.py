@@ -474,39 +474,46 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
             problems.append(
                 f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
             )
-        for key in f.sweep.space:
-            if key not in TUNABLE:
-                close = difflib.get_close_matches(key, TUNABLE, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                problems.append(
-                    f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
-                )
-                continue
-            problems.extend(_check_space_values(key, f.sweep.space[key]))
-        s = f.sweep
-        grids = [k for k, d in s.space.items() if d.kind == "grid"]
-        if s.search == "optuna" and grids:
-            problems.append(
-                f"finetune.sweep.space: optuna cannot search grid dimensions {grids}; use choice"
-            )
-        if s.scheduler == "pbt" and not s.space:
-            problems.append("finetune.sweep.space: pbt needs a search space to perturb")
-        if s.scheduler == "pbt" and s.search == "optuna":
-            problems.append(
-                "finetune.sweep.search: pbt picks its own settings; use search: random with pbt"
-            )
-        metrics = registry.TASK_METRICS.get(f.task)
-        s.metric = s.metric or (metrics[0] if metrics else "val/loss")
-        if s.mode is None:
-            lower_is_better = s.metric.endswith(("loss", "mse", "mae", "error"))
-            s.mode = "min" if lower_is_better else "max"
-        if metrics is not None and f.sweep.metric not in metrics:
-            problems.append(
-                f"finetune.sweep.metric: '{f.sweep.metric}' is not reported by task "
-                f"'{f.task}'; choose one of {metrics}"
-            )
+        problems.extend(_sweep_checks(f))
     cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
     cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
+    return problems
+
+
+def _sweep_checks(f: FinetuneConfig) -> list[str]:
+    """The sweep's space, search and metric; the metric and mode default from the task."""
+    problems: list[str] = []
+    for key in f.sweep.space:
+        if key not in TUNABLE:
+            close = difflib.get_close_matches(key, TUNABLE, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(
+                f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
+            )
+            continue
+        problems.extend(_check_space_values(key, f.sweep.space[key]))
+    s = f.sweep
+    grids = [k for k, d in s.space.items() if d.kind == "grid"]
+    if s.search == "optuna" and grids:
+        problems.append(
+            f"finetune.sweep.space: optuna cannot search grid dimensions {grids}; use choice"
+        )
+    if s.scheduler == "pbt" and not s.space:
+        problems.append("finetune.sweep.space: pbt needs a search space to perturb")
+    if s.scheduler == "pbt" and s.search == "optuna":
+        problems.append(
+            "finetune.sweep.search: pbt picks its own settings; use search: random with pbt"
+        )
+    metrics = registry.task_metrics(f.task)
+    s.metric = s.metric or (metrics[0] if metrics else "val/loss")
+    if s.mode is None:
+        lower_is_better = s.metric.endswith(("loss", "mse", "mae", "error"))
+        s.mode = "min" if lower_is_better else "max"
+    if metrics is not None and f.sweep.metric not in metrics:
+        problems.append(
+            f"finetune.sweep.metric: '{f.sweep.metric}' is not reported by task "
+            f"'{f.task}'; choose one of {metrics}"
+        )
     return problems
 
 

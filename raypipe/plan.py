@@ -49,10 +49,7 @@ class Plan:
         """Where to sample text for training a tokenizer: ("unlabeled" | "train", columns)."""
         if self.pretrain_data is not None and self.pretrain_data.needs_tokenizer:
             return "unlabeled", [cfg.data.unlabeled.text_column]
-        src = cfg.data.labeled.train
-        if self.task.data_kind == "pairs":
-            return "train", [src.text_column, src.target_column]
-        return "train", [src.text_column]
+        return "train", self.finetune_data.text_column_names(cfg.data.labeled.train)
 
     def pretrain_columns(self, src: Source) -> list[str]:
         return self.pretrain_data.column_names(src)

@@ -161,7 +161,7 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, li
             columns = plan.labeled_columns(src)
             datafiles.check_columns(out[split], columns, key=key)
             task = plan.task
-            labeled = task.data_kind != "pairs"
+            labeled = plan.finetune_data.labeled
             datafiles.check_values(
                 out[split],
                 columns,

@@ -31,12 +31,6 @@ TASKS = {
     "translation": "raypipe.tasks.translation:Translation",
 }
 
-#: Metrics each built-in task reports per epoch (what `finetune.sweep.metric` may name).
-TASK_METRICS = {
-    "classification": ["val/accuracy", "val/macro_f1", "val/loss", "train/loss"],
-    "regression": ["val/mse", "val/mae", "val/loss", "train/loss"],
-    "translation": ["val/bleu", "val/loss", "train/loss"],
-}
 
 _KINDS = {"model": MODELS, "objective": OBJECTIVES, "task": TASKS}
 
@@ -57,6 +51,18 @@ def unknown_message(kind: str, name: str) -> str:
         f"unknown {kind} '{name}'; {hint}choose one of {sorted(table)} "
         "or give your own as 'package.module:Name'"
     )
+
+
+def task_metrics(name: str) -> list[str] | None:
+    """What `finetune.sweep.metric` may name for task `name`, as the task declares it
+    (`Task.metrics`, on validation, plus the training loss), default first; None when the
+    task cannot be loaded (the plan names that error)."""
+    try:
+        cls = resolve("task", name)
+    except KeyError:
+        return None
+    declared = getattr(cls, "metrics", None)
+    return None if declared is None else [f"val/{m}" for m in declared] + ["train/loss"]
 
 
 def resolve(kind: str, name: str) -> Any:

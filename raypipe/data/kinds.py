@@ -66,6 +66,15 @@ class DataKind:
     def column_names(self, source) -> list[str]:
         return [getattr(source, c) for c in self.columns]
 
+    def text_column_names(self, source) -> list[str]:
+        """The columns holding text (what a tokenizer is trained on)."""
+        return [getattr(source, c) for c in self.columns if c in ("text_column", "target_column")]
+
+    @property
+    def labeled(self) -> bool:
+        """Rows carry a label (a class or a target value) besides their input."""
+        return "label_column" in self.columns
+
     def encode(self, needs: Needs) -> Encoding:
         fn, kwargs = self.encoding(needs)
         return Encoding(fn, kwargs, self.column_names(needs.source), self.batch_size)

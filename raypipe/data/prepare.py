@@ -36,7 +36,7 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".gz"}
 
 
 @dataclass
-class Report:
+class PrepareOutcome:
     rows: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     labels: list[str] | None = None
@@ -86,7 +86,7 @@ def _write_split(directory: Path, rows: dict[str, list], shard_rows: int) -> int
 def _write(
     out: Path,
     rows: dict[str, list],
-    report: Report,
+    outcome: PrepareOutcome,
     *,
     shard_rows: int,
     validation_fraction: float,
@@ -107,8 +107,8 @@ def _write(
         group = [group[i] for i in order] if group is not None else None
     if n == 0:
         raise UserError(
-            f"prepare: no readable rows found ({len(report.skipped)} unreadable input(s)"
-            + (f", e.g. {report.skipped[0]}" if report.skipped else "")
+            f"prepare: no readable rows found ({len(outcome.skipped)} unreadable input(s)"
+            + (f", e.g. {outcome.skipped[0]}" if outcome.skipped else "")
             + "); check the input paths and format"
         )
     if out.exists() and any(out.iterdir()):
@@ -127,11 +127,11 @@ def _write(
             for split, keep in (("train", False), ("validation", True)):
                 idx = [i for i in range(n) if (keys[i] in held) == keep]
                 part = {k: [v[i] for i in idx] for k, v in rows.items()}
-                report.rows[split] = _write_split(tmp / split, part, shard_rows)
+                outcome.rows[split] = _write_split(tmp / split, part, shard_rows)
         else:
-            report.rows[""] = _write_split(tmp, rows, shard_rows)
-        manifest = {**manifest, "rows": report.rows, "labels": report.labels,
-                    "skipped": report.skipped}  # fmt: skip
+            outcome.rows[""] = _write_split(tmp, rows, shard_rows)
+        manifest = {**manifest, "rows": outcome.rows, "labels": outcome.labels,
+                    "skipped": outcome.skipped}  # fmt: skip
         (tmp / "prepare.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -146,14 +146,14 @@ def _text_files(inputs: list[Path]) -> Iterator[Path]:
             yield p
 
 
-def read_text(inputs: list[Path], unit: str, report: Report) -> dict[str, list]:
+def read_text(inputs: list[Path], unit: str, outcome: PrepareOutcome) -> dict[str, list]:
     texts: list[str] = []
     for f in _text_files(inputs):
         try:
             with _open_text(f) as fh:
                 content = fh.read()
         except (UnicodeDecodeError, OSError, EOFError) as e:
-            report.skipped.append(f"{f} ({type(e).__name__})")
+            outcome.skipped.append(f"{f} ({type(e).__name__})")
             continue
         content = content.replace("\r\n", "\n")
         if unit == "file":
@@ -166,7 +166,7 @@ def read_text(inputs: list[Path], unit: str, report: Report) -> dict[str, list]:
     return {"text": texts}
 
 
-def _table_rows(path: Path, fmt: str, report: Report) -> Iterator[tuple[str, dict]]:
+def _table_rows(path: Path, fmt: str, outcome: PrepareOutcome) -> Iterator[tuple[str, dict]]:
     if fmt == "auto":
         name = path.name.removesuffix(".gz")
         fmt = (
@@ -184,12 +184,12 @@ def _table_rows(path: Path, fmt: str, report: Report) -> Iterator[tuple[str, dic
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    report.skipped.append(f"{path}:{i} (not JSON)")
+                    outcome.skipped.append(f"{path}:{i} (not JSON)")
                     continue
                 if isinstance(row, dict):
                     yield f"{path}:{i}", row
                 else:
-                    report.skipped.append(f"{path}:{i} (not an object)")
+                    outcome.skipped.append(f"{path}:{i} (not an object)")
             return
         reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
         header = next(reader, None)
@@ -200,7 +200,7 @@ def _table_rows(path: Path, fmt: str, report: Report) -> Iterator[tuple[str, dic
             if not values:
                 continue
             if len(values) != len(header):
-                report.skipped.append(
+                outcome.skipped.append(
                     f"{path}:{i} ({len(values)} fields, header has {len(header)})"
                 )
                 continue
@@ -214,11 +214,11 @@ def read_table(
     label_column: str,
     fmt: str,
     regression: bool,
-    report: Report,
+    outcome: PrepareOutcome,
 ) -> dict[str, list]:
     texts, raw_labels = [], []
     for path in inputs:
-        for where, row in _table_rows(path, fmt, report):
+        for where, row in _table_rows(path, fmt, outcome):
             if text_column not in row or label_column not in row:
                 raise UserError(
                     f"prepare table: {where} has no column '{text_column}' or '{label_column}' "
@@ -226,7 +226,7 @@ def read_table(
                 )
             text, label = row[text_column], row[label_column]
             if text is None or not str(text).strip() or label is None or str(label).strip() == "":
-                report.skipped.append(f"{where} (empty text or label)")
+                outcome.skipped.append(f"{where} (empty text or label)")
                 continue
             texts.append(str(text).strip())
             raw_labels.append(str(label).strip())
@@ -238,13 +238,13 @@ def read_table(
                 labels.append(float(v))
                 keep_t.append(t)
             except ValueError:
-                report.skipped.append(f"label {v!r} is not a number")
+                outcome.skipped.append(f"label {v!r} is not a number")
         return {"text": keep_t, "label": labels}
     try:
         return {"text": texts, "label": [int(v) for v in raw_labels]}
     except ValueError:
         names = sorted(set(raw_labels))
-        report.labels = names
+        outcome.labels = names
         index = {n: i for i, n in enumerate(names)}
         return {"text": texts, "label": [index[v] for v in raw_labels]}
 
@@ -285,17 +285,17 @@ def _image_entries(source: Path) -> Iterator[tuple[str, bytes | Exception]]:
                 yield str(f.relative_to(source)), e
 
 
-def read_images(source: Path, report: Report) -> dict[str, list]:
+def read_images(source: Path, outcome: PrepareOutcome) -> dict[str, list]:
     rows: dict[str, list] = {"image": [], "label": [], "path": []}
     classes: list[str] = []
     for rel, data in _image_entries(source):
         problem = type(data).__name__ if isinstance(data, Exception) else _check_image(data)
         if problem:
-            report.skipped.append(f"{rel} ({problem})")
+            outcome.skipped.append(f"{rel} ({problem})")
             continue
         parts = Path(rel).parts
         if len(parts) < 2:
-            report.skipped.append(f"{rel} (not inside a class folder)")
+            outcome.skipped.append(f"{rel} (not inside a class folder)")
             continue
         rows["image"].append(data)
         rows["label"].append(parts[-2])
@@ -303,11 +303,11 @@ def read_images(source: Path, report: Report) -> dict[str, list]:
     classes = sorted(set(rows["label"]))
     index = {c: i for i, c in enumerate(classes)}
     rows["label"] = [index[c] for c in rows["label"]]
-    report.labels = classes
+    outcome.labels = classes
     return rows
 
 
-def _caption_rows(path: Path, report: Report) -> Iterator[tuple[str, str]]:
+def _caption_rows(path: Path, outcome: PrepareOutcome) -> Iterator[tuple[str, str]]:
     with _open_text(path) as fh:
         first = fh.readline()
         if "\t" in first:  # Flickr: image.jpg#k<TAB>caption, no header
@@ -315,7 +315,7 @@ def _caption_rows(path: Path, report: Report) -> Iterator[tuple[str, str]]:
             for i, line in enumerate(lines, start=1):
                 name, sep, caption = line.rstrip("\r\n").partition("\t")
                 if not sep or not caption.strip():
-                    report.skipped.append(f"{path}:{i} (no caption)")
+                    outcome.skipped.append(f"{path}:{i} (no caption)")
                     continue
                 yield name.split("#", 1)[0], caption.strip()
             return
@@ -327,16 +327,16 @@ def _caption_rows(path: Path, report: Report) -> Iterator[tuple[str, str]]:
             )
         for i, values in enumerate(csv.reader(fh), start=2):
             if len(values) < 2 or not values[1].strip():
-                report.skipped.append(f"{path}:{i} (no caption)")
+                outcome.skipped.append(f"{path}:{i} (no caption)")
                 continue
             yield values[0].strip(), values[1].strip()
 
 
-def read_captions(images: Path, captions: Path, report: Report) -> dict[str, list]:
+def read_captions(images: Path, captions: Path, outcome: PrepareOutcome) -> dict[str, list]:
     rows: dict[str, list] = {"image": [], "caption": [], "path": []}
     cache: dict[str, bytes | None] = {}
     missing: set[str] = set()
-    for name, caption in _caption_rows(captions, report):
+    for name, caption in _caption_rows(captions, outcome):
         if name not in cache:
             f = images / name
             if not f.is_file():
@@ -346,18 +346,18 @@ def read_captions(images: Path, captions: Path, report: Report) -> dict[str, lis
                 data = f.read_bytes()
                 problem = _check_image(data)
                 if problem:
-                    report.skipped.append(f"{name} ({problem})")
+                    outcome.skipped.append(f"{name} ({problem})")
                 cache[name] = None if problem else data
         if cache[name] is None:
             continue
         rows["image"].append(cache[name])
         rows["caption"].append(caption)
         rows["path"].append(name)
-    report.skipped.extend(f"{name} (captioned, not in {images})" for name in sorted(missing))
+    outcome.skipped.extend(f"{name} (captioned, not in {images})" for name in sorted(missing))
     return rows
 
 
-def read_parallel(source: Path, target: Path, report: Report) -> dict[str, list]:
+def read_parallel(source: Path, target: Path, outcome: PrepareOutcome) -> dict[str, list]:
     with _open_text(source) as fs, _open_text(target) as ft:
         src = fs.read().replace("\r\n", "\n").split("\n")
         tgt = ft.read().replace("\r\n", "\n").split("\n")
@@ -372,19 +372,19 @@ def read_parallel(source: Path, target: Path, report: Report) -> dict[str, list]
     rows: dict[str, list] = {"text": [], "target": []}
     for i, (s, t) in enumerate(zip(src, tgt, strict=True), start=1):
         if not s.strip() or not t.strip():
-            report.skipped.append(f"line {i} (empty side)")
+            outcome.skipped.append(f"line {i} (empty side)")
             continue
         rows["text"].append(s.strip())
         rows["target"].append(t.strip())
     return rows
 
 
-def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Report:
+def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> PrepareOutcome:
     """Run one kind of preparation; returns what was written and skipped."""
-    report = Report()
+    outcome = PrepareOutcome()
     paths = _existing(inputs, kind)
     if kind == "text":
-        rows = read_text(paths, options.get("unit", "line"), report)
+        rows = read_text(paths, options.get("unit", "line"), outcome)
     elif kind == "table":
         rows = read_table(
             paths,
@@ -392,26 +392,26 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Report:
             label_column=options.get("label_column", "label"),
             fmt=options.get("format", "auto"),
             regression=options.get("regression", False),
-            report=report,
+            outcome=outcome,
         )
     elif kind == "images":
         if len(paths) != 1:
             raise UserError("prepare images: give one folder or zip")
-        rows = read_images(paths[0], report)
+        rows = read_images(paths[0], outcome)
     elif kind == "captions":
         if len(paths) != 2 or not paths[0].is_dir():
             raise UserError("prepare captions: give IMAGES_FOLDER CAPTIONS_FILE")
-        rows = read_captions(paths[0], paths[1], report)
+        rows = read_captions(paths[0], paths[1], outcome)
     elif kind == "parallel":
         if len(paths) != 2:
             raise UserError("prepare parallel: give SOURCE_FILE TARGET_FILE")
-        rows = read_parallel(paths[0], paths[1], report)
+        rows = read_parallel(paths[0], paths[1], outcome)
     else:
         raise UserError(f"prepare: unknown kind '{kind}'")
     _write(
         Path(out),
         rows,
-        report,
+        outcome,
         shard_rows=options.get("shard_rows", 10_000),
         validation_fraction=options.get("validation_fraction", 0.0),
         seed=options.get("seed", 0),
@@ -421,4 +421,4 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Report:
         overwrite=options.get("overwrite", False),
         manifest={"kind": kind, "inputs": [str(p) for p in paths], "options": options},
     )
-    return report
+    return outcome

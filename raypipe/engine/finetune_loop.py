@@ -226,7 +226,7 @@ def _saver(job: FinetuneJob, task, optimizer, scheduler, epoch: int, metrics: di
 
 
 def finetune_loop(job: FinetuneJob, session: Session) -> None:
-    """Train one trial (or one PBT segment of it); every epoch is reported to the session."""
+    """Train one trial (or one PBT segment of it); every epoch is recorded with the session."""
     cfg, device = job.cfg, session.device
     backbone, task = _build(job, device)
     optimizer, scheduler, total_steps = _optimizer(job, task, session.world)
@@ -259,11 +259,11 @@ def finetune_loop(job: FinetuneJob, session: Session) -> None:
             if improved or job.save_every_epoch:
                 best = metrics[metric] if improved else best
                 save = _saver(job, task, optimizer, scheduler, epoch, metrics)
-            # The scheduler may stop the trial at this report: its metrics go first (a short
+            # The scheduler may stop the trial at this record: its metrics go first (a short
             # wait when the tracking server is away; they stay queued if it stays away).
             logger.flush(timeout=30)
-            session.report(metrics, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{epoch:04d}")
-    except BaseException:  # also Tune stopping the trial at a report (SystemExit)
+            session.record(metrics, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{epoch:04d}")
+    except BaseException:  # also Tune stopping the trial at a record (SystemExit)
         logger.close(timeout=30)
         raise
     logger.close()  # waits for metrics queued while the tracking server was away

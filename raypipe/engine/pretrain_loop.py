@@ -362,8 +362,8 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
                 _status(cfg, objective.unit, state, metrics)
         if step % cfg.checkpoint_every == 0 or last:
             save = _saver(job, session, objective, optimizers, schedulers, state)
-            report = {"step": step, "loss": state.final_loss}
-            session.report(report, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+            done = {"step": step, "loss": state.final_loss}
+            session.record(done, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
             state.last_saved = step
     return PretrainOutcome(
         steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped

@@ -49,7 +49,7 @@ class Session(Protocol):
     def resumed(self) -> contextlib.AbstractContextManager[str | None]:
         """The checkpoint directory this run continues from, or None for a fresh start."""
 
-    def report(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
+    def record(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
         """Every rank calls this; rank 0's `save(directory)` writes the checkpoint, if any."""
 
 
@@ -77,15 +77,16 @@ class RecordingLogger:
 
 
 class MemorySession:
-    """One rank, no Ray: datasets are lists of batches (dicts of tensors) given up front,
-    replayed in order every epoch; checkpoints go to `checkpoint_dir`, newest `num_to_keep`
-    kept, and a new session over the same directory resumes from the newest."""
+    """One rank, no Ray: each dataset is a dict of tensors (columns of rows), batched here in
+    order, or in a seeded random order when a shuffle is asked for; checkpoints go to
+    `checkpoint_dir`, newest `num_to_keep` kept, and a new session over the same directory
+    resumes from the newest."""
 
     rank, world = 0, 1
 
     def __init__(
         self,
-        datasets: dict[str, list[dict[str, torch.Tensor]]],
+        datasets: dict[str, dict[str, torch.Tensor]],
         *,
         checkpoint_dir: str | Path,
         prefix: str,
@@ -97,11 +98,29 @@ class MemorySession:
         self.device = torch.device(device)
         self.num_to_keep = num_to_keep
         self.logger = RecordingLogger()
-        self.reports: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
 
-    def batches(self, name: str, *, batch_size: int, **_: Any) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.datasets[name]:
-            yield {k: v.to(self.device) for k, v in batch.items()}
+    def batches(
+        self,
+        name: str,
+        *,
+        batch_size: int,
+        drop_last: bool = False,
+        shuffle_buffer: int | None = None,
+        shuffle_seed: int | None = None,
+        prefetch: int = 1,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        columns = self.datasets[name]
+        rows = len(next(iter(columns.values())))
+        if shuffle_buffer:
+            order = torch.randperm(rows, generator=torch.Generator().manual_seed(shuffle_seed or 0))
+        else:
+            order = torch.arange(rows)
+        for start in range(0, rows, batch_size):
+            idx = order[start : start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                return
+            yield {k: v[idx].to(self.device) for k, v in columns.items()}
 
     def wrap(self, module: nn.Module, *, find_unused_parameters: bool) -> nn.Module:
         return module
@@ -111,7 +130,7 @@ class MemorySession:
         found = latest_checkpoint(self.checkpoint_dir, prefix=self.prefix)
         yield found[0] if found else None
 
-    def report(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
+    def record(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
         if save is not None:
             save_into(self.checkpoint_dir, checkpoint_name, save, num_to_keep=self.num_to_keep)
-        self.reports.append(dict(metrics))
+        self.records.append(dict(metrics))

@@ -161,7 +161,7 @@ def _label_rows(cfg: PipelineConfig, ctx: RunContext, stage, encode, full_train,
     where, train_ds = stage.dir, full_train
     if fraction < 1:
         # Class labels are stratified; regression targets and translation pairs are not.
-        classes = task_cls.data_kind == "labeled" and task_cls.label_dtype == "int64"
+        classes = ctx.plan.finetune_data.labeled and task_cls.label_dtype == "int64"
         where = storage.join(stage.dir, f"labels-{fraction:g}")
         subset = datafiles.label_subset(
             ctx.train, fraction=fraction, seed=cfg.seed, out=where,
@@ -181,7 +181,7 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Inputs, parent, pipeline_fp) -
         {"fingerprint": inputs.fingerprint, **f.model_dump(exclude={"sweep"}),
          "sweep": f.sweep.model_dump()}
     )  # fmt: skip
-    skip = cfg.data.bad_images == "skip" and ctx.plan.finetune_input == "image"
+    skip = cfg.data.bad_images == "skip" and ctx.plan.finetune_data.reads_images
     tally = Tally.remote() if skip else None
     encode = _Encoder(cfg, ctx, inputs, tally)
     full_train, val_ds = encode(ctx.train, lab.train), encode(ctx.validation, lab.validation)

@@ -40,7 +40,7 @@ def _iterate(data, device: torch.device, *, batch_size: int, drop_last: bool = F
     )
 
 
-def report_to_train(
+def record_in_train(
     metrics: dict[str, Any],
     *,
     rank: int,
@@ -106,8 +106,8 @@ class TrainSession:
         with checkpoint.as_directory() as d:
             yield d
 
-    def report(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
-        report_to_train(
+    def record(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
+        record_in_train(
             metrics, rank=self.rank, save=save, checkpoint_name=checkpoint_name,
             into=self._into, num_to_keep=self._num_to_keep,
         )  # fmt: skip
@@ -140,7 +140,7 @@ class TrialSession:
         found = latest_checkpoint(self.run_dir, prefix=self.prefix)
         yield found[0] if found else None
 
-    def report(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
+    def record(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
         if save is not None:
             save_into(self.run_dir, checkpoint_name, save, num_to_keep=self.num_to_keep)
         self.last_metrics = metrics

@@ -25,12 +25,14 @@ class Task(nn.Module):
     - `model_overrides`: backbone hyperparameters it requires (translation decodes causally).
     - `forward(batch) -> (loss, stats)`: the mean loss to minimise and per-batch *sums*
       (including "count"), so statistics over many batches and ranks add up exactly.
-    - `summarize(stats) -> metrics`: turns summed stats into the reported metrics.
+    - `summarize(stats) -> metrics`: turns summed stats into the reported metrics;
+      `metrics` names them, the first being the default sweep metric (as `val/<name>`).
     - `predictor()`: a module mapping the raw input tensor to predictions, for serving;
       `serving_spec()` its input and output (name, dtype, shape with -1 for free dims).
     """
 
     option_names: ClassVar[tuple[str, ...]] = ()
+    metrics: ClassVar[tuple[str, ...] | None] = None  # None: any name (not checked)
     data_kind: ClassVar[str] = "labeled"
     label_dtype: ClassVar[str] = "int64"
     model_overrides: ClassVar[dict[str, Any]] = {}

@@ -17,6 +17,7 @@ __all__ = ["Classification", "pool_hidden"]
 
 class Classification(Task):
     option_names = ("num_classes", "pool", "dropout", "input")
+    metrics = ("accuracy", "macro_f1", "loss")
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from raypipe.vocab import EOS_ID
 
 
 class Translation(Task):
+    metrics = ("bleu", "loss")
     data_kind = "pairs"
     model_overrides = {"causal": True}
     needs_tokenizer = True

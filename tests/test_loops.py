@@ -1,0 +1,150 @@
+"""The two real training loops (engine/pretrain_loop.py, engine/finetune_loop.py) run as plain
+PyTorch over an in-memory session, with no Ray; and a seeded few-step run through Ray Train's
+local mode (the stage's own wiring) computes the same."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from safetensors.torch import load_file
+
+from raypipe.config import FinetuneConfig, PretrainConfig
+from raypipe.engine.finetune_loop import FinetuneJob, finetune_loop
+from raypipe.engine.pretrain_loop import PretrainJob, pretrain_loop
+from raypipe.engine.session import MemorySession
+from raypipe.faults import ENV, InjectedFault
+from raypipe.models import build_model
+from raypipe.objectives import build_objective
+
+SPEC = {"type": "transformer", "config": {**tiny.COMMON, **tiny.TEXT, "causal": True}}
+
+
+def _pretrain_job(directory, *, max_steps=6, faults="") -> PretrainJob:
+    cfg = PretrainConfig(
+        objective="causal_lm", max_steps=max_steps, batch_size=4, seq_len=12, log_every=1,
+        checkpoint_every=3, optimizer={"lr": 3e-3, "warmup_steps": 2},
+    )  # fmt: skip
+    return PretrainJob(
+        cfg=cfg, model_spec=SPEC, tokenizer_json=None, seed=0, fingerprint="test",
+        checkpoint_dir=str(directory), faults=faults,
+    )  # fmt: skip
+
+
+def _blocks(num_batches=3) -> list[dict[str, torch.Tensor]]:
+    return [tiny.batch("causal_lm", n=4, seed=i) for i in range(num_batches)]
+
+
+def _rows() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.cat([b["input_ids"] for b in _blocks()])}
+
+
+def _pretrain(directory, **kw) -> tuple[MemorySession, object]:
+    session = MemorySession({"train": _rows()}, checkpoint_dir=directory, prefix="step-")
+    return session, pretrain_loop(_pretrain_job(directory, **kw), session)
+
+
+def test_pretrain_loop_runs_without_ray_and_its_first_loss_is_the_models(tmp_path):
+    session, outcome = _pretrain(tmp_path)
+    losses = session.logger.series("train/loss")
+    assert outcome.steps == 6 and outcome.error is None and len(losses) == 6
+    assert outcome.final_loss == losses[-1] and losses[-1] < losses[0]
+    # Independently: the same seeded model's loss on the first batch, before any update.
+    torch.manual_seed(0)
+    objective = build_objective("causal_lm", build_model(SPEC), {})
+    with torch.no_grad():
+        first, _ = objective(_blocks()[0])
+    assert losses[0] == pytest.approx(float(first), rel=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_pretrain_loop_resumes_with_the_same_losses(tmp_path, monkeypatch):
+    clean, _ = _pretrain(tmp_path / "clean")
+    with pytest.raises(InjectedFault):
+        _pretrain(tmp_path / "cut", faults="raise:pretrain:rank=0:at=5")
+    resumed, outcome = _pretrain(tmp_path / "cut")  # from step-00000003
+    assert outcome.steps == 6
+    assert [s for s, m in resumed.logger.metrics if "train/loss" in m] == [4, 5, 6]
+    assert resumed.logger.series("train/loss") == clean.logger.series("train/loss")[3:]
+
+
+def _labeled(n, seed) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, tiny.VOCAB, (n, 10), generator=g)
+    labels = (ids[:, 1] > tiny.VOCAB // 2).long()  # learnable from one token
+    return {"input_ids": ids, "label": labels}
+
+
+def _finetune_job(**kw) -> FinetuneJob:
+    cfg = FinetuneConfig(task="classification", epochs=3, batch_size=8,
+                         sweep={"metric": "val/accuracy", "mode": "max"})  # fmt: skip
+    hp = {"lr": 3e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "batch_size": 8,
+          "freeze_backbone": False, "dropout": 0.0}  # fmt: skip
+    spec = {"type": "transformer", "config": {**SPEC["config"], "causal": False}}
+    return FinetuneJob(
+        cfg=cfg, hp=hp, task_options={"num_classes": 2, "pool": "mean", "dropout": 0.0},
+        model_spec=spec, init_checkpoint=None, tokenizer_json=None, seed=0,
+        fingerprint="test", arm="scratch", trial_name="scratch-00000", **kw,
+    )  # fmt: skip
+
+
+def test_finetune_loop_runs_without_ray_and_keeps_its_best_epoch(tmp_path):
+    """Three batches an epoch, shuffled by the seed of each epoch."""
+    data = {"train": _labeled(24, 1), "validation": _labeled(32, 2)}
+    session = MemorySession(data, checkpoint_dir=tmp_path, prefix="epoch-")
+    finetune_loop(_finetune_job(num_train_rows=24), session)
+    epochs = [r["epoch"] for r in session.records]
+    assert epochs == [1, 2, 3]
+    train = [r["train/loss"] for r in session.records]
+    assert train[-1] < train[0]
+    kept = [p.name for p in tmp_path.iterdir()]
+    best = max(session.records, key=lambda r: r["val/accuracy"])
+    assert f"epoch-{best['epoch']:04d}" in kept
+    assert all(0 <= r["val/accuracy"] <= 1 for r in session.records)
+
+
+@pytest.mark.slow
+def test_pretrain_loop_equals_ray_train_local_mode(ray_session, tmp_path):
+    from raypipe.stages import pretrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the stage trains in the driver (so sums add up alike)
+    try:
+        memory, outcome = _pretrain(tmp_path / "memory")
+    finally:
+        torch.set_num_threads(threads)
+    ds = ray_session.data.from_items([{"input_ids": r} for r in _rows()["input_ids"].numpy()])
+    job = _pretrain_job(tmp_path / "ray" / "train")
+    pretrain._limit_to_driver(ds, job.cfg)
+    trainer = pretrain._trainer(job, None, ds, here=True, stage_dir=str(tmp_path / "ray"))
+    result = pretrain._fit_in_process(trainer, job.cfg)
+    assert result.return_value.final_loss == pytest.approx(outcome.final_loss, rel=1e-6)
+    ours = load_file(tmp_path / "memory" / "step-00000006" / "model.safetensors")
+    theirs = load_file(tmp_path / "ray" / "train" / "step-00000006" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_finetune_loop_equals_a_tune_trials_session(ray_session, tmp_path, monkeypatch):
+    """One training batch per epoch, so Ray's local shuffle only reorders rows inside it."""
+    from raypipe.stages.sessions import TrialSession
+
+    monkeypatch.delenv(ENV, raising=False)
+    data = {"train": _labeled(8, 1), "validation": _labeled(32, 2)}
+    memory = MemorySession(data, checkpoint_dir=tmp_path / "memory", prefix="epoch-")
+    finetune_loop(_finetune_job(num_train_rows=8), memory)
+
+    def rows(batch):
+        return [{k: v[i].numpy() for k, v in batch.items()} for i in range(len(batch["label"]))]
+
+    datasets = {k: ray_session.data.from_items(rows(v)).materialize() for k, v in data.items()}
+    session = TrialSession(
+        None, run_dir=str(tmp_path / "ray"), prefix="epoch-", datasets=datasets, use_gpu=False,
+        num_to_keep=1, to_tune=False,
+    )  # fmt: skip
+    finetune_loop(_finetune_job(num_train_rows=8), session)
+    assert session.last_metrics["epoch"] == 3
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        assert session.last_metrics[key] == pytest.approx(memory.records[-1][key], rel=1e-4)
