@@ -91,8 +91,23 @@ class LabeledSource(Source):
 class LabeledData(Strict):
     train: LabeledSource = Field(description="Labeled training shards.")
     validation: LabeledSource = Field(
-        description="Labeled validation shards (evaluated every epoch)."
+        description="Labeled validation shards (evaluated every epoch; they pick the trials)."
     )
+    test: LabeledSource | None = Field(
+        None,
+        description="Labeled test shards, untouched by model selection: each arm's best "
+        "checkpoint is scored on them once, after its sweep, and the gap is reported on them.",
+    )
+
+    @property
+    def splits(self) -> list[str]:
+        """The labeled splits given: train, validation and, when there is one, test."""
+        return ["train", "validation"] + (["test"] if self.test is not None else [])
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """What a fine-tune stage's fingerprint covers (no test key when there is none, so
+        stages fingerprinted before test splits existed are still reused)."""
+        return self.model_dump(exclude=None if self.test is not None else {"test"})
 
 
 class PreprocessConfig(Strict):
@@ -371,6 +386,13 @@ class FinetuneConfig(Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Task settings, e.g. {max_new_tokens: 48}."
     )
+    baseline: Literal["linear", "none"] | None = Field(
+        None,
+        description="A classical model fitted on the same labeled rows as the neural arms and "
+        "scored on the same validation and test data: linear (TF-IDF word n-grams + logistic "
+        "regression on text, logistic regression on pooled pixels for images). Default: the "
+        "task's own (linear for classification, none for the others).",
+    )
 
     @model_validator(mode="after")
     def _distinct_fractions(self) -> FinetuneConfig:
@@ -475,6 +497,13 @@ def _cross_checks(cfg: PipelineConfig) -> list[str]:
                 f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
             )
         problems.extend(_sweep_checks(f))
+        known = registry.task_baseline(f.task)
+        if f.baseline == "linear" and known != "linear":
+            problems.append(
+                f"finetune.baseline: task '{f.task}' has no classical baseline; remove it or "
+                "set it to none"
+            )
+        f.baseline = f.baseline or known or "none"
     cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
     cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
     return problems

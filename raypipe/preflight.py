@@ -51,6 +51,11 @@ class RunContext:
     def validation(self) -> list[str]:
         return datafiles.all_files(self.sources.get("validation", []))
 
+    @property
+    def test(self) -> list[str]:
+        """The labeled test split's files ([] when there is none)."""
+        return datafiles.all_files(self.sources.get("test", []))
+
 
 def check_offline(cfg: PipelineConfig) -> None:
     """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
@@ -153,7 +158,7 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, li
         datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
         datafiles.check_values(out["unlabeled"], columns, key="data.unlabeled")
     if cfg.finetune is not None and d.labeled is not None:
-        for split in ("train", "validation"):
+        for split in d.labeled.splits:
             src = getattr(d.labeled, split)
             key = f"data.labeled.{split}"
             sources[split] = datafiles.resolve_sources(src.path, key=f"{key}.path")
@@ -268,7 +273,7 @@ def dataset_inputs(
     list of locations gives one input each (NAME-pretrain-1, -2, ...)."""
     out = []
     for context, split in (("pretrain", "unlabeled"), ("train", "train"),
-                           ("validation", "validation")):  # fmt: skip
+                           ("validation", "validation"), ("test", "test")):  # fmt: skip
         if only is not None and context not in only:
             continue
         found = ctx.sources.get(split, [])

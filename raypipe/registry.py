@@ -65,6 +65,14 @@ def task_metrics(name: str) -> list[str] | None:
     return None if declared is None else [f"val/{m}" for m in declared] + ["train/loss"]
 
 
+def task_baseline(name: str) -> str | None:
+    """The classical baseline task `name` declares (`Task.baseline`), if any."""
+    try:
+        return getattr(resolve("task", name), "baseline", None)
+    except KeyError:
+        return None
+
+
 def resolve(kind: str, name: str) -> Any:
     """Import and return the object registered (or referenced) as `name`."""
     if not is_known(kind, name):

@@ -45,15 +45,35 @@ def from_json(text: str) -> Summary:
     return Summary(**raw)
 
 
-def label_efficiency(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best metric per label fraction and arm: [{"fraction", "pretrained", "scratch",
-    "rows"}], smallest fraction first; empty unless a sweep ran on a fraction below 1."""
+def test_key(metric: str) -> str:
+    """The test split's name for a sweep metric: val/accuracy -> test/accuracy."""
+    return "test/" + metric.split("/", 1)[-1]
+
+
+def on_test(arms: dict[str, dict[str, Any]]) -> bool:
+    """Whether the arms were scored on a test split (then the gap is reported there)."""
+    return any(a.get("test_metrics") for a in arms.values())
+
+
+def reported(a: dict[str, Any], metric: str, test: bool) -> float | None:
+    """An arm's figure: its best checkpoint's test metric when there is a test split, else
+    its best validation metric."""
+    if not test:
+        return a["best_metric"]
+    return (a.get("test_metrics") or {}).get(test_key(metric))
+
+
+def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[str, Any]]:
+    """The reported metric (test when there is a test split, else the best validation) per
+    label fraction and arm: [{"fraction", "pretrained", "scratch", "rows"}], smallest
+    fraction first; empty unless a sweep ran on a fraction below 1."""
     if all(a.get("label_fraction", 1.0) == 1.0 for a in arms.values()):
         return []
+    test = on_test(arms)
     rows: dict[float, dict[str, Any]] = {}
     for a in arms.values():
         row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
-        row[a["base_arm"]] = a["best_metric"]
+        row[a["base_arm"]] = reported(a, metric, test)
         row["rows"] = a.get("num_train_rows")
     return [rows[k] for k in sorted(rows)]
 
@@ -62,40 +82,72 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _arm_lines(s: Summary) -> list[str]:
+    test = on_test(s.arms)
+    lines = [f"  best {s.metric} on the validation split"
+             + (f" (it picks the trial); {test_key(s.metric)} of that checkpoint:" if test else ":")]  # fmt: skip
+    width = max(10, *(len(arm) for arm in s.arms))
+    for arm, a in s.arms.items():
+        value = "n/a" if a["best_metric"] is None else f"{a['best_metric']:.4f}"
+        if test:
+            on = reported(a, s.metric, True)
+            value += "  test " + ("n/a" if on is None else f"{on:.4f}")
+        params = ", ".join(f"{k}={_short(v)}" for k, v in a["best_params"].items())
+        where = a["best_trial"] or "no trial finished"
+        if a.get("best_epoch") is not None:
+            where += f" epoch {a['best_epoch']}"
+        lines.append(f"    {arm:<{width}} {value}  ({where}: {params})")
+    pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
+    if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
+        gap = f"{pre['best_metric'] - scr['best_metric']:+.4f}"
+        pre_t, scr_t = reported(pre, s.metric, test), reported(scr, s.metric, test)
+        if test and pre_t is not None and scr_t is not None:
+            gap += f"  test {pre_t - scr_t:+.4f}"
+        lines.append(f"    {'gap':<{width}} {gap} (pretrained - scratch)")
+    base, name = s.arms.get("baseline"), "pretrained" if pre else "scratch"
+    neural = pre or scr
+    if neural and base and neural["best_metric"] is not None and base["best_metric"] is not None:
+        gap = f"{neural['best_metric'] - base['best_metric']:+.4f}"
+        ours, theirs = reported(neural, s.metric, test), reported(base, s.metric, test)
+        if test and ours is not None and theirs is not None:
+            gap += f"  test {ours - theirs:+.4f}"
+        lines.append(f"    {'vs linear':<{width}} {gap} ({name} - baseline)")
+    return lines
+
+
+def _label_efficiency_lines(s: Summary) -> list[str]:
+    table = label_efficiency(s.arms, s.metric or "")
+    if not table:
+        return []
+    name = f"{test_key(s.metric)} on the test split" if on_test(s.arms) else f"best {s.metric}"
+    baseline = any("baseline" in row for row in table)
+    lines = [
+        f"  label efficiency: {name} by fraction of the labeled rows",
+        f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
+        + (f" {'baseline':>10}" if baseline else ""),
+    ]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for row in table:
+        pre, scr = row.get("pretrained"), row.get("scratch")
+        gap = f"{pre - scr:+.4f}" if pre is not None and scr is not None else "-"
+        lines.append(
+            f"    {row['fraction']:>8g} {row['rows'] or '-':>7} {cell(pre):>10} {cell(scr):>10} "
+            f"{gap:>8}" + (f" {cell(row.get('baseline')):>10}" if baseline else "")
+        )
+    return lines
+
+
 def format_summary(s: Summary) -> str:
     lines = [f"raypipe: pipeline '{s.name}' finished in {s.seconds:.0f}s"]
     for st in s.stages:
         details = ", ".join(f"{k} {v}" for k, v in st.metrics.items())
         lines.append(f"  {st.name:<9} {st.status:<7} {st.seconds:6.0f}s  {details}")
     if s.arms:
-        lines.append(f"  best {s.metric} on the validation split:")
-        width = max(10, *(len(arm) for arm in s.arms))
-        for arm, a in s.arms.items():
-            value = "n/a" if a["best_metric"] is None else f"{a['best_metric']:.4f}"
-            params = ", ".join(f"{k}={_short(v)}" for k, v in a["best_params"].items())
-            lines.append(
-                f"    {arm:<{width}} {value}  ({a['best_trial'] or 'no trial finished'}: {params})"
-            )
-        pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
-        if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
-            lines.append(
-                f"    {'gap':<{width}} {pre['best_metric'] - scr['best_metric']:+.4f} "
-                "(pretrained - scratch)"
-            )
-    table = label_efficiency(s.arms)
-    if table:
-        lines.append(f"  label efficiency: best {s.metric} by fraction of the labeled rows")
-        lines.append(
-            f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
-        )
-        for row in table:
-            pre, scr = row.get("pretrained"), row.get("scratch")
-            gap = f"{pre - scr:+.4f}" if pre is not None and scr is not None else "-"
-            lines.append(
-                f"    {row['fraction']:>8g} {row['rows'] or '-':>7} "
-                f"{'-' if pre is None else f'{pre:.4f}':>10} "
-                f"{'-' if scr is None else f'{scr:.4f}':>10} {gap:>8}"
-            )
+        lines += _arm_lines(s)
+    lines += _label_efficiency_lines(s)
     if s.model:
         lines.append(
             f"  model     registered '{s.model['name']}' version {s.model['version']} "

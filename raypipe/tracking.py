@@ -40,6 +40,7 @@ class Tag:
     ARM = "raypipe.arm"  # "pretrained" | "scratch" (with its label fraction on trials)
     TRIAL_ID = "raypipe.trial_id"
     TRIAL = "raypipe.trial"
+    BEST_EPOCH = "raypipe.best_epoch"  # the epoch of a registered version's checkpoint
     SETTINGS_NOW = "raypipe.settings_now"  # a PBT trial's settings after a perturbation
     STOPPED_EARLY = "raypipe.stopped_early"
     LABEL_FRACTION = "raypipe.label_fraction"

@@ -98,6 +98,20 @@ def _missing_column(d, raw):
     raw["data"]["unlabeled"]["path"] = _shard(d / "u", body=TEXTS)
 
 
+def _test_split_missing_column(d, raw):
+    raw["data"]["labeled"]["test"] = {"path": _shard(d / "t", body=TEXTS[:4], label=[0, 1, 0, 1])}
+
+
+def _test_labels_out_of_range(d, raw):
+    path = _shard(d / "t", text=TEXTS[:4], label=[0, 1, 7, 1])
+    raw["data"]["labeled"]["test"] = {"path": path}
+
+
+def _baseline_for_a_task_without_one(d, raw):
+    raw["finetune"].update(task="regression", baseline="linear")
+    raw["finetune"]["sweep"]["metric"] = "val/mse"
+
+
 def _labels_out_of_range(d, raw):
     path = _shard(d / "l", text=TEXTS[:8], label=[0, 1, 2, 5, 0, 1, 0, 1])
     raw["data"]["labeled"] = {"train": {"path": path}, "validation": {"path": path}}
@@ -173,6 +187,9 @@ CASES = {
     "corrupt_parquet": (_corrupt_parquet, ["bad/part-0.parquet", "not a readable Parquet"]),
     "missing_column": (_missing_column, ["['text'] not in", "columns present: ['body']"]),
     "labels_out_of_range": (_labels_out_of_range, ["labels range over [0, 5]", "num_classes"]),
+    "test_split_missing_column": (_test_split_missing_column, ["data.labeled.test", "['text']"]),
+    "test_labels_out_of_range": (_test_labels_out_of_range, ["data.labeled.test", "[0, 7]"]),
+    "baseline_without_one": (_baseline_for_a_task_without_one, ["finetune.baseline", "regression"]),
     "labels_not_integers": (_labels_not_integers, ["label_column", "double", "integer"]),
     "nulls_in_text": (_nulls_in_text, ["column 'text' has 1 null value", "drop or fill"]),
     "missing_checkpoint": (_missing_checkpoint, ["no-such-checkpoint", "does not exist; point"]),

@@ -196,7 +196,8 @@ def test_crashing_trials_are_retried_then_recorded_failed(
     client, stage = _stage_run(summary, "finetune")
     trials = client.search_runs(
         [stage.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{stage.info.run_id}'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{stage.info.run_id}' and "
+        "tags.`raypipe.kind` = 'trial'",
     )
     status = {r.info.run_name: r.info.status for r in trials}
     assert status == {"scratch-00000": "FINISHED", "scratch-00001": "FAILED"}  # one run each
@@ -296,9 +297,9 @@ def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
     (experiment,) = [e for e in client.search_experiments() if e.name == "tiny"]
     runs_by_name = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     # One tree, no duplicates: the three processes wrote to the same runs.
-    assert len(client.search_runs([experiment.experiment_id])) == len(runs_by_name) == 5
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs_by_name) == 6
     assert sorted(runs_by_name) == [
-        "finetune", "pretrain", "pretrained-00000", "pretrained-00001", "tiny"
+        "baseline", "finetune", "pretrain", "pretrained-00000", "pretrained-00001", "tiny"
     ]  # fmt: skip
     assert {r.info.status for r in runs_by_name.values()} == {"FINISHED"}
     # Nothing finished was computed twice: trial 0 finished in the second process and each of

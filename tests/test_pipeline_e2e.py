@@ -71,8 +71,9 @@ def test_summary_compares_arms(first_run):
     assert [s.name for s in summary.stages] == ["pretrain", "finetune"]
     assert all(s.status == "done" for s in summary.stages)
     assert summary.stages[0].metrics["steps"] == 30
-    assert set(summary.arms) == {"pretrained", "scratch"}
-    for arm in summary.arms.values():
+    assert set(summary.arms) == {"pretrained", "scratch", "baseline"}  # linear: the default
+    assert summary.arms["baseline"]["best_checkpoint"] is None
+    for arm in (summary.arms["pretrained"], summary.arms["scratch"]):
         assert arm["num_trials"] == 2
         assert 0.0 <= arm["best_metric"] <= 1.0
         assert Path(arm["best_checkpoint"]).is_dir()
@@ -119,7 +120,11 @@ def test_mlflow_run_tree(first_run):
     assert [m.step for m in losses] == [10, 20, 30]
     assert "perf/data_wait_share" in pre.data.metrics and "perf/tokens_per_s" in pre.data.metrics
 
-    trials = children(stages["finetune"].info.run_id)
+    trials = [
+        r
+        for r in children(stages["finetune"].info.run_id)
+        if r.data.tags["raypipe.kind"] == "trial"
+    ]
     assert (
         sorted(t.data.tags["raypipe.arm"] for t in trials) == ["pretrained"] * 2 + ["scratch"] * 2
     )
@@ -309,6 +314,8 @@ def test_label_fractions_sweep_both_arms_on_the_same_rows(ray_session, quickstar
         "scratch": (1.0, len(labels)),
         "pretrained_0.5": (0.5, half),
         "scratch_0.5": (0.5, half),
+        "baseline": (1.0, len(labels)),  # the classical baseline on the same rows
+        "baseline_0.5": (0.5, half),
     }
     repeat = -(-len(labels) // half)
     assert repeat > 1
@@ -501,7 +508,7 @@ def test_finetune_from_a_checkpoint_directory(first_run, quickstart_data, tmp_pa
     raw["finetune"].update(init=str(checkpoint), epochs=1)
     raw["finetune"]["sweep"] = {"num_samples": 1}
     result = run_pipeline(parse_config(raw))
-    assert set(result.arms) == {"pretrained", "scratch"}
+    assert set(result.arms) == {"pretrained", "scratch", "baseline"}
     best = result.arms["pretrained"]["best_checkpoint"]
     assert read_meta(best)["init_checkpoint"] == str(checkpoint)
     assert (Path(best) / "tokenizer.json").read_text() == (

@@ -18,6 +18,7 @@ import torch
 from raypipe import faults
 from raypipe.config import FinetuneConfig
 from raypipe.engine.checkpoint import (
+    load_task,
     load_train_state,
     load_weights,
     read_meta,
@@ -223,6 +224,13 @@ def _saver(job: FinetuneJob, task, optimizer, scheduler, epoch: int, metrics: di
         )
 
     return save
+
+
+def score(checkpoint: str, batches, *, device: torch.device) -> dict[str, float]:
+    """A fine-tuned checkpoint's metrics on `batches` (the test split): what the task reports,
+    from stats summed over every batch."""
+    task = load_task(checkpoint).to(device)
+    return task.summarize(evaluate(task, batches, device=device))
 
 
 def finetune_loop(job: FinetuneJob, session: Session) -> None:

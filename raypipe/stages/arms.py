@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PRETRAINED, SCRATCH = "pretrained", "scratch"
+PRETRAINED, SCRATCH, BASELINE = "pretrained", "scratch", "baseline"
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class ArmResult:
     num_stopped_early: int = 0
     num_failed: int = 0
     num_train_rows: int | None = None
+    best_epoch: int | None = None  # the epoch of the best checkpoint (not always the last)
+    #: the best checkpoint's metrics on the test split ("test/accuracy", ...); None: no test split
+    test_metrics: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stage marker's and the summary's form of it."""

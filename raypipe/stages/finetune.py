@@ -12,16 +12,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
+import torch
 
 from raypipe import faults, storage, tracking
 from raypipe.config import FinetuneConfig, PipelineConfig, run_only_exclusions
 from raypipe.data import files as datafiles
 from raypipe.data.pipelines import Tally, labeled_dataset
 from raypipe.engine.checkpoint import read_meta
+from raypipe.engine.finetune_loop import EVAL_BATCH_SIZE, score
 from raypipe.preflight import RunContext, dataset_inputs
 from raypipe.progress import console
 from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult
+from raypipe.stages.baseline import evaluations, run_baseline
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.sweep import num_trials, run_sweep
 from raypipe.stages.trial import ArmSweep
@@ -56,12 +59,12 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext, spec: dict, upstream: str 
     return cache.fingerprint(
         "finetune",
         cfg.finetune.model_dump(exclude=run_only_exclusions(FinetuneConfig)),
-        cfg.data.labeled.model_dump(),
+        cfg.data.labeled.fingerprinted(),
         cfg.data.bad_images,
         cfg.seed,
         spec,
         upstream,
-        datafiles.manifest_digest(ctx.train + ctx.validation),
+        datafiles.manifest_digest(ctx.train + ctx.validation + ctx.test),
         cfg.tracking.registered_model,
     )
 
@@ -81,8 +84,9 @@ def lineage(init_ckpt: str | None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _Inputs:
-    """What every arm of the stage is swept with."""
+class _Start:
+    """Where every arm of the stage starts: the model, its tokenizer, the pretrained weights
+    (None: every arm from scratch), and the stage's fingerprint."""
 
     spec: dict[str, Any]
     tokenizer_json: str | None
@@ -108,7 +112,7 @@ def run_stage(
     fp = fingerprint(cfg, ctx, spec, upstream)
     with cache.open_stage(cfg, ctx, parent, "finetune", fp, before_work=ray_conn.ensure) as stage:
         if stage.marker is None:
-            inputs = _Inputs(spec, tokenizer_json, init_ckpt, fp)
+            inputs = _Start(spec, tokenizer_json, init_ckpt, fp)
             result = _sweep_and_register(cfg, ctx, stage, inputs, parent, pipeline_fp)
             stage.complete(result.to_marker())
         else:
@@ -120,7 +124,9 @@ def run_stage(
         }
         tracking.RunLogger(stage.run).log_metrics(best, 0)
         tracking.RunLogger(stage.run).set_tags({Tag.BEST_CHECKPOINT: result.model.checkpoint})
-        tracking.log_datasets(stage.run, dataset_inputs(cfg, ctx, only=("train", "validation")))
+        tracking.log_datasets(
+            stage.run, dataset_inputs(cfg, ctx, only=("train", "validation", "test"))
+        )
         publish.plot_finetuning(cfg, stage, list(result.arms))
     outcome = stage.outcome(
         {
@@ -135,7 +141,7 @@ def run_stage(
 class _Encoder:
     """The labeled splits through the task's encoding, materialized (data/pipelines.py)."""
 
-    def __init__(self, cfg: PipelineConfig, ctx: RunContext, inputs: _Inputs, tally):
+    def __init__(self, cfg: PipelineConfig, ctx: RunContext, inputs: _Start, tally):
         self.cfg, self.ctx, self.inputs, self.tally = cfg, ctx, inputs, tally
 
     def __call__(self, files: list[str], src, *, max_rows: bool = True):
@@ -154,11 +160,25 @@ class _Encoder:
         )
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """One label fraction's training rows: where its sweeps live, its files (and how many of
+    their rows are read), the encoded dataset, its row count and the repeats in an epoch."""
+
+    where: str
+    files: list[str]
+    max_rows: int | None
+    dataset: Any
+    num_rows: int
+    repeat: int
+
+
 def _label_rows(cfg: PipelineConfig, ctx: RunContext, stage, encode, full_train, fraction):
-    """(directory, train dataset, rows, repeats) for one label fraction: the same seeded rows
-    for every arm, kept with the stage; an epoch of a small subset repeats it."""
+    """One label fraction's rows (`_Rows`): the same seeded rows for every arm, kept with the
+    stage; an epoch of a small subset repeats it."""
     f, lab, task_cls = cfg.finetune, cfg.data.labeled, ctx.plan.task
     where, train_ds = stage.dir, full_train
+    files, max_rows = ctx.train, lab.train.max_rows
     if fraction < 1:
         # Class labels are stratified; regression targets and translation pairs are not.
         classes = ctx.plan.finetune_data.labeled and task_cls.label_dtype == "int64"
@@ -168,14 +188,27 @@ def _label_rows(cfg: PipelineConfig, ctx: RunContext, stage, encode, full_train,
             stratify_by=lab.train.label_column if classes else None, max_rows=lab.train.max_rows,
         )  # fmt: skip
         train_ds = encode(subset, lab.train, max_rows=False)
+        files, max_rows = subset, None
     num_train, repeat = train_ds.count(), 1
     if f.min_epoch_rows and 0 < num_train < f.min_epoch_rows:
         repeat = math.ceil(f.min_epoch_rows / num_train)
         train_ds = train_ds.union(*[train_ds] * (repeat - 1)).materialize()
-    return where, train_ds, num_train, repeat
+    return _Rows(where, files, max_rows, train_ds, num_train, repeat)
 
 
-def _sweep_and_register(cfg, ctx, stage, inputs: _Inputs, parent, pipeline_fp) -> FinetuneResult:
+def _on_test(result: ArmResult, test_ds, stage_run: RunRef) -> ArmResult:
+    """The arm's best checkpoint scored once on the test split (on this process's CPU), logged
+    on its trial's run and the stage's; the result unchanged when there is no test split."""
+    if test_ds is None or result.best_checkpoint is None:
+        return result
+    batches = test_ds.iter_torch_batches(batch_size=EVAL_BATCH_SIZE)
+    found = score(result.best_checkpoint, batches, device=torch.device("cpu"))
+    scored = replace(result, test_metrics={f"test/{k}": v for k, v in found.items()})
+    publish.log_test_metrics(stage_run, scored)
+    return scored
+
+
+def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) -> FinetuneResult:
     f, lab = cfg.finetune, cfg.data.labeled
     tracking.RunLogger(stage.run).log_params(
         {"fingerprint": inputs.fingerprint, **f.model_dump(exclude={"sweep"}),
@@ -185,6 +218,7 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Inputs, parent, pipeline_fp) -
     tally = Tally.remote() if skip else None
     encode = _Encoder(cfg, ctx, inputs, tally)
     full_train, val_ds = encode(ctx.train, lab.train), encode(ctx.validation, lab.validation)
+    test_ds = encode(ctx.test, lab.test) if lab.test is not None else None
     if tally is not None:  # materialized: the tally is final here
         skipped = ray.get(tally.get.remote())
         tracking.RunLogger(stage.run).log_metrics({"data/skipped_images": skipped}, 0)
@@ -193,11 +227,11 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Inputs, parent, pipeline_fp) -
         [(SCRATCH, None)] if f.compare_scratch or not inputs.init_ckpt else []
     )
     tags = lineage(inputs.init_ckpt)
+    evals = evaluations(cfg, ctx, inputs.spec) if f.baseline == "linear" else None
     arms = []
     for fraction in sorted(f.label_fractions, reverse=True):
-        where, train_ds, num_train, repeat = _label_rows(
-            cfg, ctx, stage, encode, full_train, fraction
-        )
+        rows = _label_rows(cfg, ctx, stage, encode, full_train, fraction)
+        where, train_ds, num_train, repeat = rows.where, rows.dataset, rows.num_rows, rows.repeat
         for base, ckpt in bases:
             arm = Arm(base, fraction)
             console.line(
@@ -214,7 +248,20 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Inputs, parent, pipeline_fp) -
                 faults=os.environ.get(faults.ENV, ""),
             )  # fmt: skip
             result = run_sweep(spec, stage_dir=where, train_ds=train_ds, val_ds=val_ds)
-            arms.append(replace(result, num_train_rows=num_train))
+            result = _on_test(replace(result, num_train_rows=num_train), test_ds, stage.run)
+            arms.append(result)
+        if evals is not None:
+            arms.append(
+                run_baseline(
+                    cfg,
+                    stage.run,
+                    evals,
+                    rows.files,
+                    fraction=fraction,
+                    max_rows=rows.max_rows,
+                    spec=inputs.spec,
+                )  # fmt: skip
+            )
     model = publish.register_best(
         cfg, stage.run, arms, inputs.tokenizer_json,
         tags={

@@ -19,7 +19,13 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raypipe import faults, storage, timing, tracking
-from raypipe.config import PipelineConfig, PretrainConfig, run_only_exclusions
+from raypipe.config import (
+    PipelineConfig,
+    PreprocessConfig,
+    PretrainConfig,
+    Source,
+    run_only_exclusions,
+)
 from raypipe.data import files as datafiles
 from raypipe.data.pipelines import Tally, build_dataset, data_footprint, passes_per_epoch
 from raypipe.engine.checkpoint import (
@@ -213,7 +219,7 @@ def train(
     cfg: PretrainConfig,
     model_spec: dict[str, Any],
     files: list[str],
-    source,
+    source: Source,
     data_kind: str,
     text_extra: int,
     tokenizer_json: str | None,
@@ -221,7 +227,7 @@ def train(
     run: RunRef | None,
     seed: int,
     fingerprint: str,
-    preprocess=None,
+    preprocess: PreprocessConfig | None = None,
     skip_undecodable: bool = False,
     local_ray: bool = False,
 ) -> PretrainResult:

@@ -17,7 +17,7 @@ from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
 from raypipe.progress import console
 from raypipe.stages.arms import ArmResult
 from raypipe.stages.cache import Stage
-from raypipe.summary import label_efficiency
+from raypipe.summary import label_efficiency, on_test, test_key
 from raypipe.tracking import Tag
 
 
@@ -75,6 +75,8 @@ def register_best(
                 Tag.CHECKPOINT: best.best_checkpoint,
                 Tag.INIT_CHECKPOINT: meta.get("init_checkpoint") or "none",
                 Tag.LABEL_FRACTION: best.arm.label_fraction,
+                **{Tag.metric(k): v for k, v in (best.test_metrics or {}).items()},
+                **({Tag.BEST_EPOCH: best.best_epoch} if best.best_epoch is not None else {}),
                 **tags,
                 **(lineage if meta.get("init_checkpoint") else {}),
             },
@@ -100,17 +102,32 @@ def register_best(
     )
 
 
+def log_test_metrics(stage_run: tracking.RunRef, result: ArmResult) -> None:
+    """An arm's test metrics: on its best trial's run (at the best epoch) and on the stage's
+    (`best/<arm>/test/...`)."""
+    trials = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage_run)}
+    if result.best_trial in trials:
+        ref = tracking.RunRef(
+            stage_run.tracking_uri, stage_run.experiment_id, trials[result.best_trial]
+        )
+        tracking.RunLogger(ref).log_metrics(result.test_metrics, result.best_epoch or 0)
+    best = {f"best/{result.arm.label}/{k}": v for k, v in result.test_metrics.items()}
+    tracking.RunLogger(stage_run).log_metrics(best, 0)
+
+
 def log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, rows: dict) -> None:
     """On the pipeline run: label_efficiency.json (the summary's table) and its plot, the best
     metric against the fraction of labeled rows, one curve per arm."""
-    table = label_efficiency(rows)
+    metric = cfg.finetune.sweep.metric
+    table = label_efficiency(rows, metric)
     if not table:
         return
     tracking.log_text(parent, json.dumps(table, indent=2), "label_efficiency.json")
-    metric = cfg.finetune.sweep.metric
+    if on_test(rows):
+        metric = test_key(metric)
     series = {
         arm: [(row["fraction"], row[arm]) for row in table if row.get(arm) is not None]
-        for arm in ("pretrained", "scratch")
+        for arm in ("pretrained", "scratch", "baseline")
         if any(row.get(arm) is not None for row in table)
     }
     tracking.log_plot(
@@ -145,7 +162,7 @@ def plot_finetuning(cfg: PipelineConfig, stage: Stage, arms: list[ArmResult]) ->
     trials = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage.computed_by)}
     series = {}
     for result in arms:
-        if result.best_trial in trials:
+        if result.best_checkpoint is not None and result.best_trial in trials:
             ref = tracking.RunRef(
                 stage.run.tracking_uri, stage.run.experiment_id, trials[result.best_trial]
             )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import tune
@@ -207,22 +208,34 @@ def _raise_if_all_failed(grid, arm: Arm) -> int:
     return len(errors)
 
 
-def _best_checkpoint(
-    spec: ArmSweep, good: set[str]
-) -> tuple[float | None, str | None, str | None, dict]:
-    """(metric, checkpoint, trial, settings) of the best checkpoint of the trials in `good`,
-    read from storage: each checkpoint's meta.json holds its metrics and trial. Tune's own
-    record of a resumed sweep lacks the checkpoints of the sessions before it."""
+@dataclass(frozen=True)
+class _Best:
+    metric: float | None = None
+    checkpoint: str | None = None
+    trial: str | None = None
+    epoch: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _best_checkpoint(spec: ArmSweep, good: set[str]) -> _Best:
+    """The best checkpoint of the trials in `good`, read from storage: each checkpoint's
+    meta.json holds its metrics, trial and epoch. Tune's own record of a resumed sweep lacks
+    the checkpoints of the sessions before it."""
     sweep = spec.cfg.sweep
-    best: tuple[float | None, str | None, str | None, dict] = (None, None, None, {})
+    best = _Best()
     for meta_file in storage.list_files(spec.trials_dir, META_FILE):
         meta = json.loads(storage.read_text(meta_file))
         if meta.get("trial") not in good:
             continue
         value = meta["metrics"].get(sweep.metric)
-        if value is not None and is_better(value, best[0], sweep.mode):
-            params = {k: meta["hyperparameters"][k] for k in sweep.space}
-            best = (float(value), meta_file.rsplit("/", 1)[0], meta["trial"], params)
+        if value is not None and is_better(value, best.metric, sweep.mode):
+            best = _Best(
+                metric=float(value),
+                checkpoint=meta_file.rsplit("/", 1)[0],
+                trial=meta["trial"],
+                epoch=meta.get("epoch"),
+                params={k: meta["hyperparameters"][k] for k in sweep.space},
+            )
     return best
 
 
@@ -244,13 +257,14 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
     good = {
         trial_name(spec.arm, r.metrics["trial_id"]) for r in grid if r.error is None and r.metrics
     }
-    metric, checkpoint, trial, params = _best_checkpoint(spec, good)
+    best = _best_checkpoint(spec, good)
     return ArmResult(
         arm=spec.arm,
-        best_metric=metric,
-        best_checkpoint=checkpoint,
-        best_trial=trial,
-        best_params=params,
+        best_metric=best.metric,
+        best_checkpoint=best.checkpoint,
+        best_trial=best.trial,
+        best_epoch=best.epoch,
+        best_params=best.params,
         num_trials=len(grid),
         num_stopped_early=stopped,
         num_failed=failed,

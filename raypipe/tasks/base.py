@@ -33,6 +33,8 @@ class Task(nn.Module):
 
     option_names: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[tuple[str, ...] | None] = None  # None: any name (not checked)
+    #: the classical baseline beside the neural arms ("linear"; see raypipe/baselines.py)
+    baseline: ClassVar[str | None] = None
     data_kind: ClassVar[str] = "labeled"
     label_dtype: ClassVar[str] = "int64"
     model_overrides: ClassVar[dict[str, Any]] = {}

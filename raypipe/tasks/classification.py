@@ -18,6 +18,7 @@ __all__ = ["Classification", "pool_hidden"]
 class Classification(Task):
     option_names = ("num_classes", "pool", "dropout", "input")
     metrics = ("accuracy", "macro_f1", "loss")
+    baseline = "linear"
 
     def __init__(
         self,

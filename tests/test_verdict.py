@@ -1,0 +1,144 @@
+"""The verdict: a test split that only reports, the best epoch kept and registered, and a
+classical baseline on the same rows, through real Ray, MLflow and Parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raypipe.config import parse_config
+from raypipe.data.synthetic import generate_quickstart
+from raypipe.data.text import encode_labeled
+from raypipe.engine.checkpoint import load_task, read_meta, read_tokenizer
+from raypipe.pipeline import run_pipeline
+from raypipe.summary import format_summary
+
+pytestmark = pytest.mark.slow
+
+
+def _table(directory: str) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(directory)
+    return table.column("text").to_pylist(), np.array(table.column("label").to_pylist())
+
+
+@pytest.fixture(scope="module")
+def verdict(ray_session, quickstart_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("verdict")
+    other = {k: str(root / k) for k in ("unlabeled", "train", "test")}
+    generate_quickstart(unlabeled_dir=other["unlabeled"], train_dir=other["train"],
+                        validation_dir=other["test"], num_unlabeled=10, num_train=8,
+                        num_validation=48, seed=7)  # fmt: skip
+    raw = {
+        "name": "verdict",
+        "storage": str(root / "runs"),
+        "seed": 3,
+        "data": {
+            "labeled": {
+                "train": {"path": quickstart_data["train"]},
+                "validation": {"path": quickstart_data["validation"]},
+                "test": {"path": other["test"]},
+            }
+        },
+        "tokenizer": {"vocab_size": 300},
+        "model": {"dim": 32, "layers": 1, "heads": 2, "max_len": 32},
+        "finetune": {
+            "init": "scratch", "epochs": 6, "batch_size": 16,
+            "optimizer": {"lr": 3e-3},
+            "sweep": {"num_samples": 1, "scheduler": "fifo"},
+        },
+    }  # fmt: skip
+    cfg = parse_config(raw)
+    return cfg, run_pipeline(cfg), other
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_the_registered_checkpoint_is_the_best_epoch_not_the_last(verdict):
+    cfg, summary, _ = verdict
+    client = _client(summary.tracking_uri)
+    version = client.get_model_version("verdict", summary.model["version"])
+    checkpoint = version.tags["raypipe.checkpoint"]
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (trial,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
+    history = [m.value for m in sorted(client.get_metric_history(trial.info.run_id,
+                                                                 "val/accuracy"),
+                                       key=lambda m: m.step)]  # fmt: skip
+    best_epoch = int(np.argmax(history)) + 1  # the first of equal bests, as the loop keeps it
+    assert len(history) == 6 and best_epoch < 6, history  # this seeded run peaks early
+    assert read_meta(checkpoint)["epoch"] == best_epoch
+    assert summary.arms["scratch"]["best_epoch"] == best_epoch
+    assert version.tags["raypipe.best_epoch"] == str(best_epoch)
+    assert f"epoch {best_epoch}" in format_summary(summary)
+
+
+def test_test_metrics_equal_an_independent_evaluation_of_the_registered_model(verdict):
+    cfg, summary, other = verdict
+    client = _client(summary.tracking_uri)
+    version = client.get_model_version("verdict", summary.model["version"])
+    checkpoint = version.tags["raypipe.checkpoint"]
+    texts, labels = _table(other["test"])
+    encoded = encode_labeled(
+        {"text": np.array(texts, dtype=object), "label": labels},
+        tokenizer_json=read_tokenizer(checkpoint), text_column="text", label_column="label",
+        max_len=cfg.finetune.max_len,
+    )  # fmt: skip
+    task = load_task(checkpoint).eval()
+    with torch.no_grad():
+        predicted = task.predict(torch.as_tensor(encoded["input_ids"]).long()).argmax(-1)
+    accuracy = float((predicted.numpy() == labels).mean())
+    reported = summary.arms["scratch"]["test_metrics"]["test/accuracy"]
+    assert reported == pytest.approx(accuracy, abs=1e-9)
+    assert float(version.tags["raypipe.test/accuracy"]) == pytest.approx(accuracy, abs=1e-9)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (trial,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
+    assert trial.data.metrics["test/accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    text = format_summary(summary)
+    assert "test/accuracy of that checkpoint" in text and "test " in text
+
+
+def test_the_baseline_equals_scikit_learns_own_on_the_same_rows(verdict, quickstart_data):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    cfg, summary, other = verdict
+    train_x, train_y = _table(quickstart_data["train"])
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    model = LogisticRegression(max_iter=2000, random_state=cfg.seed)
+    model.fit(vectorizer.fit_transform(train_x), train_y)
+    baseline = summary.arms["baseline"]
+    for split, directory in (("val", quickstart_data["validation"]), ("test", other["test"])):
+        x, y = _table(directory)
+        accuracy = float((model.predict(vectorizer.transform(x)) == y).mean())
+        got = (
+            baseline["best_metric"] if split == "val" else baseline["test_metrics"]["test/accuracy"]
+        )
+        assert got == pytest.approx(accuracy, abs=1e-9), split
+    assert baseline["num_train_rows"] == len(train_y) and baseline["best_checkpoint"] is None
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (run,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'baseline'")
+    assert run.data.metrics["val/accuracy"] == pytest.approx(baseline["best_metric"])
+    assert "vs linear" in format_summary(summary)
+
+
+def test_a_test_split_shows_in_the_stage_inputs(verdict):
+    cfg, summary, other = verdict
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (stage,) = client.search_runs([exp], filter_string="tags.`raypipe.stage` = 'finetune'")
+    contexts = {
+        tag.value
+        for d in stage.inputs.dataset_inputs
+        for tag in d.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert contexts == {"train", "validation", "test"}
+    assert Path(other["test"]).is_dir()
