@@ -386,6 +386,12 @@ class FinetuneConfig(Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Task settings, e.g. {max_new_tokens: 48}."
     )
+    repeats: PositiveInt = Field(
+        1,
+        description="After each arm's sweep, train its best settings again with this many seeds "
+        "(head initialisation, data order, dropout; the same seeds and rows for every arm, so "
+        "the comparison is paired): the summary shows mean ± sd and the gap's 95 % interval.",
+    )
     baseline: Literal["linear", "none"] | None = Field(
         None,
         description="A classical model fitted on the same labeled rows as the neural arms and "

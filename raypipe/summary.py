@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from raypipe import tracking
+from raypipe import stats, tracking
 from raypipe.errors import UserError
 
 
@@ -55,18 +55,39 @@ def on_test(arms: dict[str, dict[str, Any]]) -> bool:
     return any(a.get("test_metrics") for a in arms.values())
 
 
+def by_seed(a: dict[str, Any], metric: str, test: bool) -> dict[int | None, float]:
+    """An arm's figures on the headline split (test when `test`, else validation): one per
+    repeat's seed when it was repeated, else its best checkpoint's alone (seed None)."""
+    key = test_key(metric)
+    repeats = [r for r in a.get("repeats") or () if r.get("metric") is not None]
+    if repeats:
+        if not test:
+            return {r["seed"]: r["metric"] for r in repeats}
+        return {r["seed"]: r["test_metrics"][key] for r in repeats
+                if key in (r.get("test_metrics") or {})}  # fmt: skip
+    value = (a.get("test_metrics") or {}).get(key) if test else a["best_metric"]
+    return {} if value is None else {None: value}
+
+
 def reported(a: dict[str, Any], metric: str, test: bool) -> float | None:
-    """An arm's figure: its best checkpoint's test metric when there is a test split, else
-    its best validation metric."""
-    if not test:
-        return a["best_metric"]
-    return (a.get("test_metrics") or {}).get(test_key(metric))
+    """An arm's figure: the mean over its repeats (or its best checkpoint's), on test when
+    there is a test split, else on validation."""
+    values = list(by_seed(a, metric, test).values())
+    return stats.mean_sd(values)[0] if values else None
+
+
+def gap_interval(pre: dict, scr: dict, metric: str, test: bool) -> stats.Interval | None:
+    """The paired interval of pretrained - scratch over the seeds both arms ran."""
+    ours, theirs = by_seed(pre, metric, test), by_seed(scr, metric, test)
+    seeds = sorted(k for k in ours.keys() & theirs.keys() if k is not None)
+    return stats.paired_interval([ours[k] for k in seeds], [theirs[k] for k in seeds])
 
 
 def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[str, Any]]:
-    """The reported metric (test when there is a test split, else the best validation) per
-    label fraction and arm: [{"fraction", "pretrained", "scratch", "rows"}], smallest
-    fraction first; empty unless a sweep ran on a fraction below 1."""
+    """The reported metric (test when there is a test split, else validation; the mean over
+    repeats) per label fraction and arm: [{"fraction", "pretrained", "scratch", "baseline",
+    "rows", and with repeats "gap_low", "gap_high"}], smallest fraction first; empty unless a
+    sweep ran on a fraction below 1."""
     if all(a.get("label_fraction", 1.0) == 1.0 for a in arms.values()):
         return []
     test = on_test(arms)
@@ -75,6 +96,14 @@ def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[
         row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
         row[a["base_arm"]] = reported(a, metric, test)
         row["rows"] = a.get("num_train_rows")
+    for a in arms.values():
+        if a["base_arm"] != "pretrained":
+            continue
+        scr = next((b for b in arms.values() if b["base_arm"] == "scratch"
+                    and b["label_fraction"] == a["label_fraction"]), None)  # fmt: skip
+        interval = gap_interval(a, scr, metric, test) if scr else None
+        if interval is not None:
+            rows[a["label_fraction"]].update(gap_low=interval.low, gap_high=interval.high)
     return [rows[k] for k in sorted(rows)]
 
 
@@ -82,35 +111,53 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _figure(a: dict[str, Any], metric: str, test: bool) -> str:
+    """`0.9336`, or `0.9336 ± 0.0100` over repeats."""
+    values = list(by_seed(a, metric, test).values())
+    if not values:
+        return "n/a"
+    mean, sd = stats.mean_sd(values)
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if len(values) > 1 else "")
+
+
+def _gap_text(pre: dict, other: dict, metric: str, test: bool) -> str | None:
+    """`+0.2500` (validation), then `test +0.2300` when there is a test split, then the paired
+    interval over the repeats on the headline split."""
+    if reported(pre, metric, False) is None or reported(other, metric, False) is None:
+        return None
+    text = f"{reported(pre, metric, False) - reported(other, metric, False):+.4f}"
+    ours, theirs = reported(pre, metric, True), reported(other, metric, True)
+    if test and ours is not None and theirs is not None:
+        text += f"  test {ours - theirs:+.4f}"
+    interval = gap_interval(pre, other, metric, test)
+    if interval is not None:
+        verdict = "excludes 0" if interval.excludes_zero else "includes 0"
+        text += (f" [{interval.low:+.4f}, {interval.high:+.4f}: {interval.level:.0%} "
+                 f"{stats.METHOD} over {interval.n} seeds, {verdict}]")  # fmt: skip
+    return text
+
+
 def _arm_lines(s: Summary) -> list[str]:
     test = on_test(s.arms)
+    repeated = any(a.get("repeats") for a in s.arms.values())
     lines = [f"  best {s.metric} on the validation split"
-             + (f" (it picks the trial); {test_key(s.metric)} of that checkpoint:" if test else ":")]  # fmt: skip
+             + (" (the mean ± sd of the best settings' repeats)" if repeated else "")
+             + (f"; {test_key(s.metric)} of those checkpoints:" if test else ":")]  # fmt: skip
     width = max(10, *(len(arm) for arm in s.arms))
     for arm, a in s.arms.items():
-        value = "n/a" if a["best_metric"] is None else f"{a['best_metric']:.4f}"
+        value = _figure(a, s.metric, False)
         if test:
-            on = reported(a, s.metric, True)
-            value += "  test " + ("n/a" if on is None else f"{on:.4f}")
+            value += "  test " + _figure(a, s.metric, True)
         params = ", ".join(f"{k}={_short(v)}" for k, v in a["best_params"].items())
         where = a["best_trial"] or "no trial finished"
         if a.get("best_epoch") is not None:
             where += f" epoch {a['best_epoch']}"
-        lines.append(f"    {arm:<{width}} {value}  ({where}: {params})")
-    pre, scr = s.arms.get("pretrained"), s.arms.get("scratch")
-    if pre and scr and pre["best_metric"] is not None and scr["best_metric"] is not None:
-        gap = f"{pre['best_metric'] - scr['best_metric']:+.4f}"
-        pre_t, scr_t = reported(pre, s.metric, test), reported(scr, s.metric, test)
-        if test and pre_t is not None and scr_t is not None:
-            gap += f"  test {pre_t - scr_t:+.4f}"
+        lines.append(f"    {arm:<{width}} {value}  ({where}" + (f": {params})" if params else ")"))
+    pre, scr, base = (s.arms.get(k) for k in ("pretrained", "scratch", "baseline"))
+    if pre and scr and (gap := _gap_text(pre, scr, s.metric, test)):
         lines.append(f"    {'gap':<{width}} {gap} (pretrained - scratch)")
-    base, name = s.arms.get("baseline"), "pretrained" if pre else "scratch"
-    neural = pre or scr
-    if neural and base and neural["best_metric"] is not None and base["best_metric"] is not None:
-        gap = f"{neural['best_metric'] - base['best_metric']:+.4f}"
-        ours, theirs = reported(neural, s.metric, test), reported(base, s.metric, test)
-        if test and ours is not None and theirs is not None:
-            gap += f"  test {ours - theirs:+.4f}"
+    neural, name = (pre, "pretrained") if pre else (scr, "scratch")
+    if neural and base and (gap := _gap_text(neural, base, s.metric, test)):
         lines.append(f"    {'vs linear':<{width}} {gap} ({name} - baseline)")
     return lines
 
@@ -121,9 +168,11 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
         return []
     name = f"{test_key(s.metric)} on the test split" if on_test(s.arms) else f"best {s.metric}"
     baseline = any("baseline" in row for row in table)
+    ci = any("gap_low" in row for row in table)
     lines = [
         f"  label efficiency: {name} by fraction of the labeled rows",
         f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
+        + (f" {'gap 95% CI':>19}" if ci else "")
         + (f" {'baseline':>10}" if baseline else ""),
     ]
 
@@ -133,9 +182,13 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
     for row in table:
         pre, scr = row.get("pretrained"), row.get("scratch")
         gap = f"{pre - scr:+.4f}" if pre is not None and scr is not None else "-"
+        interval = (f"[{row['gap_low']:+.4f}, {row['gap_high']:+.4f}]" if "gap_low" in row
+                    else "-")  # fmt: skip
         lines.append(
             f"    {row['fraction']:>8g} {row['rows'] or '-':>7} {cell(pre):>10} {cell(scr):>10} "
-            f"{gap:>8}" + (f" {cell(row.get('baseline')):>10}" if baseline else "")
+            f"{gap:>8}"
+            + (f" {interval:>19}" if ci else "")
+            + (f" {cell(row.get('baseline')):>10}" if baseline else "")
         )
     return lines
 

@@ -41,6 +41,7 @@ class Tag:
     TRIAL_ID = "raypipe.trial_id"
     TRIAL = "raypipe.trial"
     BEST_EPOCH = "raypipe.best_epoch"  # the epoch of a registered version's checkpoint
+    SEED = "raypipe.seed"  # a repeat's seed (finetune.repeats)
     SETTINGS_NOW = "raypipe.settings_now"  # a PBT trial's settings after a perturbation
     STOPPED_EARLY = "raypipe.stopped_early"
     LABEL_FRACTION = "raypipe.label_fraction"

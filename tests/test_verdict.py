@@ -101,7 +101,7 @@ def test_test_metrics_equal_an_independent_evaluation_of_the_registered_model(ve
     (trial,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
     assert trial.data.metrics["test/accuracy"] == pytest.approx(accuracy, abs=1e-9)
     text = format_summary(summary)
-    assert "test/accuracy of that checkpoint" in text and "test " in text
+    assert "test/accuracy of those checkpoints" in text and "test " in text
 
 
 def test_the_baseline_equals_scikit_learns_own_on_the_same_rows(verdict, quickstart_data):
@@ -142,3 +142,47 @@ def test_a_test_split_shows_in_the_stage_inputs(verdict):
     }
     assert contexts == {"train", "validation", "test"}
     assert Path(other["test"]).is_dir()
+
+
+def test_repeats_give_each_arm_paired_seeds_an_interval_and_a_median_seed_model(
+    ray_session, quickstart_data, verdict, tmp_path
+):
+    from scipy import stats as scipy_stats
+    from test_pipeline_e2e import tiny_config
+
+    from raypipe.stages.sweep import repeat_seeds
+
+    _, _, other = verdict
+    raw = tiny_config(quickstart_data, tmp_path, name="repeats")
+    raw["pretrain"].update(max_steps=10, log_every=5, checkpoint_every=10)
+    raw["data"]["labeled"]["test"] = {"path": other["test"]}
+    raw["finetune"].update(epochs=2, repeats=3, baseline="none")
+    raw["finetune"]["sweep"].update(num_samples=1, scheduler="fifo")
+    cfg = parse_config(raw)
+    summary = run_pipeline(cfg)
+    seeds = repeat_seeds(cfg.seed, 3)
+    test = {}
+    for arm in ("pretrained", "scratch"):
+        repeats = summary.arms[arm]["repeats"]
+        assert [r["seed"] for r in repeats] == seeds  # the same seeds: paired
+        assert all(r["checkpoint"] and r["test_metrics"] for r in repeats)
+        assert all(read_meta(r["checkpoint"])["trial"] == f"{arm}-seed{r['seed']}" for r in repeats)
+        test[arm] = [r["test_metrics"]["test/accuracy"] for r in repeats]
+    ref = scipy_stats.ttest_rel(test["pretrained"], test["scratch"]).confidence_interval(0.95)
+    text = format_summary(summary)
+    assert f"[{ref.low:+.4f}, {ref.high:+.4f}: 95% paired t over 3 seeds" in text, text
+    assert " ± " in text
+
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'repeat'")
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        f"{arm}-seed{s}" for arm in ("pretrained", "scratch") for s in seeds
+    )
+    assert {r.data.tags["raypipe.seed"] for r in runs} == {str(s) for s in seeds}
+    # The registered model: the better arm (mean validation metric), its median-seed run.
+    version = client.get_model_version("repeats", summary.model["version"])
+    best = summary.arms[version.tags["raypipe.arm"]]
+    ranked = sorted(best["repeats"], key=lambda r: r["metric"])
+    assert version.tags["raypipe.checkpoint"] == ranked[1]["checkpoint"]
+    assert version.tags["raypipe.seed"] == str(ranked[1]["seed"])

@@ -28,6 +28,18 @@ class Arm:
 
 
 @dataclass(frozen=True)
+class Repeat:
+    """The arm's best settings trained again with another seed (`finetune.repeats`)."""
+
+    seed: int
+    trial: str  # its run name: `<arm>-seed<seed>`
+    metric: float | None  # its best validation value of the sweep metric
+    epoch: int | None
+    checkpoint: str | None
+    test_metrics: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class ArmResult:
     arm: Arm
     best_metric: float | None
@@ -41,6 +53,21 @@ class ArmResult:
     best_epoch: int | None = None  # the epoch of the best checkpoint (not always the last)
     #: the best checkpoint's metrics on the test split ("test/accuracy", ...); None: no test split
     test_metrics: dict[str, float] | None = None
+    repeats: tuple[Repeat, ...] = ()  # the best settings again, one run per seed
+
+    @property
+    def finished_repeats(self) -> list[Repeat]:
+        return [r for r in self.repeats if r.metric is not None and r.checkpoint]
+
+    def representative(self) -> tuple[float | None, Repeat | None]:
+        """What stands for the arm when models are compared and registered: with repeats, their
+        mean validation metric and the median-seed repeat (the lower middle for an even count;
+        a run that did happen, unlike a mean); else the sweep's best, and None."""
+        done = self.finished_repeats
+        if not done:
+            return self.best_metric, None
+        ranked = sorted(done, key=lambda r: r.metric)
+        return sum(r.metric for r in done) / len(done), ranked[(len(ranked) - 1) // 2]
 
     def to_dict(self) -> dict[str, Any]:
         """The stage marker's and the summary's form of it."""
@@ -52,4 +79,5 @@ class ArmResult:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ArmResult:
         values = {k: v for k, v in raw.items() if k not in ("arm", "base_arm", "label_fraction")}
+        values["repeats"] = tuple(Repeat(**r) for r in raw.get("repeats", ()))
         return cls(arm=Arm(raw["base_arm"], raw.get("label_fraction", 1.0)), **values)

@@ -23,10 +23,10 @@ from raypipe.engine.finetune_loop import EVAL_BATCH_SIZE, score
 from raypipe.preflight import RunContext, dataset_inputs
 from raypipe.progress import console
 from raypipe.stages import cache, publish
-from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult
+from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
 from raypipe.stages.connect import RayConnection
-from raypipe.stages.sweep import num_trials, run_sweep
+from raypipe.stages.sweep import num_trials, run_repeats, run_sweep
 from raypipe.stages.trial import ArmSweep
 from raypipe.summary import StageOutcome
 from raypipe.tracking import RunRef, Tag
@@ -208,12 +208,29 @@ def _on_test(result: ArmResult, test_ds, stage_run: RunRef) -> ArmResult:
     return scored
 
 
-def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) -> FinetuneResult:
-    f, lab = cfg.finetune, cfg.data.labeled
-    tracking.RunLogger(stage.run).log_params(
-        {"fingerprint": inputs.fingerprint, **f.model_dump(exclude={"sweep"}),
-         "sweep": f.sweep.model_dump()}
-    )  # fmt: skip
+def _repeat_on_test(repeat: Repeat, test_ds, stage_run: RunRef) -> Repeat:
+    """A repeat's best checkpoint scored once on the test split, logged on its run."""
+    if test_ds is None or repeat.checkpoint is None:
+        return repeat
+    batches = test_ds.iter_torch_batches(batch_size=EVAL_BATCH_SIZE)
+    found = score(repeat.checkpoint, batches, device=torch.device("cpu"))
+    scored = replace(repeat, test_metrics={f"test/{k}": v for k, v in found.items()})
+    publish.log_run_metrics(stage_run, repeat.trial, scored.test_metrics, repeat.epoch or 0)
+    return scored
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The stage's encoded splits (the training rows per fraction come from `_label_rows`)."""
+
+    encode: _Encoder
+    full_train: Any
+    validation: Any
+    test: Any  # None without a test split
+
+
+def _data(cfg: PipelineConfig, ctx: RunContext, stage, inputs: _Start) -> _Data:
+    lab = cfg.data.labeled
     skip = cfg.data.bad_images == "skip" and ctx.plan.finetune_data.reads_images
     tally = Tally.remote() if skip else None
     encode = _Encoder(cfg, ctx, inputs, tally)
@@ -223,6 +240,44 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
         skipped = ray.get(tally.get.remote())
         tracking.RunLogger(stage.run).log_metrics({"data/skipped_images": skipped}, 0)
         console.line(f"[finetune] skipped {skipped} undecodable image(s)")
+    return _Data(encode, full_train, val_ds, test_ds)
+
+
+def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt, tags):
+    """One arm on one fraction's rows: its sweep, its best checkpoint on test, its repeats."""
+    f = cfg.finetune
+    console.line(
+        f"[finetune] sweeping the {arm.label} arm: {num_trials(f.sweep)} trial(s) "
+        f"on {rows.num_rows} labeled rows ({arm.label_fraction:.0%})"
+        + (f", repeated {rows.repeat}x in each epoch" if rows.repeat > 1 else "")
+    )
+    spec = ArmSweep(
+        cfg=f, arm=arm, init_checkpoint=ckpt, model_spec=inputs.spec,
+        finetune_input=ctx.plan.finetune_input, tokenizer_json=inputs.tokenizer_json,
+        num_train_rows=rows.num_rows * rows.repeat, trials_dir=storage.join(rows.where, "trials"),
+        parent=stage.run, seed=cfg.seed, fingerprint=inputs.fingerprint,
+        lineage={**(tags if ckpt else {}), Tag.LABEL_FRACTION: arm.label_fraction},
+        faults=os.environ.get(faults.ENV, ""),
+    )  # fmt: skip
+    datasets = {"train_ds": rows.dataset, "val_ds": data.validation}
+    result = run_sweep(spec, stage_dir=rows.where, **datasets)
+    result = _on_test(replace(result, num_train_rows=rows.num_rows), data.test, stage.run)
+    if f.repeats > 1 and result.best_checkpoint is not None:
+        console.line(f"[finetune] repeating the {arm.label} arm's best settings with "
+                     f"{f.repeats} seeds")  # fmt: skip
+        repeats = run_repeats(spec, result, stage_dir=rows.where, **datasets)
+        repeats = tuple(_repeat_on_test(r, data.test, stage.run) for r in repeats)
+        result = replace(result, repeats=repeats)
+    return result
+
+
+def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) -> FinetuneResult:
+    f = cfg.finetune
+    tracking.RunLogger(stage.run).log_params(
+        {"fingerprint": inputs.fingerprint, **f.model_dump(exclude={"sweep"}),
+         "sweep": f.sweep.model_dump()}
+    )  # fmt: skip
+    data = _data(cfg, ctx, stage, inputs)
     bases = ([(PRETRAINED, inputs.init_ckpt)] if inputs.init_ckpt else []) + (
         [(SCRATCH, None)] if f.compare_scratch or not inputs.init_ckpt else []
     )
@@ -230,38 +285,14 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
     evals = evaluations(cfg, ctx, inputs.spec) if f.baseline == "linear" else None
     arms = []
     for fraction in sorted(f.label_fractions, reverse=True):
-        rows = _label_rows(cfg, ctx, stage, encode, full_train, fraction)
-        where, train_ds, num_train, repeat = rows.where, rows.dataset, rows.num_rows, rows.repeat
+        rows = _label_rows(cfg, ctx, stage, data.encode, data.full_train, fraction)
         for base, ckpt in bases:
-            arm = Arm(base, fraction)
-            console.line(
-                f"[finetune] sweeping the {arm.label} arm: {num_trials(f.sweep)} trial(s) "
-                f"on {num_train} labeled rows ({fraction:.0%})"
-                + (f", repeated {repeat}x in each epoch" if repeat > 1 else "")
-            )
-            spec = ArmSweep(
-                cfg=f, arm=arm, init_checkpoint=ckpt, model_spec=inputs.spec,
-                finetune_input=ctx.plan.finetune_input, tokenizer_json=inputs.tokenizer_json,
-                num_train_rows=num_train * repeat, trials_dir=storage.join(where, "trials"),
-                parent=stage.run, seed=cfg.seed, fingerprint=inputs.fingerprint,
-                lineage={**(tags if ckpt else {}), Tag.LABEL_FRACTION: fraction},
-                faults=os.environ.get(faults.ENV, ""),
-            )  # fmt: skip
-            result = run_sweep(spec, stage_dir=where, train_ds=train_ds, val_ds=val_ds)
-            result = _on_test(replace(result, num_train_rows=num_train), test_ds, stage.run)
-            arms.append(result)
-        if evals is not None:
             arms.append(
-                run_baseline(
-                    cfg,
-                    stage.run,
-                    evals,
-                    rows.files,
-                    fraction=fraction,
-                    max_rows=rows.max_rows,
-                    spec=inputs.spec,
-                )  # fmt: skip
+                _run_arm(cfg, ctx, stage, inputs, data, rows, Arm(base, fraction), ckpt, tags)
             )
+        if evals is not None:
+            arms.append(run_baseline(cfg, stage.run, evals, rows.files, fraction=fraction,
+                                     max_rows=rows.max_rows, spec=inputs.spec))  # fmt: skip
     model = publish.register_best(
         cfg, stage.run, arms, inputs.tokenizer_json,
         tags={

@@ -52,9 +52,14 @@ def register_best(
     candidates = [a for a in arms if a.best_checkpoint]
     if not candidates:
         raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
-    best = max(candidates, key=lambda a: sign * a.best_metric)
-    task = load_task(best.best_checkpoint).eval()
-    meta = read_meta(best.best_checkpoint)
+    best = max(candidates, key=lambda a: sign * a.representative()[0])
+    _, repeat = best.representative()
+    checkpoint = repeat.checkpoint if repeat else best.best_checkpoint
+    trial = repeat.trial if repeat else best.best_trial
+    epoch = repeat.epoch if repeat else best.best_epoch
+    test_metrics = (repeat.test_metrics if repeat else best.test_metrics) or {}
+    task = load_task(checkpoint).eval()
+    meta = read_meta(checkpoint)
     with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp, torch.no_grad():
         extra_files = []
         if tokenizer_json is not None:
@@ -70,13 +75,14 @@ def register_best(
             extra_files=extra_files,
             tags={
                 Tag.ARM: best.arm.label,
-                Tag.TRIAL: best.best_trial,
-                Tag.metric(f.sweep.metric): best.best_metric,
-                Tag.CHECKPOINT: best.best_checkpoint,
+                Tag.TRIAL: trial,
+                Tag.metric(f.sweep.metric): (repeat.metric if repeat else best.best_metric),
+                Tag.CHECKPOINT: checkpoint,
                 Tag.INIT_CHECKPOINT: meta.get("init_checkpoint") or "none",
                 Tag.LABEL_FRACTION: best.arm.label_fraction,
-                **{Tag.metric(k): v for k, v in (best.test_metrics or {}).items()},
-                **({Tag.BEST_EPOCH: best.best_epoch} if best.best_epoch is not None else {}),
+                **{Tag.metric(k): v for k, v in test_metrics.items()},
+                **({Tag.BEST_EPOCH: epoch} if epoch is not None else {}),
+                **({Tag.SEED: repeat.seed} if repeat else {}),
                 **tags,
                 **(lineage if meta.get("init_checkpoint") else {}),
             },
@@ -86,7 +92,7 @@ def register_best(
         cfg.tracking.registered_model,
         version,
         metric=f.sweep.metric,
-        value=best.best_metric,
+        value=repeat.metric if repeat else best.best_metric,
         mode=f.sweep.mode,
         data_digest=tags[Tag.VALIDATION_DIGEST],
     )
@@ -96,21 +102,24 @@ def register_best(
         version=version,
         uri=uri,
         arm=best.arm.label,
-        trial=best.best_trial,
-        checkpoint=best.best_checkpoint,
+        trial=trial,
+        checkpoint=checkpoint,
         champion=champion,
     )
+
+
+def log_run_metrics(stage_run: tracking.RunRef, run_name: str, metrics: dict, step: int) -> None:
+    """Metrics on the stage's child run `run_name` (a trial or a repeat), if it is there."""
+    runs = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage_run)}
+    if run_name in runs:
+        ref = tracking.RunRef(stage_run.tracking_uri, stage_run.experiment_id, runs[run_name])
+        tracking.RunLogger(ref).log_metrics(metrics, step)
 
 
 def log_test_metrics(stage_run: tracking.RunRef, result: ArmResult) -> None:
     """An arm's test metrics: on its best trial's run (at the best epoch) and on the stage's
     (`best/<arm>/test/...`)."""
-    trials = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage_run)}
-    if result.best_trial in trials:
-        ref = tracking.RunRef(
-            stage_run.tracking_uri, stage_run.experiment_id, trials[result.best_trial]
-        )
-        tracking.RunLogger(ref).log_metrics(result.test_metrics, result.best_epoch or 0)
+    log_run_metrics(stage_run, result.best_trial, result.test_metrics, result.best_epoch or 0)
     best = {f"best/{result.arm.label}/{k}": v for k, v in result.test_metrics.items()}
     tracking.RunLogger(stage_run).log_metrics(best, 0)
 

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray import tune
@@ -25,8 +25,16 @@ from raypipe.engine.checkpoint import META_FILE
 from raypipe.engine.finetune_loop import is_better
 from raypipe.errors import find_user_error
 from raypipe.progress import console
-from raypipe.stages.arms import Arm, ArmResult
-from raypipe.stages.trial import ArmSweep, inline_trials, run_trial, trial_name, trial_resources
+from raypipe.stages.arms import Arm, ArmResult, Repeat
+from raypipe.stages.trial import (
+    REPEAT_SEED,
+    ArmSweep,
+    inline_trials,
+    repeat_name,
+    run_trial,
+    trial_name,
+    trial_resources,
+)
 from raypipe.tracking import Tag
 
 
@@ -40,8 +48,9 @@ class _SweepStatus(tune.Callback):
     """The sweep's one status line on the driver's console: trials finished of all, the best
     so far, and the latest epoch's result with its throughput."""
 
-    def __init__(self, arm: Arm, cfg: FinetuneConfig):
-        self.arm, self.total, self.epochs = arm, num_trials(cfg.sweep), cfg.epochs
+    def __init__(self, arm: Arm, cfg: FinetuneConfig, *, total: int, what: str = "sweep"):
+        self.arm, self.total, self.epochs = arm, total, cfg.epochs
+        self.title = arm.label if what == "sweep" else f"{arm.label} {what}"
         self.metric, self.mode = cfg.sweep.metric, cfg.sweep.mode
         self.best: float | None = None
         self.finished: set[str] = set()
@@ -52,7 +61,7 @@ class _SweepStatus(tune.Callback):
         running = sum(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
         best = "-" if self.best is None else f"{self.best:.4f}"
         console.status(
-            f"finetune {self.arm.label}: {len(self.finished)}/{self.total} trials done, {running} "
+            f"finetune {self.title}: {len(self.finished)}/{self.total} trials done, {running} "
             f"running, best {self.metric} {best}" + (f" | {self.latest}" if self.latest else "")
         )
 
@@ -64,8 +73,10 @@ class _SweepStatus(tune.Callback):
             self.best = float(value)
         rate = [f"{v:,.0f} {k[5:-6]}/s" for k, v in result.items()
                 if k.startswith("perf/") and k.endswith("_per_s")]  # fmt: skip
+        seed = (trial.config or {}).get(REPEAT_SEED)
+        name = trial_name(self.arm, trial.trial_id) if seed is None else repeat_name(self.arm, seed)
         self.latest = (
-            f"{trial_name(self.arm, trial.trial_id)} epoch {result.get('epoch')}/{self.epochs} "
+            f"{name} epoch {result.get('epoch')}/{self.epochs} "
             f"{self.metric} {value:.4f}" + (f", {rate[0]}" if rate else "")
         )
         self._show(trials)
@@ -107,7 +118,7 @@ def _mutations(space: dict[str, Distribution]) -> dict[str, Any]:
     return out
 
 
-def _close_trial_runs(parent: tracking.RunRef, arm: Arm, grid, epochs: int) -> int:
+def _close_trial_runs(parent: tracking.RunRef, arm: Arm, grid, epochs: int, *, kind: str) -> int:
     """Close the arm's trial runs; returns how many the scheduler stopped early.
 
     A trial the scheduler stops is killed before it can end its own MLflow run.
@@ -115,7 +126,7 @@ def _close_trial_runs(parent: tracking.RunRef, arm: Arm, grid, epochs: int) -> i
     by_trial = {r.metrics.get("trial_id"): r for r in grid if r.metrics}
     stopped = 0
     for run in tracking.child_runs(parent):
-        if run.data.tags.get(Tag.ARM) != arm.label:
+        if run.data.tags.get(Tag.ARM) != arm.label or run.data.tags.get(Tag.KIND) != kind:
             continue
         result = by_trial.get(run.data.tags.get(Tag.TRIAL_ID))
         errored = result is None or result.error is not None
@@ -161,15 +172,27 @@ def _search(sweep: SweepConfig, seed: int):
     return BasicVariantGenerator(random_state=seed, max_concurrent=sweep.max_concurrent_trials)
 
 
-def _tuner(spec: ArmSweep, stage_dir: str, trainable, space) -> tune.Tuner:
+@dataclass(frozen=True)
+class _Experiment:
+    """One Tune experiment of an arm: its sweep, or the repeats of its best settings."""
+
+    name: str  # the experiment's directory under the stage: sweep-<arm> or repeats-<arm>
+    what: str  # for the console: "sweep" or "repeats"
+    num_samples: int
+    scheduler: Any
+    search: Any
+    total: int  # trials in all
+
+
+def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -> tune.Tuner:
     cfg = spec.cfg
-    sweep_dir = storage.join(stage_dir, f"sweep-{spec.arm.label}")
-    if tune.Tuner.can_restore(sweep_dir):
+    where = storage.join(stage_dir, exp.name)
+    if tune.Tuner.can_restore(where):
         # A driver that died mid-sweep: finished trials stay finished, unfinished ones resume
         # from their checkpoints, failed ones stay failed.
-        console.line(f"[finetune] resuming the {spec.arm.label} sweep from {sweep_dir}")
+        console.line(f"[finetune] resuming the {spec.arm.label} {exp.what} from {where}")
         return tune.Tuner.restore(
-            sweep_dir, trainable=trainable, resume_unfinished=True, param_space=space
+            where, trainable=trainable, resume_unfinished=True, param_space=space
         )
     return tune.Tuner(
         trainable,
@@ -177,19 +200,34 @@ def _tuner(spec: ArmSweep, stage_dir: str, trainable, space) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=cfg.sweep.metric,
             mode=cfg.sweep.mode,
-            num_samples=cfg.sweep.num_samples,
-            scheduler=_scheduler(cfg, spec.seed),
-            search_alg=_search(cfg.sweep, spec.seed),
+            num_samples=exp.num_samples,
+            scheduler=exp.scheduler,
+            search_alg=exp.search,
             reuse_actors=inline_trials(cfg),
         ),
         run_config=tune.RunConfig(
-            name=f"sweep-{spec.arm.label}",
+            name=exp.name,
             storage_path=stage_dir,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-            callbacks=[_SweepStatus(spec.arm, cfg)],
+            callbacks=[_SweepStatus(spec.arm, cfg, total=exp.total, what=exp.what)],
         ),
     )
+
+
+def _trainable(spec: ArmSweep, train_ds, val_ds):
+    return tune.with_resources(
+        tune.with_parameters(run_trial, sweep=spec, train_ds=train_ds, val_ds=val_ds),
+        trial_resources(spec.cfg),
+    )
+
+
+def _fit(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment):
+    if not storage.is_remote(stage_dir):
+        # Save the sweep's state (which trials finished) every second rather than every 10+ s,
+        # so a restarted driver reruns as little as possible; a local write costs nothing.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    return _tuner(spec, stage_dir, trainable, space, exp).fit()
 
 
 def _raise_if_all_failed(grid, arm: Arm) -> int:
@@ -242,17 +280,14 @@ def _best_checkpoint(spec: ArmSweep, good: set[str]) -> _Best:
 def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
     """Every trial of one arm; its best checkpoint by the sweep metric."""
     cfg = spec.cfg
+    exp = _Experiment(
+        name=f"sweep-{spec.arm.label}", what="sweep", num_samples=cfg.sweep.num_samples,
+        scheduler=_scheduler(cfg, spec.seed), search=_search(cfg.sweep, spec.seed),
+        total=num_trials(cfg.sweep),
+    )  # fmt: skip
     space = _search_space(cfg.sweep.space)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=spec, train_ds=train_ds, val_ds=val_ds),
-        trial_resources(cfg),
-    )
-    if not storage.is_remote(stage_dir):
-        # Save the sweep's state (which trials finished) every second rather than every 10+ s,
-        # so a restarted driver reruns as little as possible; a local write costs nothing.
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    grid = _tuner(spec, stage_dir, trainable, space).fit()
-    stopped = _close_trial_runs(spec.parent, spec.arm, grid, cfg.epochs)
+    grid = _fit(spec, stage_dir, _trainable(spec, train_ds, val_ds), space, exp)
+    stopped = _close_trial_runs(spec.parent, spec.arm, grid, cfg.epochs, kind="trial")
     failed = _raise_if_all_failed(grid, spec.arm)
     good = {
         trial_name(spec.arm, r.metrics["trial_id"]) for r in grid if r.error is None and r.metrics
@@ -270,3 +305,35 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
         num_failed=failed,
         num_train_rows=None,
     )
+
+
+def repeat_seeds(seed: int, repeats: int) -> list[int]:
+    """The seeds of the repeats: the same for every arm, so arm k and arm k are a pair."""
+    return [seed + 1000 * (k + 1) for k in range(repeats)]
+
+
+def run_repeats(
+    spec: ArmSweep, best: ArmResult, *, stage_dir: str, train_ds, val_ds
+) -> tuple[Repeat, ...]:
+    """The arm's best settings trained again, one full run (every epoch, no early stop) per
+    seed of `repeat_seeds`; each keeps its best epoch. A seed whose run failed has no
+    checkpoint (and no metric)."""
+    cfg = spec.cfg
+    seeds = repeat_seeds(spec.seed, cfg.repeats)
+    spec = replace(spec, trials_dir=storage.join(stage_dir, f"repeats-{spec.arm.label}"))
+    exp = _Experiment(
+        name=f"repeats-{spec.arm.label}", what="repeats", num_samples=1,
+        scheduler=FIFOScheduler(),
+        search=BasicVariantGenerator(random_state=spec.seed,
+                                     max_concurrent=cfg.sweep.max_concurrent_trials),
+        total=len(seeds),
+    )  # fmt: skip
+    space = {**best.best_params, REPEAT_SEED: tune.grid_search(seeds)}
+    grid = _fit(spec, stage_dir, _trainable(spec, train_ds, val_ds), space, exp)
+    _close_trial_runs(spec.parent, spec.arm, grid, cfg.epochs, kind="repeat")
+    out = []
+    for seed in seeds:
+        name = repeat_name(spec.arm, seed)
+        found = _best_checkpoint(spec, {name})
+        out.append(Repeat(seed, name, found.metric, found.epoch, found.checkpoint))
+    return tuple(out)

@@ -31,6 +31,8 @@ from raypipe.tracking import RunRef, Tag
 
 #: Beside a trial's checkpoints when it ran all its epochs: its last result.
 DONE_FILE = "done.json"
+#: The sampled setting that makes a trial a repeat of an arm's best settings with this seed.
+REPEAT_SEED = "repeat_seed"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class ArmSweep:
 def trial_name(arm: Arm, trial_id: str) -> str:
     """Deterministic: Tune's trial ids end in the trial's index (`..._00003`)."""
     return f"{arm.label}-{trial_id.rsplit('_', 1)[-1]}"
+
+
+def repeat_name(arm: Arm, seed: int) -> str:
+    """A repeat's run name: the arm and the seed it trained with."""
+    return f"{arm.label}-seed{seed}"
 
 
 def hyperparameters(cfg: FinetuneConfig, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -84,18 +91,20 @@ def trial_resources(cfg: FinetuneConfig) -> dict[str, float]:
     return {k: float(v) for k, v in scaling_config(cfg.scaling).resources_per_worker.items()}
 
 
-def _trial_run(sweep: ArmSweep, trial_id: str, name: str, hp: dict) -> RunRef:
-    """The trial's MLflow run: found again when PBT restarts the trial, else created."""
+def _trial_run(sweep: ArmSweep, trial_id: str, name: str, hp: dict, seed: int | None) -> RunRef:
+    """The trial's MLflow run (kind `repeat` for a repeat): found again when PBT restarts the
+    trial, else created."""
     run, status = tracking.find_or_start_run(
         tracking_uri=sweep.parent.tracking_uri,
         experiment_id=sweep.parent.experiment_id,
         name=name,
-        kind="trial",
+        kind="trial" if seed is None else "repeat",
         parent=sweep.parent,
         tags={Tag.TRIAL_ID: trial_id},
         new_tags={
             Tag.ARM: sweep.arm.label,
             Tag.INIT_CHECKPOINT: sweep.init_checkpoint or "none",
+            **({} if seed is None else {Tag.SEED: seed}),
             **sweep.lineage,
         },
         reopen=False,
@@ -107,14 +116,14 @@ def _trial_run(sweep: ArmSweep, trial_id: str, name: str, hp: dict) -> RunRef:
     return run
 
 
-def _job(sweep: ArmSweep, hp: dict, name: str) -> FinetuneJob:
+def _job(sweep: ArmSweep, hp: dict, name: str, seed: int) -> FinetuneJob:
     task_cls = registry.resolve("task", sweep.cfg.task)
     return FinetuneJob(
         cfg=sweep.cfg, hp=hp,
         task_options=task_options(sweep.cfg, task_cls, sweep.finetune_input, hp["dropout"]),
         model_spec=sweep.model_spec, init_checkpoint=sweep.init_checkpoint,
         tokenizer_json=sweep.tokenizer_json, num_train_rows=sweep.num_train_rows,
-        seed=sweep.seed, fingerprint=sweep.fingerprint, arm=sweep.arm.label, trial_name=name,
+        seed=seed, fingerprint=sweep.fingerprint, arm=sweep.arm.label, trial_name=name,
         faults=sweep.faults,
     )  # fmt: skip
 
@@ -177,11 +186,12 @@ def run_trial(params: dict[str, Any], *, sweep: ArmSweep, train_ds, val_ds) -> N
     cfg = sweep.cfg
     trial_id = tune.get_context().get_trial_id()
     hp = hyperparameters(cfg, params)
-    name = trial_name(sweep.arm, trial_id)
-    run = _trial_run(sweep, trial_id, name, hp)
+    seed = params.get(REPEAT_SEED)
+    name = trial_name(sweep.arm, trial_id) if seed is None else repeat_name(sweep.arm, seed)
+    run = _trial_run(sweep, trial_id, name, hp, seed)
     datasets = {"train": train_ds, "validation": val_ds}
-    job = _job(sweep, hp, name)
-    if cfg.sweep.scheduler != "pbt":
+    job = _job(sweep, hp, name, sweep.seed if seed is None else seed)
+    if cfg.sweep.scheduler != "pbt" or seed is not None:
         _fit(sweep, job, run, name, datasets, to_tune=True, num_to_keep=1)
         tracking.end_run(run, "FINISHED")
         return
