@@ -22,11 +22,15 @@ PREPARE = {
     "sst2": [
         ["table", "{d}/classification/sst2/train.tsv", "--out", "data/sst2/train"],
         ["table", "{d}/classification/sst2/dev.tsv", "--out", "data/sst2/dev"],
+        ["table", "{d}/classification/sst2/test-labeled.tsv", "--out", "data/sst2/test"],
     ],
     "cifar10": [
         ["images", "{d}/images/cifar10/cifar10_train_1k_per_class_jpeg.zip", "--out",
          "data/cifar10/train"],
         ["images", "{d}/images/cifar10/cifar10_test_jpeg.zip", "--out", "data/cifar10/test"],
+        # Halves of the test images: one picks (validation), the other only reports (test).
+        ["images", "{d}/images/cifar10/cifar10_test_jpeg.zip", "--out", "data/cifar10/heldout",
+         "--validation-fraction", "0.5"],
     ],
     "flickr8k": [
         ["captions", "{d}/image_caption/flickr8k/images",

@@ -19,8 +19,9 @@ def curves(
     ylabel: str,
     log_x: bool = False,
 ) -> Path:
-    """One line per series (label -> [(x, y), ...]) in one PNG at `path`. The x axis has
-    whole-number ticks (steps, epochs), or a log scale with `log_x` (fractions)."""
+    """One line per series (label -> [(x, y), ...], or [(x, y, sd), ...] for error bars) in one
+    PNG at `path`. The x axis has whole-number ticks (steps, epochs), or a log scale with
+    `log_x` (fractions)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -30,8 +31,12 @@ def curves(
     ax = fig.add_subplot()
     for label, points in series.items():
         points = sorted(points)
-        xs, ys = [x for x, _ in points], [y for _, y in points]
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 30 else None)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        marker = "o" if len(xs) <= 30 else None
+        if points and all(len(p) == 3 for p in points):
+            ax.errorbar(xs, ys, yerr=[p[2] for p in points], label=label, marker=marker, capsize=3)
+        else:
+            ax.plot(xs, ys, label=label, marker=marker)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

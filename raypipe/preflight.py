@@ -52,6 +52,11 @@ class RunContext:
         return datafiles.all_files(self.sources.get("validation", []))
 
     @property
+    def unlabeled_validation(self) -> list[str]:
+        """Held-out unlabeled files pretraining is scored on ([] when there are none)."""
+        return datafiles.all_files(self.sources.get("unlabeled_validation", []))
+
+    @property
     def test(self) -> list[str]:
         """The labeled test split's files ([] when there is none)."""
         return datafiles.all_files(self.sources.get("test", []))
@@ -157,6 +162,15 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, li
         columns = plan.pretrain_columns(d.unlabeled)
         datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
         datafiles.check_values(out["unlabeled"], columns, key="data.unlabeled")
+        if d.unlabeled_validation is not None:
+            key = "data.unlabeled_validation"
+            sources["unlabeled_validation"] = datafiles.resolve_sources(
+                d.unlabeled_validation.path, key=f"{key}.path"
+            )
+            files = datafiles.all_files(sources["unlabeled_validation"])
+            held = plan.pretrain_columns(d.unlabeled_validation)
+            datafiles.check_columns(files, held, key=key)
+            datafiles.check_values(files, held, key=key)
     if cfg.finetune is not None and d.labeled is not None:
         for split in d.labeled.splits:
             src = getattr(d.labeled, split)
@@ -272,7 +286,8 @@ def dataset_inputs(
     """The pipeline's data as MLflow dataset inputs: (name, location, digest, context); a
     list of locations gives one input each (NAME-pretrain-1, -2, ...)."""
     out = []
-    for context, split in (("pretrain", "unlabeled"), ("train", "train"),
+    for context, split in (("pretrain", "unlabeled"),
+                           ("pretrain-validation", "unlabeled_validation"), ("train", "train"),
                            ("validation", "validation"), ("test", "test")):  # fmt: skip
         if only is not None and context not in only:
             continue

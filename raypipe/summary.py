@@ -86,8 +86,8 @@ def gap_interval(pre: dict, scr: dict, metric: str, test: bool) -> stats.Interva
 def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[str, Any]]:
     """The reported metric (test when there is a test split, else validation; the mean over
     repeats) per label fraction and arm: [{"fraction", "pretrained", "scratch", "baseline",
-    "rows", and with repeats "gap_low", "gap_high"}], smallest fraction first; empty unless a
-    sweep ran on a fraction below 1."""
+    "rows", and with repeats "pretrained_sd", "scratch_sd", "gap_low", "gap_high"}], smallest
+    fraction first; empty unless a sweep ran on a fraction below 1."""
     if all(a.get("label_fraction", 1.0) == 1.0 for a in arms.values()):
         return []
     test = on_test(arms)
@@ -96,6 +96,9 @@ def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[
         row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
         row[a["base_arm"]] = reported(a, metric, test)
         row["rows"] = a.get("num_train_rows")
+        values = list(by_seed(a, metric, test).values())
+        if len(values) > 1:
+            row[f"{a['base_arm']}_sd"] = stats.mean_sd(values)[1]
     for a in arms.values():
         if a["base_arm"] != "pretrained":
             continue

@@ -112,6 +112,15 @@ def _baseline_for_a_task_without_one(d, raw):
     raw["finetune"]["sweep"]["metric"] = "val/mse"
 
 
+def _eval_every_without_held_out_data(d, raw):
+    raw["pretrain"]["eval_every"] = 10
+
+
+def _eval_every_beyond_max_steps(d, raw):
+    raw["data"]["unlabeled_validation"] = dict(raw["data"]["unlabeled"])
+    raw["pretrain"]["eval_every"] = 10_000
+
+
 def _labels_out_of_range(d, raw):
     path = _shard(d / "l", text=TEXTS[:8], label=[0, 1, 2, 5, 0, 1, 0, 1])
     raw["data"]["labeled"] = {"train": {"path": path}, "validation": {"path": path}}
@@ -190,6 +199,8 @@ CASES = {
     "test_split_missing_column": (_test_split_missing_column, ["data.labeled.test", "['text']"]),
     "test_labels_out_of_range": (_test_labels_out_of_range, ["data.labeled.test", "[0, 7]"]),
     "baseline_without_one": (_baseline_for_a_task_without_one, ["finetune.baseline", "regression"]),
+    "eval_without_held_out": (_eval_every_without_held_out_data, ["pretrain.eval_every", "needs"]),
+    "eval_beyond_max_steps": (_eval_every_beyond_max_steps, ["pretrain.eval_every", "beyond"]),
     "labels_not_integers": (_labels_not_integers, ["label_column", "double", "integer"]),
     "nulls_in_text": (_nulls_in_text, ["column 'text' has 1 null value", "drop or fill"]),
     "missing_checkpoint": (_missing_checkpoint, ["no-such-checkpoint", "does not exist; point"]),

@@ -140,8 +140,13 @@ def test_job_runs_the_pipeline_on_autoscaled_nodes(stack):
     assert set(stages) == {"pretrain", "finetune"}
     losses = client.get_metric_history(stages["pretrain"].info.run_id, "train/loss")
     assert [m.step for m in losses] == [10, 20]  # logged from the Train worker
-    trials = _children(client, exp, stages["finetune"].info.run_id)
+    children = _children(client, exp, stages["finetune"].info.run_id)
+    trials = [t for t in children if t.data.tags["raypipe.kind"] == "trial"]
     assert [t.data.tags["raypipe.arm"] for t in trials] == ["pretrained"]
+    # The classical baseline read the same rows from S3.
+    assert [r.info.run_name for r in children if r.data.tags["raypipe.kind"] == "baseline"] == [
+        "baseline"
+    ]
     assert all(client.get_metric_history(t.info.run_id, "val/accuracy") for t in trials)
     assert client.list_artifacts(pipeline.info.run_id, "config")
     assert client.get_model_version("jobrun", "1").tags["raypipe.arm"] in ("pretrained", "scratch")

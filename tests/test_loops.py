@@ -4,6 +4,7 @@ local mode (the stage's own wiring) computes the same."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -148,3 +149,30 @@ def test_finetune_loop_equals_a_tune_trials_session(ray_session, tmp_path, monke
     assert session.last_metrics["epoch"] == 3
     for key in ("train/loss", "val/loss", "val/accuracy"):
         assert session.last_metrics[key] == pytest.approx(memory.records[-1][key], rel=1e-4)
+
+
+def test_pretrain_loop_scores_held_out_rows_and_keeps_the_best(tmp_path):
+    from raypipe.engine.checkpoint import load_weights, read_meta
+
+    held_out = {"input_ids": torch.cat([tiny.batch("causal_lm", n=4, seed=50 + i)["input_ids"]
+                                        for i in range(2)])}  # fmt: skip
+    job = _pretrain_job(tmp_path / "train")
+    cfg = job.cfg.model_copy(update={"eval_every": 2, "keep": "best"})
+    job = PretrainJob(**{**job.__dict__, "cfg": cfg, "best_dir": str(tmp_path / "best")})
+    session = MemorySession({"train": _rows(), "validation": held_out},
+                            checkpoint_dir=tmp_path / "train", prefix="step-")  # fmt: skip
+    pretrain_loop(job, session)
+    logged = {s: m["val/loss"] for s, m in session.logger.metrics if "val/loss" in m}
+    assert sorted(logged) == [2, 4, 6]
+    assert all(m["val/perplexity"] == pytest.approx(np.exp(m["val/loss"]))
+               for _, m in session.logger.metrics if "val/loss" in m)  # fmt: skip
+    # Independently: the last checkpoint's weights, scored on the held-out rows.
+    objective = build_objective("causal_lm", build_model(SPEC), {}).eval()
+    load_weights(tmp_path / "train" / "step-00000006", objective.model)
+    with torch.no_grad():
+        losses = [float(objective({"input_ids": held_out["input_ids"][i : i + 4]})[0])
+                  for i in (0, 4)]  # fmt: skip
+    assert logged[6] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    (best,) = list((tmp_path / "best").iterdir())
+    step = min(logged, key=logged.get)
+    assert best.name == f"step-{step:08d}" and read_meta(best)["best_val_loss"] == logged[step]

@@ -30,7 +30,7 @@ def verdict(ray_session, quickstart_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("verdict")
     other = {k: str(root / k) for k in ("unlabeled", "train", "test")}
     generate_quickstart(unlabeled_dir=other["unlabeled"], train_dir=other["train"],
-                        validation_dir=other["test"], num_unlabeled=10, num_train=8,
+                        validation_dir=other["test"], num_unlabeled=300, num_train=8,
                         num_validation=48, seed=7)  # fmt: skip
     raw = {
         "name": "verdict",
@@ -186,3 +186,29 @@ def test_repeats_give_each_arm_paired_seeds_an_interval_and_a_median_seed_model(
     ranked = sorted(best["repeats"], key=lambda r: r["metric"])
     assert version.tags["raypipe.checkpoint"] == ranked[1]["checkpoint"]
     assert version.tags["raypipe.seed"] == str(ranked[1]["seed"])
+
+
+def test_pretraining_is_scored_on_held_out_rows_and_the_best_checkpoint_is_kept(
+    ray_session, quickstart_data, verdict, tmp_path
+):
+    from test_pipeline_e2e import tiny_config
+
+    _, _, other = verdict
+    raw = tiny_config(quickstart_data, tmp_path, name="heldout")
+    raw["data"]["unlabeled_validation"] = {"path": other["unlabeled"]}
+    raw["pretrain"].update(max_steps=30, log_every=10, checkpoint_every=10, eval_every=10,
+                           keep="best", optimizer={"lr": 3e-2, "warmup_steps": 2})  # fmt: skip
+    raw["finetune"].update(epochs=1, compare_scratch=False, baseline="none")
+    raw["finetune"]["sweep"] = {"num_samples": 1, "scheduler": "fifo"}
+    summary = run_pipeline(parse_config(raw))
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (pre,) = client.search_runs([exp], filter_string="tags.`raypipe.stage` = 'pretrain'")
+    held_out = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "val/loss")}
+    assert sorted(held_out) == [10, 20, 30]
+    best = min(held_out, key=held_out.get)
+    stage = summary.stages[0].metrics
+    assert stage["kept step"] == best and stage["best val/loss"] == round(held_out[best], 4)
+    (trial,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
+    assert trial.data.tags["raypipe.pretrain_step"] == str(best)  # lineage names the kept step
+    assert read_meta(trial.data.tags["raypipe.init_checkpoint"])["step"] == best

@@ -8,6 +8,7 @@ worker, in the driver (Ray Train's local mode) and in the tests and benchmarks w
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from raypipe.engine.checkpoint import (
     read_meta,
     rng_state,
     save_checkpoint,
+    save_into,
     set_rng_state,
     split_objective_state,
 )
@@ -63,6 +65,7 @@ class PretrainJob:
     seed: int
     fingerprint: str
     checkpoint_dir: str  # where the checkpoints go (named in messages)
+    best_dir: str | None = None  # with pretrain.keep: best, where the best checkpoint goes
     run_id: str | None = None  # the MLflow run that trains it (lineage in meta.json)
     passes: int = 1  # passes over the data in one epoch of the dataset
     startup: dict[str, float] = field(default_factory=dict)  # driver's cold-start marks
@@ -93,6 +96,7 @@ class _State:
     final_loss: float = float("nan")
     skipped: int = 0
     last_saved: int | None = None
+    best_val: float | None = None  # the lowest validation loss so far
     position: DataPosition = field(default_factory=DataPosition)
     resumed: str | None = None  # the checkpoint it resumed from
     note: str = ""  # how the resume differs (another number of workers)
@@ -162,6 +166,7 @@ def _restore(directory: str, objective, state: _State) -> dict[str, Any]:
         meta.get("loss", state.final_loss),
         meta.get("skipped_steps", 0),
     )
+    state.best_val = meta.get("best_val_loss")
     saved = load_train_state(directory)
     objective.load_state_dict({**objective.state_dict(), **saved["objective"]}, strict=True)
     return saved
@@ -190,7 +195,7 @@ def _saver(job: PretrainJob, session: Session, objective, optimizers, schedulers
     full = full_state_dict(objective)
     optimizer_states = [full_optimizer_state(objective, o) for o in optimizers]
     ranks = all_gather({"rng": rng_state(), "data": asdict(state.position)}, world)
-    step, loss, skipped = state.step, state.final_loss, state.skipped
+    step, loss, skipped, best_val = state.step, state.final_loss, state.skipped, state.best_val
 
     def save(directory):
         weights, own = split_objective_state(full)
@@ -208,6 +213,7 @@ def _saver(job: PretrainJob, session: Session, objective, optimizers, schedulers
                 "strategy": cfg.strategy,
                 "skipped_steps": skipped,
                 "num_workers": world,
+                "best_val_loss": best_val,
                 # Lineage: the MLflow run that trained it (fine-tune trials tag themselves).
                 "mlflow_run_id": job.run_id,
             },
@@ -256,6 +262,47 @@ def _step(objective, module, optimizers, schedulers, micro, cfg: PretrainConfig,
     # count is read (no per-step sync or collective).
     stats["skipped_steps"] = (~torch.isfinite(loss.detach())).float()
     return loss, stats
+
+
+def validate(objective, session: Session, cfg: PretrainConfig, seed: int) -> float:
+    """The objective's mean loss over this rank's validation rows, summed over ranks (a
+    collective). Its random draws (masks, noise) come from a fixed seed, so every evaluation
+    scores the same task, and the training's own random state is left as it was."""
+    device = session.device
+    devices = [device] if device.type == "cuda" else []
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    was_training = objective.training
+    objective.eval()
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for batch in session.batches("validation", batch_size=cfg.batch_size):
+            with autocast_for(device, cfg.precision):
+                loss, _ = objective(batch)
+            rows = next(iter(batch.values())).shape[0]
+            total += loss.double() * rows
+            count += rows
+    objective.train(was_training)
+    sums = all_reduce_sum({"total": total, "count": count}, device)
+    if float(sums["count"]) == 0:
+        raise UserError(
+            "data.unlabeled_validation: gives no rows to score; point it at held-out data"
+        )
+    return float(sums["total"] / sums["count"])
+
+
+def _evaluate(job, session, objective, optimizers, schedulers, state: _State, text: bool) -> None:
+    """Score on the validation data; with keep: best, a new lowest loss keeps its checkpoint."""
+    loss = validate(objective, session, job.cfg, job.seed)
+    metrics = {"val/loss": loss, **({"val/perplexity": math.exp(min(loss, 50))} if text else {})}
+    session.logger.log_metrics(metrics, state.step)
+    if state.best_val is not None and loss >= state.best_val:
+        return
+    state.best_val = loss
+    if job.cfg.keep == "best" and job.best_dir:
+        save = _saver(job, session, objective, optimizers, schedulers, state)  # a collective
+        if session.rank == 0:
+            save_into(job.best_dir, f"{CHECKPOINT_PREFIX}{state.step:08d}", save, num_to_keep=1)
 
 
 def _log_start(job: PretrainJob, session: Session, objective, state: _State) -> None:
@@ -325,6 +372,7 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
     skipped = SkippedSteps(device)
     batches = _batches_forever(session, cfg, job.seed + rank, state.position)
     meter, mfu_of = Meter(unit=objective.unit), _mfu_of(objective, cfg, device)
+    text = objective.data_kind == "text_blocks"  # a language model: perplexity too
     injected = faults.parse(job.faults)
     while state.step < cfg.max_steps:
         inject_fault(injected, objective, place="pretrain", rank=rank, at=state.step + 1)
@@ -360,6 +408,8 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
             session.logger.log_metrics(metrics, step)
             if rank == 0:
                 _status(cfg, objective.unit, state, metrics)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            _evaluate(job, session, objective, optimizers, schedulers, state, text)
         if step % cfg.checkpoint_every == 0 or last:
             save = _saver(job, session, objective, optimizers, schedulers, state)
             done = {"step": step, "loss": state.final_loss}

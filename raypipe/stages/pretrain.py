@@ -24,7 +24,6 @@ from raypipe.config import (
     PreprocessConfig,
     PretrainConfig,
     Source,
-    run_only_exclusions,
 )
 from raypipe.data import files as datafiles
 from raypipe.data.pipelines import Tally, build_dataset, data_footprint, passes_per_epoch
@@ -49,17 +48,27 @@ from raypipe.tracking import RunRef, Tag
 
 @dataclass(frozen=True)
 class PretrainResult:
-    checkpoint: str  # the last checkpoint: what fine-tuning starts from
+    checkpoint: str  # what fine-tuning starts from: the last checkpoint, or (keep: best) the best
     steps: int
     final_loss: float
     fingerprint: str
     skipped_images: int | None = None  # None: not skipping (data.bad_images: fail)
+    checkpoint_step: int | None = None  # the step of `checkpoint`
+    best_val_loss: float | None = None  # the lowest validation loss (None: no validation data)
 
     def to_marker(self) -> dict[str, Any]:
         out = {"checkpoint": self.checkpoint, "steps": self.steps, "final_loss": self.final_loss}
-        return out | (
-            {} if self.skipped_images is None else {"skipped_images": self.skipped_images}
-        )
+        optional = {"skipped_images": self.skipped_images, "checkpoint_step": self.checkpoint_step,
+                    "best_val_loss": self.best_val_loss}  # fmt: skip
+        return out | {k: v for k, v in optional.items() if v is not None}
+
+    @classmethod
+    def from_marker(cls, marker: dict[str, Any], fingerprint: str) -> PretrainResult:
+        return cls(
+            marker["checkpoint"], marker["steps"], marker["final_loss"], fingerprint,
+            marker.get("skipped_images"), marker.get("checkpoint_step"),
+            marker.get("best_val_loss"),
+        )  # fmt: skip
 
     @property
     def tokenizer_json(self) -> str | None:
@@ -78,12 +87,18 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
         "pretrain",
         cfg.model.model_dump(),
         cfg.tokenizer.model_dump(),
-        cfg.pretrain.model_dump(exclude=run_only_exclusions(PretrainConfig)),
+        cfg.pretrain.fingerprinted(),
         cfg.data.unlabeled.model_dump(),
         cfg.data.bad_images,
         cfg.seed,
         datafiles.manifest_digest(ctx.unlabeled),
-    )
+        # Held-out data changes what is kept (keep: best); absent, the parts stay as they were.
+        *(
+            [cfg.data.unlabeled_validation.model_dump(),
+             datafiles.manifest_digest(ctx.unlabeled_validation)]
+            if cfg.data.unlabeled_validation is not None else []
+        ),
+    )  # fmt: skip
 
 
 def run_stage(
@@ -96,10 +111,7 @@ def run_stage(
             result = _train_stage(cfg, ctx, stage, local_ray=ray_conn.local)
             stage.complete(result.to_marker())
         else:
-            m = stage.marker
-            result = PretrainResult(
-                m["checkpoint"], m["steps"], m["final_loss"], fp, m.get("skipped_images")
-            )
+            result = PretrainResult.from_marker(stage.marker, fp)
         # A reused stage's run carries the same outcome as the run that computed it.
         skipped = (
             {} if result.skipped_images is None else {"data/skipped_images": result.skipped_images}
@@ -107,9 +119,14 @@ def run_stage(
         logger = tracking.RunLogger(stage.run)
         logger.log_metrics({"final/loss": result.final_loss, **skipped}, result.steps)
         logger.set_tags({Tag.CHECKPOINT: result.checkpoint})
-        tracking.log_datasets(stage.run, dataset_inputs(cfg, ctx, only=("pretrain",)))
+        tracking.log_datasets(
+            stage.run, dataset_inputs(cfg, ctx, only=("pretrain", "pretrain-validation"))
+        )
         publish.plot_pretraining(cfg, stage)
     metrics = {"steps": result.steps, "final loss": round(result.final_loss, 4)}
+    if result.best_val_loss is not None:
+        metrics["best val/loss"] = round(result.best_val_loss, 4)
+        metrics["kept step"] = result.checkpoint_step
     if result.skipped_images is not None:
         metrics["skipped images"] = result.skipped_images
     return result, stage.outcome(metrics)
@@ -126,6 +143,7 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
         cfg=p,
         model_spec=spec,
         files=ctx.unlabeled,
+        validation=(ctx.unlabeled_validation, cfg.data.unlabeled_validation),
         source=cfg.data.unlabeled,
         data_kind=ctx.plan.pretrain_kind,
         text_extra=ctx.plan.objective.text_extra,
@@ -195,7 +213,7 @@ def _limit_to_driver(dataset, cfg: PretrainConfig) -> None:
     )
 
 
-def _trainer(job: PretrainJob, run, dataset, *, here: bool, stage_dir: str) -> TorchTrainer:
+def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str) -> TorchTrainer:
     cfg = job.cfg
     return TorchTrainer(
         _train_worker,
@@ -208,7 +226,7 @@ def _trainer(job: PretrainJob, run, dataset, *, here: bool, stage_dir: str) -> T
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
-        datasets={"train": dataset},
+        datasets=datasets if isinstance(datasets, dict) else {"train": datasets},
         # Blocks arrive in read order, so a seeded run sees the same data in the same order.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -221,6 +239,7 @@ def train(
     files: list[str],
     source: Source,
     data_kind: str,
+    validation: tuple[list[str], Source | None] = ([], None),
     text_extra: int,
     tokenizer_json: str | None,
     stage_dir: str,
@@ -245,19 +264,27 @@ def train(
         seq_len=cfg.seq_len, text_extra=text_extra, model_config=model_spec["config"],
         preprocess=preprocess, bad_image_tally=tally, footprint=footprint, passes=passes,
     )  # fmt: skip
+    datasets = {"train": dataset}
+    if validation[0]:  # held-out rows, one pass per evaluation
+        datasets["validation"] = build_dataset(
+            validation[0], kind=data_kind, source=validation[1], tokenizer_json=tokenizer_json,
+            seq_len=cfg.seq_len, text_extra=text_extra, model_config=model_spec["config"],
+            preprocess=preprocess,
+        )  # fmt: skip
     timing.mark("dataset")
     train_dir = storage.join(stage_dir, "train")
     if here:
-        _limit_to_driver(dataset, cfg)
+        for ds in datasets.values():
+            _limit_to_driver(ds, cfg)
     job = PretrainJob(
         cfg=cfg, model_spec=model_spec, tokenizer_json=tokenizer_json, seed=seed,
-        fingerprint=fingerprint, checkpoint_dir=train_dir,
+        fingerprint=fingerprint, checkpoint_dir=train_dir, best_dir=storage.join(stage_dir, "best"),
         run_id=run.run_id if run is not None else None, passes=passes,
         # Driver milestones, when this process is `raypipe run` (see raypipe/timing.py).
         startup={"start": timing.process_start(), **timing.MARKS} if "imports" in timing.MARKS else {},
         faults=os.environ.get(faults.ENV, ""),
     )  # fmt: skip
-    trainer = _trainer(job, run, dataset, here=here, stage_dir=stage_dir)
+    trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir)
     result = _fit_in_process(trainer, cfg) if here else trainer.fit()
     outcome = result.return_value
     if outcome is not None and outcome.error:
@@ -270,10 +297,14 @@ def train(
     meta = read_meta(checkpoint)
     if meta["step"] != cfg.max_steps:
         raise RuntimeError(f"pretraining stopped at step {meta['step']} of {cfg.max_steps}")
+    kept = latest_checkpoint(job.best_dir, prefix=CHECKPOINT_PREFIX) if cfg.keep == "best" else None
+    chosen = storage.qualify(kept[0], like=stage_dir) if kept else checkpoint
     return PretrainResult(
-        checkpoint=checkpoint,
+        checkpoint=chosen,
         steps=int(meta["step"]),
         final_loss=float(outcome.final_loss if outcome is not None else meta["loss"]),
         fingerprint=fingerprint,
         skipped_images=ray.get(tally.get.remote()) if tally is not None else None,
+        checkpoint_step=int(read_meta(chosen)["step"]),
+        best_val_loss=meta.get("best_val_loss"),
     )

@@ -135,15 +135,20 @@ def log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, rows: dic
     if on_test(rows):
         metric = test_key(metric)
     series = {
-        arm: [(row["fraction"], row[arm]) for row in table if row.get(arm) is not None]
+        arm: [
+            (row["fraction"], row[arm], row[f"{arm}_sd"]) if f"{arm}_sd" in row
+            else (row["fraction"], row[arm])
+            for row in table if row.get(arm) is not None
+        ]
         for arm in ("pretrained", "scratch", "baseline")
         if any(row.get(arm) is not None for row in table)
-    }
+    }  # fmt: skip
     tracking.log_plot(
         parent,
         "label_efficiency.png",
         series,
-        title=f"{cfg.name}: best {metric} against labeled rows used",
+        title=f"{cfg.name}: {metric} against labeled rows used"
+        + (" (mean ± sd over seeds)" if any("pretrained_sd" in r for r in table) else ""),
         xlabel="fraction of the labeled training rows (log scale)",
         ylabel=metric,
         log_x=True,
@@ -153,11 +158,12 @@ def log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, rows: dic
 def plot_pretraining(cfg: PipelineConfig, stage: Stage) -> None:
     """plots/pretrain_loss.png on the stage's run: the training loss at each logged step."""
     loss = tracking.metric_history(stage.computed_by, "train/loss")
+    held_out = tracking.metric_history(stage.computed_by, "val/loss")
     if loss:
         tracking.log_plot(
             stage.run,
             "pretrain_loss.png",
-            {"train/loss": loss},
+            {"train/loss": loss, **({"val/loss (held out)": held_out} if held_out else {})},
             title=f"{cfg.name}: pretraining loss ({cfg.pretrain.objective})",
             xlabel="step",
             ylabel="loss",

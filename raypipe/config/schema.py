@@ -1,28 +1,17 @@
-"""The pipeline config: one strict, typed tree loaded from YAML, with dotted overrides.
+"""The pipeline config's schema: one strict, typed tree, every field with its description.
 
-Every problem is reported with its key path, all at once, before anything starts.
-Imports no torch and no Ray, so `raypipe validate` is fast.
+RUN_ONLY marks the settings that change how a run is carried out rather than what it computes
+(`run_only_exclusions` turns them into what a stage fingerprint leaves out).
 """
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from raypipe import registry, storage
 from raypipe.errors import UserError
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -129,6 +118,11 @@ class DataConfig(Strict):
     )
     unlabeled: Source | None = Field(
         None, description="Unlabeled data for pretraining (text, images or image-text pairs)."
+    )
+    unlabeled_validation: Source | None = Field(
+        None,
+        description="Held-out unlabeled data, never trained on: pretraining is scored on it with "
+        "its objective's loss every pretrain.eval_every steps (val/loss; val/perplexity for text).",
     )
     labeled: LabeledData | None = Field(None, description="Labeled data for fine-tuning.")
     preprocess: PreprocessConfig = Field(
@@ -272,6 +266,25 @@ class PretrainConfig(Strict):
     shuffle_buffer: Annotated[int, Field(ge=0)] = Field(
         0, description="Rows in each worker's local shuffle buffer; 0: stream order."
     )
+    eval_every: PositiveInt | None = Field(
+        None,
+        description="Steps between scores on data.unlabeled_validation (and at the last step); "
+        "default: checkpoint_every when there is validation data.",
+    )
+    keep: Literal["last", "best"] = Field(
+        "last",
+        description="The checkpoint fine-tuning starts from: the last, or the one with the lowest "
+        "validation loss (needs data.unlabeled_validation).",
+    )
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """What the pretrain stage's fingerprint covers: the settings that change what it
+        computes (not the RUN_ONLY ones), leaving out eval_every and keep at their defaults so
+        stages fingerprinted before they existed are still reused."""
+        exclude = run_only_exclusions(type(self))
+        defaults = {"eval_every": None, "keep": "last"}
+        exclude |= {k: True for k, v in defaults.items() if getattr(self, k) == v}
+        return self.model_dump(exclude=exclude)
 
     @model_validator(mode="after")
     def _fsdp_needs_workers(self):
@@ -441,155 +454,6 @@ class PipelineConfig(Strict):
     finetune: FinetuneConfig | None = None
 
 
-# --- loading ------------------------------------------------------------------------------------
-
-
-def _cross_checks(cfg: PipelineConfig) -> list[str]:
-    """Rules that span several keys; filled-in defaults are resolved here too."""
-    problems: list[str] = []
-    m = cfg.model
-    if not registry.is_known("model", m.type):
-        problems.append(f"model.type: {registry.unknown_message('model', m.type)}")
-    if m.type != "cnn" and m.dim % m.heads:
-        problems.append(f"model.heads: must divide model.dim ({m.dim}), got {m.heads}")
-    if cfg.pretrain is None and cfg.finetune is None:
-        problems.append("pretrain, finetune: give at least one stage")
-    if cfg.pretrain is not None:
-        p = cfg.pretrain
-        if cfg.data.unlabeled is None:
-            problems.append("data.unlabeled: required by the pretrain stage")
-        if not registry.is_known("objective", p.objective):
-            problems.append(
-                f"pretrain.objective: {registry.unknown_message('objective', p.objective)}"
-            )
-        p.seq_len = p.seq_len or m.max_len
-        # Causal LM blocks hold seq_len + 1 tokens; the model sees seq_len of them.
-        if p.seq_len > m.max_len:
-            problems.append(
-                f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}"
-            )
-    if cfg.finetune is not None:
-        f = cfg.finetune
-        if cfg.data.labeled is None:
-            problems.append("data.labeled: required by the finetune stage")
-        if not registry.is_known("task", f.task):
-            problems.append(f"finetune.task: {registry.unknown_message('task', f.task)}")
-        if f.init == "pretrain" and cfg.pretrain is None:
-            problems.append(
-                "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
-                "'scratch' or a checkpoint directory"
-            )
-        if f.init_directory is not None:
-            # A checkpoint in an object store is checked when the plan reads its model.json.
-            if not storage.is_remote(f.init) and not Path(f.init).is_dir():
-                problems.append(
-                    f"finetune.init: checkpoint directory '{f.init}' does not exist; point it "
-                    "at a checkpoint raypipe wrote (<storage>/<name>/pretrain-*/train/step-*)"
-                )
-            if cfg.pretrain is not None:
-                problems.append(
-                    "finetune.init: a checkpoint directory takes the place of this pipeline's "
-                    "pretrain stage; remove the pretrain section or set init to 'pretrain'"
-                )
-        if f.compare_scratch and f.init == "scratch":
-            problems.append(
-                "finetune.compare_scratch: has no effect when init is 'scratch'; remove it"
-            )
-        if f.compare_scratch is None:
-            f.compare_scratch = f.init != "scratch"
-        f.max_len = f.max_len or m.max_len
-        if f.max_len > m.max_len:
-            problems.append(
-                f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
-            )
-        problems.extend(_sweep_checks(f))
-        known = registry.task_baseline(f.task)
-        if f.baseline == "linear" and known != "linear":
-            problems.append(
-                f"finetune.baseline: task '{f.task}' has no classical baseline; remove it or "
-                "set it to none"
-            )
-        f.baseline = f.baseline or known or "none"
-    cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
-    cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
-    return problems
-
-
-def _sweep_checks(f: FinetuneConfig) -> list[str]:
-    """The sweep's space, search and metric; the metric and mode default from the task."""
-    problems: list[str] = []
-    for key in f.sweep.space:
-        if key not in TUNABLE:
-            close = difflib.get_close_matches(key, TUNABLE, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(
-                f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
-            )
-            continue
-        problems.extend(_check_space_values(key, f.sweep.space[key]))
-    s = f.sweep
-    grids = [k for k, d in s.space.items() if d.kind == "grid"]
-    if s.search == "optuna" and grids:
-        problems.append(
-            f"finetune.sweep.space: optuna cannot search grid dimensions {grids}; use choice"
-        )
-    if s.scheduler == "pbt" and not s.space:
-        problems.append("finetune.sweep.space: pbt needs a search space to perturb")
-    if s.scheduler == "pbt" and s.search == "optuna":
-        problems.append(
-            "finetune.sweep.search: pbt picks its own settings; use search: random with pbt"
-        )
-    metrics = registry.task_metrics(f.task)
-    s.metric = s.metric or (metrics[0] if metrics else "val/loss")
-    if s.mode is None:
-        lower_is_better = s.metric.endswith(("loss", "mse", "mae", "error"))
-        s.mode = "min" if lower_is_better else "max"
-    if metrics is not None and f.sweep.metric not in metrics:
-        problems.append(
-            f"finetune.sweep.metric: '{f.sweep.metric}' is not reported by task "
-            f"'{f.task}'; choose one of {metrics}"
-        )
-    return problems
-
-
-def _check_space_values(key: str, dist: Distribution) -> list[str]:
-    """Each value a sweep may pick for `key` must be a valid value of that setting; values are
-    coerced as the setting itself would be (YAML reads `1e-3`, without a dot, as a string)."""
-    owner = FinetuneOptimizer if key in FinetuneOptimizer.model_fields else FinetuneConfig
-    values = list(getattr(dist, dist.kind))
-    coerced = []
-    for value in values:
-        try:
-            coerced.append(getattr(owner.model_validate({key: value}), key))
-        except ValidationError as e:
-            why = e.errors()[0]["msg"]
-            return [f"finetune.sweep.space.{key}: {value!r} is not a valid {key} ({why})"]
-    if dist.kind in ("choice", "grid"):
-        setattr(dist, dist.kind, coerced)
-    return []
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Field names of the config class at `loc` (for 'did you mean' on unknown keys)."""
-    cls: Any = PipelineConfig
-    for part in loc:
-        if isinstance(cls, type) and issubclass(cls, BaseModel):
-            if part not in cls.model_fields:
-                return []
-            cls = cls.model_fields[part].annotation
-        elif typing.get_origin(cls) is dict:
-            cls = typing.get_args(cls)[1]
-        else:
-            return []
-        # Unwrap Optional[...] / Annotated[...] to the config class inside.
-        while typing.get_origin(cls) in (typing.Union, types.UnionType, Annotated):
-            args = [a for a in typing.get_args(cls) if a is not type(None)]
-            cls = args[0]
-    if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return list(cls.model_fields)
-    return []
-
-
 def _config_class(annotation: Any) -> type[BaseModel] | None:
     """The config class inside Optional[...] / Annotated[...], if any."""
     while typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
@@ -610,77 +474,3 @@ def run_only_exclusions(cls: type[BaseModel]) -> dict[str, Any]:
         elif (inner := _config_class(info.annotation)) and (sub := run_only_exclusions(inner)):
             out[name] = sub
     return out
-
-
-def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        known = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {known}"
-        return f"{path}: unknown key; {hint}"
-    if err["type"] == "missing":
-        return f"{path}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "value_error":
-        return f"{path}: {msg}"
-    return f"{path}: {msg} (got {err['input']!r})"
-
-
-def apply_overrides(raw: dict, overrides: list[str], *, source: str) -> dict:
-    """`key.path=value` pairs; the value is parsed as YAML (`3e-4`, `true`, `[1, 2]`)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(source, [f"--set {item!r}: use key.path=value"])
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(source, [f"--set {key}: '{part}' is not a section"])
-        try:
-            node[parts[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"--set {key}: value is not valid YAML ({e})"]) from None
-    return raw
-
-
-def parse_config(raw: Any, *, source: str = "config") -> PipelineConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            source, [f"expected a mapping of keys at the top, got {type(raw).__name__}"]
-        )
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(source, [_format_error(err) for err in e.errors()]) from None
-    problems = _cross_checks(cfg)
-    if problems:
-        raise ConfigError(source, problems)
-    return cfg
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    path = Path(path)
-    source = str(path)
-    if not path.is_file():
-        raise UserError(f"pipeline file '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
-    if overrides and isinstance(raw, dict):
-        raw = apply_overrides(raw, overrides, source=source)
-    return parse_config(raw, source=source)
-
-
-def to_yaml(cfg: PipelineConfig) -> str:
-    """The fully resolved config (defaults filled in), as saved with every run."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,154 @@
+"""Rules that span several config keys, checked after the schema; the defaults that depend on
+other keys (seq_len, the sweep metric and mode, the baseline, ...) are filled in here too."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from raypipe import registry, storage
+from raypipe.config.schema import (
+    TUNABLE,
+    Distribution,
+    FinetuneConfig,
+    FinetuneOptimizer,
+    PipelineConfig,
+)
+
+
+def cross_checks(cfg: PipelineConfig) -> list[str]:
+    """Rules that span several keys; filled-in defaults are resolved here too."""
+    problems: list[str] = []
+    m = cfg.model
+    if not registry.is_known("model", m.type):
+        problems.append(f"model.type: {registry.unknown_message('model', m.type)}")
+    if m.type != "cnn" and m.dim % m.heads:
+        problems.append(f"model.heads: must divide model.dim ({m.dim}), got {m.heads}")
+    if cfg.pretrain is None and cfg.finetune is None:
+        problems.append("pretrain, finetune: give at least one stage")
+    if cfg.pretrain is not None:
+        p = cfg.pretrain
+        if cfg.data.unlabeled is None:
+            problems.append("data.unlabeled: required by the pretrain stage")
+        if not registry.is_known("objective", p.objective):
+            problems.append(
+                f"pretrain.objective: {registry.unknown_message('objective', p.objective)}"
+            )
+        has_validation = cfg.data.unlabeled_validation is not None
+        if not has_validation and (p.eval_every is not None or p.keep == "best"):
+            key = "pretrain.eval_every" if p.eval_every is not None else "pretrain.keep"
+            problems.append(f"{key}: needs data.unlabeled_validation (held-out unlabeled data)")
+        if p.eval_every is not None and p.eval_every > p.max_steps:
+            problems.append(
+                f"pretrain.eval_every: {p.eval_every} is beyond pretrain.max_steps "
+                f"({p.max_steps}); lower it"
+            )
+        if has_validation and p.eval_every is None:
+            p.eval_every = min(p.checkpoint_every, p.max_steps)
+        p.seq_len = p.seq_len or m.max_len
+        # Causal LM blocks hold seq_len + 1 tokens; the model sees seq_len of them.
+        if p.seq_len > m.max_len:
+            problems.append(
+                f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}"
+            )
+    if cfg.finetune is not None:
+        f = cfg.finetune
+        if cfg.data.labeled is None:
+            problems.append("data.labeled: required by the finetune stage")
+        if not registry.is_known("task", f.task):
+            problems.append(f"finetune.task: {registry.unknown_message('task', f.task)}")
+        if f.init == "pretrain" and cfg.pretrain is None:
+            problems.append(
+                "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
+                "'scratch' or a checkpoint directory"
+            )
+        if f.init_directory is not None:
+            # A checkpoint in an object store is checked when the plan reads its model.json.
+            if not storage.is_remote(f.init) and not Path(f.init).is_dir():
+                problems.append(
+                    f"finetune.init: checkpoint directory '{f.init}' does not exist; point it "
+                    "at a checkpoint raypipe wrote (<storage>/<name>/pretrain-*/train/step-*)"
+                )
+            if cfg.pretrain is not None:
+                problems.append(
+                    "finetune.init: a checkpoint directory takes the place of this pipeline's "
+                    "pretrain stage; remove the pretrain section or set init to 'pretrain'"
+                )
+        if f.compare_scratch and f.init == "scratch":
+            problems.append(
+                "finetune.compare_scratch: has no effect when init is 'scratch'; remove it"
+            )
+        if f.compare_scratch is None:
+            f.compare_scratch = f.init != "scratch"
+        f.max_len = f.max_len or m.max_len
+        if f.max_len > m.max_len:
+            problems.append(
+                f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
+            )
+        problems.extend(_sweep_checks(f))
+        known = registry.task_baseline(f.task)
+        if f.baseline == "linear" and known != "linear":
+            problems.append(
+                f"finetune.baseline: task '{f.task}' has no classical baseline; remove it or "
+                "set it to none"
+            )
+        f.baseline = f.baseline or known or "none"
+    cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
+    cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
+    return problems
+
+
+def _sweep_checks(f: FinetuneConfig) -> list[str]:
+    """The sweep's space, search and metric; the metric and mode default from the task."""
+    problems: list[str] = []
+    for key in f.sweep.space:
+        if key not in TUNABLE:
+            close = difflib.get_close_matches(key, TUNABLE, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(
+                f"finetune.sweep.space.{key}: not a tunable setting; {hint}tunable: {list(TUNABLE)}"
+            )
+            continue
+        problems.extend(_check_space_values(key, f.sweep.space[key]))
+    s = f.sweep
+    grids = [k for k, d in s.space.items() if d.kind == "grid"]
+    if s.search == "optuna" and grids:
+        problems.append(
+            f"finetune.sweep.space: optuna cannot search grid dimensions {grids}; use choice"
+        )
+    if s.scheduler == "pbt" and not s.space:
+        problems.append("finetune.sweep.space: pbt needs a search space to perturb")
+    if s.scheduler == "pbt" and s.search == "optuna":
+        problems.append(
+            "finetune.sweep.search: pbt picks its own settings; use search: random with pbt"
+        )
+    metrics = registry.task_metrics(f.task)
+    s.metric = s.metric or (metrics[0] if metrics else "val/loss")
+    if s.mode is None:
+        lower_is_better = s.metric.endswith(("loss", "mse", "mae", "error"))
+        s.mode = "min" if lower_is_better else "max"
+    if metrics is not None and f.sweep.metric not in metrics:
+        problems.append(
+            f"finetune.sweep.metric: '{f.sweep.metric}' is not reported by task "
+            f"'{f.task}'; choose one of {metrics}"
+        )
+    return problems
+
+
+def _check_space_values(key: str, dist: Distribution) -> list[str]:
+    """Each value a sweep may pick for `key` must be a valid value of that setting; values are
+    coerced as the setting itself would be (YAML reads `1e-3`, without a dot, as a string)."""
+    owner = FinetuneOptimizer if key in FinetuneOptimizer.model_fields else FinetuneConfig
+    values = list(getattr(dist, dist.kind))
+    coerced = []
+    for value in values:
+        try:
+            coerced.append(getattr(owner.model_validate({key: value}), key))
+        except ValidationError as e:
+            why = e.errors()[0]["msg"]
+            return [f"finetune.sweep.space.{key}: {value!r} is not a valid {key} ({why})"]
+    if dist.kind in ("choice", "grid"):
+        setattr(dist, dist.kind, coerced)
+    return []
