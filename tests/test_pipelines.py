@@ -40,6 +40,12 @@ def _paths(d: dict[str, str], *, unlabeled: str, train: str, val: str) -> list[s
     ]
 
 
+def _held_out(d: dict[str, str], split: str) -> list[str]:
+    """The label-efficiency studies' test split and pretraining validation, and 2 repeats."""
+    return [f"data.labeled.test.path={d[split]}", f"data.unlabeled_validation.path={d[split]}",
+            "finetune.repeats=2"]  # fmt: skip
+
+
 def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
     """Point a shipped pipeline at generated data and shrink it to smoke size."""
     d = {**q, **m}
@@ -64,9 +70,10 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
                             *PRETRAIN, "model.max_len=16"],
         "translation.yaml": [*_paths(d, unlabeled="unlabeled", train="pairs_train", val="pairs_val"),
                              *SMALL_TEXT, *PRETRAIN, *FINETUNE, "finetune.options.max_new_tokens=12"],
-        "sst2_label_efficiency.yaml": [*text, *SMALL_TEXT, *PRETRAIN, *FINETUNE, *FRACTIONS],
+        "sst2_label_efficiency.yaml": [*text, *SMALL_TEXT, *PRETRAIN, *FINETUNE, *FRACTIONS,
+                                       *_held_out(d, "validation")],
         "cifar10_label_efficiency.yaml": [*images, *SMALL_CNN, *PRETRAIN, *FINETUNE, *FRACTIONS,
-                                          "finetune.num_classes=4"],
+                                          "finetune.num_classes=4", *_held_out(d, "shapes_val")],
     }[name]  # fmt: skip
 
 
