@@ -121,6 +121,10 @@ def _eval_every_beyond_max_steps(d, raw):
     raw["pretrain"]["eval_every"] = 10_000
 
 
+def _resample_without_repeats(d, raw):
+    raw["finetune"].update(resample_labels=True, label_fractions=[0.5])
+
+
 def _labels_out_of_range(d, raw):
     path = _shard(d / "l", text=TEXTS[:8], label=[0, 1, 2, 5, 0, 1, 0, 1])
     raw["data"]["labeled"] = {"train": {"path": path}, "validation": {"path": path}}
@@ -200,6 +204,10 @@ CASES = {
     "test_labels_out_of_range": (_test_labels_out_of_range, ["data.labeled.test", "[0, 7]"]),
     "baseline_without_one": (_baseline_for_a_task_without_one, ["finetune.baseline", "regression"]),
     "eval_without_held_out": (_eval_every_without_held_out_data, ["pretrain.eval_every", "needs"]),
+    "resample_without_repeats": (
+        _resample_without_repeats,
+        ["finetune.resample_labels", "repeats"],
+    ),
     "eval_beyond_max_steps": (_eval_every_beyond_max_steps, ["pretrain.eval_every", "beyond"]),
     "labels_not_integers": (_labels_not_integers, ["label_column", "double", "integer"]),
     "nulls_in_text": (_nulls_in_text, ["column 'text' has 1 null value", "drop or fill"]),

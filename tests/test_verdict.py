@@ -25,16 +25,11 @@ def _table(directory: str) -> tuple[list[str], np.ndarray]:
     return table.column("text").to_pylist(), np.array(table.column("label").to_pylist())
 
 
-@pytest.fixture(scope="module")
-def verdict(ray_session, quickstart_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("verdict")
-    other = {k: str(root / k) for k in ("unlabeled", "train", "test")}
-    generate_quickstart(unlabeled_dir=other["unlabeled"], train_dir=other["train"],
-                        validation_dir=other["test"], num_unlabeled=300, num_train=8,
-                        num_validation=48, seed=7)  # fmt: skip
+def _raw(quickstart_data: dict, other: dict, storage) -> dict:
+    """A fine-tune-only pipeline from scratch with a test split."""
     raw = {
         "name": "verdict",
-        "storage": str(root / "runs"),
+        "storage": str(storage),
         "seed": 3,
         "data": {
             "labeled": {
@@ -51,6 +46,17 @@ def verdict(ray_session, quickstart_data, tmp_path_factory):
             "sweep": {"num_samples": 1, "scheduler": "fifo"},
         },
     }  # fmt: skip
+    return raw
+
+
+@pytest.fixture(scope="module")
+def verdict(ray_session, quickstart_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("verdict")
+    other = {k: str(root / k) for k in ("unlabeled", "train", "test")}
+    generate_quickstart(unlabeled_dir=other["unlabeled"], train_dir=other["train"],
+                        validation_dir=other["test"], num_unlabeled=300, num_train=8,
+                        num_validation=48, seed=7)  # fmt: skip
+    raw = _raw(quickstart_data, other, root / "runs")
     cfg = parse_config(raw)
     return cfg, run_pipeline(cfg), other
 
@@ -212,3 +218,21 @@ def test_pretraining_is_scored_on_held_out_rows_and_the_best_checkpoint_is_kept(
     (trial,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
     assert trial.data.tags["raypipe.pretrain_step"] == str(best)  # lineage names the kept step
     assert read_meta(trial.data.tags["raypipe.init_checkpoint"])["step"] == best
+
+
+def test_resampled_labels_give_each_repeat_seed_its_own_rows(
+    ray_session, quickstart_data, verdict, tmp_path
+):
+    _, _, other = verdict
+    raw = {**_raw(quickstart_data, other, tmp_path), "name": "resample"}
+    raw["finetune"].update(epochs=1, label_fractions=[0.5], repeats=2, resample_labels=True,
+                           baseline="none")  # fmt: skip
+    summary = run_pipeline(parse_config(raw))
+    repeats = summary.arms["scratch_0.5"]["repeats"]
+    assert len(repeats) == 2
+    subsets = []
+    for r in repeats:
+        assert f"/labels-0.5-seed{r['seed']}/" in r["checkpoint"]
+        (shard,) = (tmp_path / "resample").glob(f"finetune-*/labels-0.5-seed{r['seed']}/*.parquet")
+        subsets.append(sorted(pq.read_table(shard).column("text").to_pylist()))
+    assert subsets[0] != subsets[1] and len(subsets[0]) == len(subsets[1])  # own rows, same size

@@ -88,6 +88,11 @@ def cross_checks(cfg: PipelineConfig) -> list[str]:
                 f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
             )
         problems.extend(_sweep_checks(f))
+        if f.resample_labels and (f.repeats == 1 or min(f.label_fractions) == 1):
+            problems.append(
+                "finetune.resample_labels: has no effect without finetune.repeats above 1 and a "
+                "label fraction below 1; remove it"
+            )
         known = registry.task_baseline(f.task)
         if f.baseline == "linear" and known != "linear":
             problems.append(

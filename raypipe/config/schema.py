@@ -405,6 +405,12 @@ class FinetuneConfig(Strict):
         "(head initialisation, data order, dropout; the same seeds and rows for every arm, so "
         "the comparison is paired): the summary shows mean ± sd and the gap's 95 % interval.",
     )
+    resample_labels: bool = Field(
+        False,
+        description="With repeats and a label fraction below 1: each repeat's seed also draws its "
+        "own subset of the labeled rows (the same subset for every arm, so the comparison stays "
+        "paired); the sweep itself runs on the pipeline seed's subset.",
+    )
     baseline: Literal["linear", "none"] | None = Field(
         None,
         description="A classical model fitted on the same labeled rows as the neural arms and "

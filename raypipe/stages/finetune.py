@@ -26,7 +26,7 @@ from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
 from raypipe.stages.connect import RayConnection
-from raypipe.stages.sweep import num_trials, run_repeats, run_sweep
+from raypipe.stages.sweep import num_trials, repeat_seeds, run_repeats, run_sweep
 from raypipe.stages.trial import ArmSweep
 from raypipe.summary import StageOutcome
 from raypipe.tracking import RunRef, Tag
@@ -173,18 +173,22 @@ class _Rows:
     repeat: int
 
 
-def _label_rows(cfg: PipelineConfig, ctx: RunContext, stage, encode, full_train, fraction):
-    """One label fraction's rows (`_Rows`): the same seeded rows for every arm, kept with the
-    stage; an epoch of a small subset repeats it."""
+def _label_rows(cfg: PipelineConfig, ctx: RunContext, stage, encode, full_train, fraction,
+                seed=None):  # fmt: skip
+    """One label fraction's rows (`_Rows`), drawn with `seed` (default: the pipeline's): the
+    same seeded rows for every arm, kept with the stage; an epoch of a small subset repeats it."""
     f, lab, task_cls = cfg.finetune, cfg.data.labeled, ctx.plan.task
     where, train_ds = stage.dir, full_train
     files, max_rows = ctx.train, lab.train.max_rows
     if fraction < 1:
         # Class labels are stratified; regression targets and translation pairs are not.
         classes = ctx.plan.finetune_data.labeled and task_cls.label_dtype == "int64"
-        where = storage.join(stage.dir, f"labels-{fraction:g}")
+        drawn = cfg.seed if seed is None else seed
+        where = storage.join(
+            stage.dir, f"labels-{fraction:g}" + ("" if seed is None else f"-seed{seed}")
+        )
         subset = datafiles.label_subset(
-            ctx.train, fraction=fraction, seed=cfg.seed, out=where,
+            ctx.train, fraction=fraction, seed=drawn, out=where,
             stratify_by=lab.train.label_column if classes else None, max_rows=lab.train.max_rows,
         )  # fmt: skip
         train_ds = encode(subset, lab.train, max_rows=False)
@@ -243,7 +247,21 @@ def _data(cfg: PipelineConfig, ctx: RunContext, stage, inputs: _Start) -> _Data:
     return _Data(encode, full_train, val_ds, test_ds)
 
 
-def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt, tags):
+def _run_repeats(spec: ArmSweep, result: ArmResult, data: _Data, rows: _Rows, seeded, stage):
+    """The arm's best settings again with each repeat seed: on the fraction's rows, or (with
+    resample_labels) on each seed's own rows (`seeded`: seed -> _Rows); each scored on test."""
+    seeds = repeat_seeds(spec.seed, spec.cfg.repeats)
+    groups = [(rows, seeds)] if seeded is None else [(seeded[s], [s]) for s in seeds]
+    repeats = []
+    for where, group in groups:
+        each = replace(spec, num_train_rows=where.num_rows * where.repeat)
+        repeats += run_repeats(each, result, seeds=group, stage_dir=where.where,
+                               train_ds=where.dataset, val_ds=data.validation)  # fmt: skip
+    return tuple(_repeat_on_test(r, data.test, stage.run) for r in repeats)
+
+
+def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt, tags,
+             seeded=None):  # fmt: skip
     """One arm on one fraction's rows: its sweep, its best checkpoint on test, its repeats."""
     f = cfg.finetune
     console.line(
@@ -264,10 +282,8 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
     result = _on_test(replace(result, num_train_rows=rows.num_rows), data.test, stage.run)
     if f.repeats > 1 and result.best_checkpoint is not None:
         console.line(f"[finetune] repeating the {arm.label} arm's best settings with "
-                     f"{f.repeats} seeds")  # fmt: skip
-        repeats = run_repeats(spec, result, stage_dir=rows.where, **datasets)
-        repeats = tuple(_repeat_on_test(r, data.test, stage.run) for r in repeats)
-        result = replace(result, repeats=repeats)
+                     f"{f.repeats} seeds" + (", each on its own rows" if seeded else ""))  # fmt: skip
+        result = replace(result, repeats=_run_repeats(spec, result, data, rows, seeded, stage))
     return result
 
 
@@ -286,10 +302,15 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
     arms = []
     for fraction in sorted(f.label_fractions, reverse=True):
         rows = _label_rows(cfg, ctx, stage, data.encode, data.full_train, fraction)
+        seeded = None  # with resample_labels: each repeat seed's own rows, shared by the arms
+        if f.resample_labels and f.repeats > 1 and fraction < 1:
+            seeded = {
+                s: _label_rows(cfg, ctx, stage, data.encode, data.full_train, fraction, seed=s)
+                for s in repeat_seeds(cfg.seed, f.repeats)
+            }
         for base, ckpt in bases:
-            arms.append(
-                _run_arm(cfg, ctx, stage, inputs, data, rows, Arm(base, fraction), ckpt, tags)
-            )
+            arm = Arm(base, fraction)
+            arms.append(_run_arm(cfg, ctx, stage, inputs, data, rows, arm, ckpt, tags, seeded))
         if evals is not None:
             arms.append(run_baseline(cfg, stage.run, evals, rows.files, fraction=fraction,
                                      max_rows=rows.max_rows, spec=inputs.spec))  # fmt: skip

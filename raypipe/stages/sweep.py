@@ -313,16 +313,16 @@ def repeat_seeds(seed: int, repeats: int) -> list[int]:
 
 
 def run_repeats(
-    spec: ArmSweep, best: ArmResult, *, stage_dir: str, train_ds, val_ds
+    spec: ArmSweep, best: ArmResult, *, seeds: list[int], stage_dir: str, train_ds, val_ds
 ) -> tuple[Repeat, ...]:
-    """The arm's best settings trained again, one full run (every epoch, no early stop) per
-    seed of `repeat_seeds`; each keeps its best epoch. A seed whose run failed has no
-    checkpoint (and no metric)."""
+    """The arm's best settings trained again on `train_ds`, one full run (every epoch, no
+    early stop) per seed; each keeps its best epoch. A seed whose run failed has no checkpoint
+    (and no metric)."""
     cfg = spec.cfg
-    seeds = repeat_seeds(spec.seed, cfg.repeats)
-    spec = replace(spec, trials_dir=storage.join(stage_dir, f"repeats-{spec.arm.label}"))
+    name = f"repeats-{spec.arm.label}"
+    spec = replace(spec, trials_dir=storage.join(stage_dir, name))
     exp = _Experiment(
-        name=f"repeats-{spec.arm.label}", what="repeats", num_samples=1,
+        name=name, what="repeats", num_samples=1,
         scheduler=FIFOScheduler(),
         search=BasicVariantGenerator(random_state=spec.seed,
                                      max_concurrent=cfg.sweep.max_concurrent_trials),
