@@ -236,3 +236,23 @@ def test_resampled_labels_give_each_repeat_seed_its_own_rows(
         (shard,) = (tmp_path / "resample").glob(f"finetune-*/labels-0.5-seed{r['seed']}/*.parquet")
         subsets.append(sorted(pq.read_table(shard).column("text").to_pylist()))
     assert subsets[0] != subsets[1] and len(subsets[0]) == len(subsets[1])  # own rows, same size
+
+
+def test_a_held_out_share_of_the_unlabeled_rows_scores_pretraining(
+    ray_session, quickstart_data, tmp_path
+):
+    from test_pipeline_e2e import tiny_config
+
+    raw = tiny_config(quickstart_data, tmp_path, name="holdout")
+    raw["data"]["unlabeled_holdout"] = 0.1
+    raw["pretrain"].update(max_steps=20, log_every=10, checkpoint_every=10)
+    raw["finetune"].update(epochs=1, compare_scratch=False, baseline="none")
+    raw["finetune"]["sweep"] = {"num_samples": 1, "scheduler": "fifo"}
+    summary = run_pipeline(parse_config(raw))
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (pre,) = client.search_runs([exp], filter_string="tags.`raypipe.stage` = 'pretrain'")
+    held_out = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "val/loss")}
+    assert sorted(held_out) == [10, 20]  # eval_every defaults to checkpoint_every
+    assert summary.stages[0].metrics["best val/loss"] == round(min(held_out.values()), 4)
+    assert summary.stages[0].metrics["kept step"] == 20  # keep: last

@@ -29,79 +29,99 @@ def cross_checks(cfg: PipelineConfig) -> list[str]:
     if cfg.pretrain is None and cfg.finetune is None:
         problems.append("pretrain, finetune: give at least one stage")
     if cfg.pretrain is not None:
-        p = cfg.pretrain
-        if cfg.data.unlabeled is None:
-            problems.append("data.unlabeled: required by the pretrain stage")
-        if not registry.is_known("objective", p.objective):
-            problems.append(
-                f"pretrain.objective: {registry.unknown_message('objective', p.objective)}"
-            )
-        has_validation = cfg.data.unlabeled_validation is not None
-        if not has_validation and (p.eval_every is not None or p.keep == "best"):
-            key = "pretrain.eval_every" if p.eval_every is not None else "pretrain.keep"
-            problems.append(f"{key}: needs data.unlabeled_validation (held-out unlabeled data)")
-        if p.eval_every is not None and p.eval_every > p.max_steps:
-            problems.append(
-                f"pretrain.eval_every: {p.eval_every} is beyond pretrain.max_steps "
-                f"({p.max_steps}); lower it"
-            )
-        if has_validation and p.eval_every is None:
-            p.eval_every = min(p.checkpoint_every, p.max_steps)
-        p.seq_len = p.seq_len or m.max_len
-        # Causal LM blocks hold seq_len + 1 tokens; the model sees seq_len of them.
-        if p.seq_len > m.max_len:
-            problems.append(
-                f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}"
-            )
+        problems.extend(_pretrain_checks(cfg))
     if cfg.finetune is not None:
-        f = cfg.finetune
-        if cfg.data.labeled is None:
-            problems.append("data.labeled: required by the finetune stage")
-        if not registry.is_known("task", f.task):
-            problems.append(f"finetune.task: {registry.unknown_message('task', f.task)}")
-        if f.init == "pretrain" and cfg.pretrain is None:
-            problems.append(
-                "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
-                "'scratch' or a checkpoint directory"
-            )
-        if f.init_directory is not None:
-            # A checkpoint in an object store is checked when the plan reads its model.json.
-            if not storage.is_remote(f.init) and not Path(f.init).is_dir():
-                problems.append(
-                    f"finetune.init: checkpoint directory '{f.init}' does not exist; point it "
-                    "at a checkpoint raypipe wrote (<storage>/<name>/pretrain-*/train/step-*)"
-                )
-            if cfg.pretrain is not None:
-                problems.append(
-                    "finetune.init: a checkpoint directory takes the place of this pipeline's "
-                    "pretrain stage; remove the pretrain section or set init to 'pretrain'"
-                )
-        if f.compare_scratch and f.init == "scratch":
-            problems.append(
-                "finetune.compare_scratch: has no effect when init is 'scratch'; remove it"
-            )
-        if f.compare_scratch is None:
-            f.compare_scratch = f.init != "scratch"
-        f.max_len = f.max_len or m.max_len
-        if f.max_len > m.max_len:
-            problems.append(
-                f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
-            )
-        problems.extend(_sweep_checks(f))
-        if f.resample_labels and (f.repeats == 1 or min(f.label_fractions) == 1):
-            problems.append(
-                "finetune.resample_labels: has no effect without finetune.repeats above 1 and a "
-                "label fraction below 1; remove it"
-            )
-        known = registry.task_baseline(f.task)
-        if f.baseline == "linear" and known != "linear":
-            problems.append(
-                f"finetune.baseline: task '{f.task}' has no classical baseline; remove it or "
-                "set it to none"
-            )
-        f.baseline = f.baseline or known or "none"
+        problems.extend(_finetune_checks(cfg))
     cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
     cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
+    return problems
+
+
+def _pretrain_checks(cfg: PipelineConfig) -> list[str]:
+    problems: list[str] = []
+    m = cfg.model
+    p = cfg.pretrain
+    if cfg.data.unlabeled is None:
+        problems.append("data.unlabeled: required by the pretrain stage")
+    if not registry.is_known("objective", p.objective):
+        problems.append(f"pretrain.objective: {registry.unknown_message('objective', p.objective)}")
+    has_validation = (
+        cfg.data.unlabeled_validation is not None or cfg.data.unlabeled_holdout is not None
+    )
+    if cfg.data.unlabeled_validation is not None and cfg.data.unlabeled_holdout is not None:
+        problems.append(
+            "data.unlabeled_holdout: give held-out data once, as data.unlabeled_validation "
+            "or as a share of data.unlabeled; remove one"
+        )
+    if not has_validation and (p.eval_every is not None or p.keep == "best"):
+        key = "pretrain.eval_every" if p.eval_every is not None else "pretrain.keep"
+        problems.append(
+            f"{key}: needs held-out unlabeled data (data.unlabeled_validation or "
+            "data.unlabeled_holdout)"
+        )
+    if p.eval_every is not None and p.eval_every > p.max_steps:
+        problems.append(
+            f"pretrain.eval_every: {p.eval_every} is beyond pretrain.max_steps "
+            f"({p.max_steps}); lower it"
+        )
+    if has_validation and p.eval_every is None:
+        p.eval_every = min(p.checkpoint_every, p.max_steps)
+    p.seq_len = p.seq_len or m.max_len
+    # Causal LM blocks hold seq_len + 1 tokens; the model sees seq_len of them.
+    if p.seq_len > m.max_len:
+        problems.append(
+            f"pretrain.seq_len: must be <= model.max_len ({m.max_len}), got {p.seq_len}"
+        )
+    return problems
+
+
+def _finetune_checks(cfg: PipelineConfig) -> list[str]:
+    problems: list[str] = []
+    m = cfg.model
+    f = cfg.finetune
+    if cfg.data.labeled is None:
+        problems.append("data.labeled: required by the finetune stage")
+    if not registry.is_known("task", f.task):
+        problems.append(f"finetune.task: {registry.unknown_message('task', f.task)}")
+    if f.init == "pretrain" and cfg.pretrain is None:
+        problems.append(
+            "finetune.init: 'pretrain' needs a pretrain stage; add one, or set init to "
+            "'scratch' or a checkpoint directory"
+        )
+    if f.init_directory is not None:
+        # A checkpoint in an object store is checked when the plan reads its model.json.
+        if not storage.is_remote(f.init) and not Path(f.init).is_dir():
+            problems.append(
+                f"finetune.init: checkpoint directory '{f.init}' does not exist; point it "
+                "at a checkpoint raypipe wrote (<storage>/<name>/pretrain-*/train/step-*)"
+            )
+        if cfg.pretrain is not None:
+            problems.append(
+                "finetune.init: a checkpoint directory takes the place of this pipeline's "
+                "pretrain stage; remove the pretrain section or set init to 'pretrain'"
+            )
+    if f.compare_scratch and f.init == "scratch":
+        problems.append("finetune.compare_scratch: has no effect when init is 'scratch'; remove it")
+    if f.compare_scratch is None:
+        f.compare_scratch = f.init != "scratch"
+    f.max_len = f.max_len or m.max_len
+    if f.max_len > m.max_len:
+        problems.append(
+            f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
+        )
+    problems.extend(_sweep_checks(f))
+    if f.resample_labels and (f.repeats == 1 or min(f.label_fractions) == 1):
+        problems.append(
+            "finetune.resample_labels: has no effect without finetune.repeats above 1 and a "
+            "label fraction below 1; remove it"
+        )
+    known = registry.task_baseline(f.task)
+    if f.baseline == "linear" and known != "linear":
+        problems.append(
+            f"finetune.baseline: task '{f.task}' has no classical baseline; remove it or "
+            "set it to none"
+        )
+    f.baseline = f.baseline or known or "none"
     return problems
 
 

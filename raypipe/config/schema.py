@@ -124,6 +124,12 @@ class DataConfig(Strict):
         description="Held-out unlabeled data, never trained on: pretraining is scored on it with "
         "its objective's loss every pretrain.eval_every steps (val/loss; val/perplexity for text).",
     )
+    unlabeled_holdout: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="Instead of data.unlabeled_validation: hold out this share of the unlabeled "
+        "rows (chosen by a seeded hash of their content), never trained on, as pretraining's "
+        "validation data.",
+    )
     labeled: LabeledData | None = Field(None, description="Labeled data for fine-tuning.")
     preprocess: PreprocessConfig = Field(
         default_factory=PreprocessConfig,

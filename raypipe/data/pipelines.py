@@ -7,10 +7,12 @@ Each data kind's columns and transform come from `data/kinds.py`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.data
 
@@ -111,6 +113,37 @@ def skip_bad_images(ds, *, image_column: str, channels: int, batch_size: int, pr
     )
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """A seeded share of the rows set apart by a hash of their content: never trained on
+    (`keep=False` drops them), scored on (`keep=True` keeps only them)."""
+
+    fraction: float
+    seed: int
+    keep: bool
+
+
+def _unit_hash(value, seed: int) -> float:
+    """A stable number in [0, 1) for a row's content (text, bytes or an array) and a seed."""
+    if isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    else:
+        data = np.asarray(value).tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest(), "little") / 2**64
+
+
+def held_out(batch: dict[str, np.ndarray], *, column: str, holdout: Holdout) -> dict:
+    """The batch's rows on `holdout`'s side (see Holdout)."""
+    values = batch[column]
+    inside = np.fromiter((_unit_hash(v, holdout.seed) < holdout.fraction for v in values),
+                         dtype=bool, count=len(values))  # fmt: skip
+    keep = inside if holdout.keep else ~inside
+    return batch if keep.all() else {k: v[keep] for k, v in batch.items()}
+
+
 def _read_small(files: list[str], columns: list[str], footprint: Footprint, max_rows):
     """Small data, read once here into Ray's object store, in order, in blocks of about
     BLOCK_BYTES. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s (the
@@ -133,6 +166,7 @@ def build_dataset(
     bad_image_tally=None,
     footprint: Footprint | None = None,
     passes: int = 1,
+    holdout: Holdout | None = None,
 ) -> ray.data.Dataset:
     """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
 
@@ -140,7 +174,7 @@ def build_dataset(
     Tally), rows whose image does not decode are dropped and counted. One epoch of the result
     makes `passes` passes over small data (`Footprint.small`; the footprint is read from the
     footers unless given), in order; over larger data, streamed from the shards, one (see
-    `passes_per_epoch`).
+    `passes_per_epoch`). With `holdout`, only the rows on its side (see Holdout).
     """
     described = pretrain_kind(kind)
     needs = Needs(source, model_config, tokenizer_json, length=seq_len + text_extra)
@@ -153,6 +187,11 @@ def build_dataset(
         ds = ray.data.read_parquet(files, columns=enc.columns)
         if source.max_rows:
             ds = ds.limit(source.max_rows)
+    if holdout is not None:
+        ds = ds.map_batches(
+            held_out, batch_format="numpy", batch_size=enc.batch_size,
+            fn_kwargs={"column": enc.columns[0], "holdout": holdout}, **preprocess_args(preprocess),
+        )  # fmt: skip
     skipping = bad_image_tally is not None and described.reads_images
     if skipping:
         ds = skip_bad_images(
@@ -164,7 +203,7 @@ def build_dataset(
         # union of the data with itself deals its inputs' blocks out in turn, even with the
         # order kept: each block came `passes` times in a row.) Bad images are skipped (and
         # counted) once, before the passes.
-        if skipping:
+        if skipping or holdout is not None:
             ds.context.execution_options.preserve_order = True
             refs = ds.materialize().to_arrow_refs()
         ds = ray.data.from_arrow_refs(refs * passes)

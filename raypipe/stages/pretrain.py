@@ -26,7 +26,13 @@ from raypipe.config import (
     Source,
 )
 from raypipe.data import files as datafiles
-from raypipe.data.pipelines import Tally, build_dataset, data_footprint, passes_per_epoch
+from raypipe.data.pipelines import (
+    Holdout,
+    Tally,
+    build_dataset,
+    data_footprint,
+    passes_per_epoch,
+)
 from raypipe.engine.checkpoint import (
     TOKENIZER_FILE,
     has_file,
@@ -92,12 +98,14 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
         cfg.data.bad_images,
         cfg.seed,
         datafiles.manifest_digest(ctx.unlabeled),
-        # Held-out data changes what is kept (keep: best); absent, the parts stay as they were.
+        # Held-out data changes what is kept (keep: best) and, held out of the unlabeled rows,
+        # what is trained on; absent, the parts stay as they were.
         *(
             [cfg.data.unlabeled_validation.model_dump(),
              datafiles.manifest_digest(ctx.unlabeled_validation)]
             if cfg.data.unlabeled_validation is not None else []
         ),
+        *([{"holdout": cfg.data.unlabeled_holdout}] if cfg.data.unlabeled_holdout else []),
     )  # fmt: skip
 
 
@@ -144,6 +152,7 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
         model_spec=spec,
         files=ctx.unlabeled,
         validation=(ctx.unlabeled_validation, cfg.data.unlabeled_validation),
+        holdout=cfg.data.unlabeled_holdout,
         source=cfg.data.unlabeled,
         data_kind=ctx.plan.pretrain_kind,
         text_extra=ctx.plan.objective.text_extra,
@@ -232,6 +241,29 @@ def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str) -> 
     )
 
 
+def _datasets(files, *, source, validation, holdout, seed, tally, footprint, passes, common):
+    """{"train": the stream, "validation": held-out rows (a share of the same rows, or other
+    files) when there are any}: each built by `build_dataset` with the `common` arguments."""
+    datasets = {
+        "train": build_dataset(
+            files,
+            source=source,
+            bad_image_tally=tally,
+            footprint=footprint,
+            passes=passes,
+            holdout=Holdout(holdout, seed, keep=False) if holdout else None,
+            **common,
+        )  # fmt: skip
+    }
+    if holdout:  # the held-out share of the same rows, one pass per evaluation
+        datasets["validation"] = build_dataset(
+            files, source=source, holdout=Holdout(holdout, seed, keep=True), **common
+        )
+    elif validation[0]:  # held-out files, one pass per evaluation
+        datasets["validation"] = build_dataset(validation[0], source=validation[1], **common)
+    return datasets
+
+
 def train(
     *,
     cfg: PretrainConfig,
@@ -240,6 +272,7 @@ def train(
     source: Source,
     data_kind: str,
     validation: tuple[list[str], Source | None] = ([], None),
+    holdout: float | None = None,
     text_extra: int,
     tokenizer_json: str | None,
     stage_dir: str,
@@ -250,8 +283,9 @@ def train(
     skip_undecodable: bool = False,
     local_ray: bool = False,
 ) -> PretrainResult:
-    """Train on `files`; `local_ray`: Ray is the embedded one this process started, so one
-    CPU worker may train right here (`pretrain.scaling.in_process`)."""
+    """Train on `files` (less a `holdout` share of their rows, scored on instead of the
+    `validation` files); `local_ray`: Ray is the embedded one this process started, so one CPU
+    worker may train right here (`pretrain.scaling.in_process`)."""
     tally = Tally.remote() if skip_undecodable else None
     here = in_process(cfg, local_ray=local_ray)
     timing.mark("setup")
@@ -259,18 +293,13 @@ def train(
     block = cfg.seq_len + text_extra
     world = cfg.scaling.num_workers
     passes = passes_per_epoch(footprint, kind=data_kind, cfg=cfg, block_size=block, world=world)
-    dataset = build_dataset(
-        files, kind=data_kind, source=source, tokenizer_json=tokenizer_json,
-        seq_len=cfg.seq_len, text_extra=text_extra, model_config=model_spec["config"],
-        preprocess=preprocess, bad_image_tally=tally, footprint=footprint, passes=passes,
+    datasets = _datasets(
+        files, source=source, validation=validation, holdout=holdout, seed=seed, tally=tally,
+        footprint=footprint, passes=passes,
+        common={"kind": data_kind, "tokenizer_json": tokenizer_json, "seq_len": cfg.seq_len,
+                "text_extra": text_extra, "model_config": model_spec["config"],
+                "preprocess": preprocess},
     )  # fmt: skip
-    datasets = {"train": dataset}
-    if validation[0]:  # held-out rows, one pass per evaluation
-        datasets["validation"] = build_dataset(
-            validation[0], kind=data_kind, source=validation[1], tokenizer_json=tokenizer_json,
-            seq_len=cfg.seq_len, text_extra=text_extra, model_config=model_spec["config"],
-            preprocess=preprocess,
-        )  # fmt: skip
     timing.mark("dataset")
     train_dir = storage.join(stage_dir, "train")
     if here:
