@@ -194,6 +194,14 @@ def test_repeats_give_each_arm_paired_seeds_an_interval_and_a_median_seed_model(
     assert version.tags["raypipe.seed"] == str(ranked[1]["seed"])
 
 
+def _pretrain_val_loss(summary) -> dict[int, float]:
+    """The pretrain run's held-out val/loss by step."""
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    (pre,) = client.search_runs([exp], filter_string="tags.`raypipe.stage` = 'pretrain'")
+    return {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "val/loss")}
+
+
 def test_pretraining_is_scored_on_held_out_rows_and_the_best_checkpoint_is_kept(
     ray_session, quickstart_data, verdict, tmp_path
 ):
@@ -207,14 +215,13 @@ def test_pretraining_is_scored_on_held_out_rows_and_the_best_checkpoint_is_kept(
     raw["finetune"].update(epochs=1, compare_scratch=False, baseline="none")
     raw["finetune"]["sweep"] = {"num_samples": 1, "scheduler": "fifo"}
     summary = run_pipeline(parse_config(raw))
-    client = _client(summary.tracking_uri)
-    exp = client.get_run(summary.run_id).info.experiment_id
-    (pre,) = client.search_runs([exp], filter_string="tags.`raypipe.stage` = 'pretrain'")
-    held_out = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "val/loss")}
+    held_out = _pretrain_val_loss(summary)
     assert sorted(held_out) == [10, 20, 30]
     best = min(held_out, key=held_out.get)
     stage = summary.stages[0].metrics
     assert stage["kept step"] == best and stage["best val/loss"] == round(held_out[best], 4)
+    client = _client(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
     (trial,) = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'trial'")
     assert trial.data.tags["raypipe.pretrain_step"] == str(best)  # lineage names the kept step
     assert read_meta(trial.data.tags["raypipe.init_checkpoint"])["step"] == best
@@ -249,10 +256,7 @@ def test_a_held_out_share_of_the_unlabeled_rows_scores_pretraining(
     raw["finetune"].update(epochs=1, compare_scratch=False, baseline="none")
     raw["finetune"]["sweep"] = {"num_samples": 1, "scheduler": "fifo"}
     summary = run_pipeline(parse_config(raw))
-    client = _client(summary.tracking_uri)
-    exp = client.get_run(summary.run_id).info.experiment_id
-    (pre,) = client.search_runs([exp], filter_string="tags.`raypipe.stage` = 'pretrain'")
-    held_out = {m.step: m.value for m in client.get_metric_history(pre.info.run_id, "val/loss")}
+    held_out = _pretrain_val_loss(summary)
     assert sorted(held_out) == [10, 20]  # eval_every defaults to checkpoint_every
     assert summary.stages[0].metrics["best val/loss"] == round(min(held_out.values()), 4)
     assert summary.stages[0].metrics["kept step"] == 20  # keep: last
