@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from raypipe.atomic import honour_umask
+
 
 def is_remote(location: str) -> bool:
     """True for an object-store URI (`s3://bucket/key`); False for a path or `file://`."""
@@ -111,6 +113,7 @@ def write_bytes(location: str, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        honour_umask(tmp)  # mkstemp's 0600 would hide the file from the umask's other readers
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)

@@ -16,8 +16,7 @@ directory renamed into place, and an existing output is never overwritten unless
 from __future__ import annotations
 
 import csv
-import gzip
-import io
+import itertools
 import json
 import random
 import zipfile
@@ -25,14 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from raypipe.atomic import atomic_directory
+from raypipe.data.prepare_io import check_output, text_lines, write_output
 from raypipe.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".gz"}
+MAX_IMAGE_BYTES = 256 * 2**20  # an encoded image file; its pixels are bounded on decoding
 
 
 @dataclass
@@ -57,11 +54,6 @@ class PrepareOutcome:
         return "\n".join(lines)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
-
-
 def _existing(paths: list[str], what: str) -> list[Path]:
     out = []
     for p in map(Path, paths):
@@ -74,65 +66,46 @@ def _existing(paths: list[str], what: str) -> list[Path]:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _write_split(directory: Path, rows: dict[str, list], shard_rows: int) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
+def _shuffled(rows: dict[str, list], group: list | None, seed: int):
+    # Raw layouts are often sorted by class (a folder per class): streamed in that order,
+    # every batch would hold one class. A seeded shuffle keeps runs reproducible.
+    order = list(range(len(next(iter(rows.values())))))
+    random.Random(seed).shuffle(order)
+    rows = {k: [v[i] for i in order] for k, v in rows.items()}
+    return rows, [group[i] for i in order] if group is not None else None
+
+
+def _splits(rows: dict[str, list], group: list | None, fraction: float, seed: int):
+    """{"": rows}, or {"train": ..., "validation": ...} split by group (an image's captions
+    stay together), seeded."""
+    if fraction <= 0:
+        return {"": rows}
     n = len(next(iter(rows.values())))
-    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
-        part = {k: v[start : start + shard_rows] for k, v in rows.items()}
-        pq.write_table(pa.table(part), directory / f"part-{i:05d}.parquet")
-    return n
+    keys = group if group is not None else list(range(n))
+    unique = sorted(set(keys), key=str)
+    random.Random(seed).shuffle(unique)
+    held = set(unique[: max(1, int(round(len(unique) * fraction)))])
+    return {
+        split: {k: [v[i] for i in range(n) if (keys[i] in held) == keep] for k, v in rows.items()}
+        for split, keep in (("train", False), ("validation", True))
+    }
 
 
-def _write(
-    out: Path,
-    rows: dict[str, list],
-    outcome: PrepareOutcome,
-    *,
-    shard_rows: int,
-    validation_fraction: float,
-    seed: int,
-    group: list | None = None,
-    shuffle: bool,
-    overwrite: bool,
-    manifest: dict,
-) -> None:
+def _write(out: Path, rows: dict[str, list], outcome: PrepareOutcome, *, options: dict,
+           group: list | None, shuffle: bool, manifest: dict) -> None:  # fmt: skip
     """Write `rows` to `out` (or to out/train and out/validation), atomically."""
-    n = len(next(iter(rows.values())))
-    if shuffle and n:
-        # Raw layouts are often sorted by class (a folder per class): streamed in that order,
-        # every batch would hold one class. A seeded shuffle keeps runs reproducible.
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        rows = {k: [v[i] for i in order] for k, v in rows.items()}
-        group = [group[i] for i in order] if group is not None else None
-    if n == 0:
+    if not next(iter(rows.values())):
         raise UserError(
             f"prepare: no readable rows found ({len(outcome.skipped)} unreadable input(s)"
             + (f", e.g. {outcome.skipped[0]}" if outcome.skipped else "")
             + "); check the input paths and format"
         )
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"prepare: output '{out}' already exists and is not empty; choose another --out "
-                "or pass --overwrite"
-            )
-    with atomic_directory(out) as tmp:
-        if validation_fraction > 0:
-            # Split by group (an image's captions stay together), seeded.
-            keys = group if group is not None else list(range(n))
-            unique = sorted(set(keys), key=str)
-            random.Random(seed).shuffle(unique)
-            held = set(unique[: max(1, int(round(len(unique) * validation_fraction)))])
-            for split, keep in (("train", False), ("validation", True)):
-                idx = [i for i in range(n) if (keys[i] in held) == keep]
-                part = {k: [v[i] for i in idx] for k, v in rows.items()}
-                outcome.rows[split] = _write_split(tmp / split, part, shard_rows)
-        else:
-            outcome.rows[""] = _write_split(tmp, rows, shard_rows)
-        manifest = {**manifest, "rows": outcome.rows, "labels": outcome.labels,
-                    "skipped": outcome.skipped}  # fmt: skip
-        (tmp / "prepare.json").write_text(json.dumps(manifest, indent=2))
+    seed = options.get("seed", 0)
+    if shuffle:
+        rows, group = _shuffled(rows, group, seed)
+    splits = _splits(rows, group, options.get("validation_fraction", 0.0), seed)
+    manifest = {**manifest, "labels": outcome.labels, "skipped": outcome.skipped}
+    outcome.rows = write_output(out, splits, manifest, shard_rows=options.get("shard_rows", 10_000))
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -149,62 +122,65 @@ def _text_files(inputs: list[Path]) -> Iterator[Path]:
 def read_text(inputs: list[Path], unit: str, outcome: PrepareOutcome) -> dict[str, list]:
     texts: list[str] = []
     for f in _text_files(inputs):
-        try:
-            with _open_text(f) as fh:
-                content = fh.read()
-        except (UnicodeDecodeError, OSError, EOFError) as e:
-            outcome.skipped.append(f"{f} ({type(e).__name__})")
-            continue
-        content = content.replace("\r\n", "\n")
+        lines = [line for _, line in text_lines(f, outcome.skipped)]
         if unit == "file":
-            parts = [content]
+            parts = ["\n".join(lines)]
         elif unit == "paragraph":
-            parts = [" ".join(p.split()) for p in content.split("\n\n")]
+            parts = [" ".join(p.split()) for p in "\n".join(lines).split("\n\n")]
         else:
-            parts = content.split("\n")
+            parts = lines
         texts.extend(p.strip() for p in parts if p.strip())
     return {"text": texts}
 
 
+def _table_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name.removesuffix(".gz")
+    return (
+        "jsonl" if name.endswith((".jsonl", ".json")) else "csv" if name.endswith(".csv") else "tsv"
+    )
+
+
+def _jsonl_rows(path: Path, outcome: PrepareOutcome) -> Iterator[tuple[str, dict]]:
+    for i, line in text_lines(path, outcome.skipped):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            outcome.skipped.append(f"{path}:{i} (not JSON)")
+            continue
+        if isinstance(row, dict):
+            yield f"{path}:{i}", row
+        else:
+            outcome.skipped.append(f"{path}:{i} (not an object)")
+
+
 def _table_rows(path: Path, fmt: str, outcome: PrepareOutcome) -> Iterator[tuple[str, dict]]:
-    if fmt == "auto":
-        name = path.name.removesuffix(".gz")
-        fmt = (
-            "jsonl"
-            if name.endswith((".jsonl", ".json"))
-            else "csv"
-            if name.endswith(".csv")
-            else "tsv"
-        )
-    with _open_text(path) as fh:
-        if fmt == "jsonl":
-            for i, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    outcome.skipped.append(f"{path}:{i} (not JSON)")
-                    continue
-                if isinstance(row, dict):
-                    yield f"{path}:{i}", row
-                else:
-                    outcome.skipped.append(f"{path}:{i} (not an object)")
-            return
-        reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+    fmt = _table_format(path, fmt)
+    if fmt == "jsonl":
+        yield from _jsonl_rows(path, outcome)
+        return
+    # csv reads the decoded lines (a quoted field may span several); a line that is not UTF-8
+    # is already counted by text_lines.
+    lines = (line + "\n" for _, line in text_lines(path, outcome.skipped))
+    reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+    try:
         header = next(reader, None)
         if header is None:
             return
         header = [h.strip() for h in header]
-        for i, values in enumerate(reader, start=2):
+        for values in reader:
+            where = f"{path}:{reader.line_num}"
             if not values:
                 continue
             if len(values) != len(header):
-                outcome.skipped.append(
-                    f"{path}:{i} ({len(values)} fields, header has {len(header)})"
-                )
+                outcome.skipped.append(f"{where} ({len(values)} fields, header has {len(header)})")
                 continue
-            yield f"{path}:{i}", dict(zip(header, values, strict=True))
+            yield where, dict(zip(header, values, strict=True))
+    except csv.Error as e:  # a field over csv's size limit, a NUL byte: the rest is unreadable
+        outcome.skipped.append(f"{path}:{reader.line_num} (unreadable from here: {e})")
 
 
 def read_table(
@@ -250,12 +226,14 @@ def read_table(
 
 
 def _check_image(data: bytes) -> str | None:
-    from PIL import Image
+    from raypipe.data.vision import ImageTooLarge, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.verify()
         return None
+    except ImageTooLarge as e:
+        return str(e)
     except Exception as e:  # Pillow raises many types for bad data
         return type(e).__name__
 
@@ -272,24 +250,35 @@ def _image_entries(source: Path) -> Iterator[tuple[str, bytes | Exception]]:
         with archive:
             for info in sorted(archive.infolist(), key=lambda i: i.filename):
                 if not info.is_dir() and Path(info.filename).suffix.lower() in IMAGE_SUFFIXES:
-                    try:
-                        yield info.filename, archive.read(info)
-                    except (zipfile.BadZipFile, OSError) as e:
-                        yield info.filename, e
+                    yield (
+                        info.filename,
+                        _read_bounded(info.file_size, lambda i=info: archive.read(i)),
+                    )
         return
     for f in sorted(p for p in source.rglob("*") if p.is_file()):
         if f.suffix.lower() in IMAGE_SUFFIXES:
-            try:
-                yield str(f.relative_to(source)), f.read_bytes()
-            except OSError as e:
-                yield str(f.relative_to(source)), e
+            yield str(f.relative_to(source)), _read_bounded(f.stat().st_size, f.read_bytes)
+
+
+def _read_bounded(size: int, read) -> bytes | Exception:
+    """`read()`, unless the file (a zip entry: its declared size) is over MAX_IMAGE_BYTES."""
+    if size > MAX_IMAGE_BYTES:
+        return ValueError(f"{size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}")
+    try:
+        return read()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return e
+
+
+def _describe(e: Exception) -> str:
+    return str(e) if type(e) is ValueError else type(e).__name__
 
 
 def read_images(source: Path, outcome: PrepareOutcome) -> dict[str, list]:
     rows: dict[str, list] = {"image": [], "label": [], "path": []}
     classes: list[str] = []
     for rel, data in _image_entries(source):
-        problem = type(data).__name__ if isinstance(data, Exception) else _check_image(data)
+        problem = _describe(data) if isinstance(data, Exception) else _check_image(data)
         if problem:
             outcome.skipped.append(f"{rel} ({problem})")
             continue
@@ -308,28 +297,28 @@ def read_images(source: Path, outcome: PrepareOutcome) -> dict[str, list]:
 
 
 def _caption_rows(path: Path, outcome: PrepareOutcome) -> Iterator[tuple[str, str]]:
-    with _open_text(path) as fh:
-        first = fh.readline()
-        if "\t" in first:  # Flickr: image.jpg#k<TAB>caption, no header
-            lines = [first, *fh]
-            for i, line in enumerate(lines, start=1):
-                name, sep, caption = line.rstrip("\r\n").partition("\t")
-                if not sep or not caption.strip():
-                    outcome.skipped.append(f"{path}:{i} (no caption)")
-                    continue
-                yield name.split("#", 1)[0], caption.strip()
-            return
-        header = next(csv.reader([first]))
-        if [h.strip() for h in header][:2] != ["image", "caption"]:
-            raise UserError(
-                f"prepare captions: '{path}' must be CSV with header 'image,caption' or Flickr's "
-                "'image.jpg#k<TAB>caption' lines"
-            )
-        for i, values in enumerate(csv.reader(fh), start=2):
-            if len(values) < 2 or not values[1].strip():
+    lines = text_lines(path, outcome.skipped)
+    first = next(lines, (1, ""))
+    if "\t" in first[1]:  # Flickr: image.jpg#k<TAB>caption, no header
+        for i, line in itertools.chain([first], lines):
+            name, sep, caption = line.partition("\t")
+            if not sep or not caption.strip():
                 outcome.skipped.append(f"{path}:{i} (no caption)")
                 continue
-            yield values[0].strip(), values[1].strip()
+            yield name.split("#", 1)[0], caption.strip()
+        return
+    header = next(csv.reader([first[1]]), [])
+    if [h.strip() for h in header][:2] != ["image", "caption"]:
+        raise UserError(
+            f"prepare captions: '{path}' must be CSV with header 'image,caption' or Flickr's "
+            "'image.jpg#k<TAB>caption' lines"
+        )
+    reader = csv.reader(line + "\n" for _, line in lines)
+    for values in reader:
+        if len(values) < 2 or not values[1].strip():
+            outcome.skipped.append(f"{path}:{reader.line_num + 1} (no caption)")
+            continue
+        yield values[0].strip(), values[1].strip()
 
 
 def read_captions(images: Path, captions: Path, outcome: PrepareOutcome) -> dict[str, list]:
@@ -343,8 +332,8 @@ def read_captions(images: Path, captions: Path, outcome: PrepareOutcome) -> dict
                 cache[name] = None
                 missing.add(name)
             else:
-                data = f.read_bytes()
-                problem = _check_image(data)
+                data = _read_bounded(f.stat().st_size, f.read_bytes)
+                problem = _describe(data) if isinstance(data, Exception) else _check_image(data)
                 if problem:
                     outcome.skipped.append(f"{name} ({problem})")
                 cache[name] = None if problem else data
@@ -357,13 +346,17 @@ def read_captions(images: Path, captions: Path, outcome: PrepareOutcome) -> dict
     return rows
 
 
+def _aligned_lines(path: Path, outcome: PrepareOutcome) -> list[str]:
+    """Every line of `path` by position ("" where one is not UTF-8), trailing blanks dropped."""
+    found = dict(text_lines(path, outcome.skipped, whole=True))
+    lines = [found.get(i, "") for i in range(1, max(found, default=0) + 1)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
 def read_parallel(source: Path, target: Path, outcome: PrepareOutcome) -> dict[str, list]:
-    with _open_text(source) as fs, _open_text(target) as ft:
-        src = fs.read().replace("\r\n", "\n").split("\n")
-        tgt = ft.read().replace("\r\n", "\n").split("\n")
-    while src and not src[-1].strip() and tgt and not tgt[-1].strip():
-        src.pop()
-        tgt.pop()
+    src, tgt = _aligned_lines(source, outcome), _aligned_lines(target, outcome)
     if len(src) != len(tgt):
         raise UserError(
             f"prepare parallel: '{source}' has {len(src)} lines but '{target}' has {len(tgt)}; "
@@ -383,6 +376,7 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Prepare
     """Run one kind of preparation; returns what was written and skipped."""
     outcome = PrepareOutcome()
     paths = _existing(inputs, kind)
+    check_output(Path(out), paths, overwrite=options.get("overwrite", False))  # before reading
     if kind == "text":
         rows = read_text(paths, options.get("unit", "line"), outcome)
     elif kind == "table":
@@ -409,16 +403,10 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Prepare
     else:
         raise UserError(f"prepare: unknown kind '{kind}'")
     _write(
-        Path(out),
-        rows,
-        outcome,
-        shard_rows=options.get("shard_rows", 10_000),
-        validation_fraction=options.get("validation_fraction", 0.0),
-        seed=options.get("seed", 0),
+        Path(out), rows, outcome, options=options,
         group=rows.get("path") if kind == "captions" else None,
         # Text keeps its order (neighbouring lines are context); labeled and image rows shuffle.
         shuffle=options.get("shuffle", kind in ("table", "images", "captions")),
-        overwrite=options.get("overwrite", False),
         manifest={"kind": kind, "inputs": [str(p) for p in paths], "options": options},
-    )
+    )  # fmt: skip
     return outcome

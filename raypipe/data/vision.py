@@ -15,12 +15,30 @@ from PIL import Image, ImageFilter
 from raypipe.data.text import encode_texts, labels_as
 from raypipe.errors import UserError
 
+#: Larger images are refused before they are decoded (a 13000 x 13000 PNG costs 1.4 GB of
+#: memory): far above any size training resizes to, and below Pillow's own bomb limits.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Pillow's lazy open (the header only), refused above MAX_IMAGE_PIXELS."""
+    im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ImageTooLarge(f"{width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
+    return im
+
 
 def _to_pil(value, *, channels: int, column: str) -> Image.Image:
     mode = "L" if channels == 1 else "RGB"
     if isinstance(value, bytes | bytearray | memoryview):
         try:
-            return Image.open(io.BytesIO(bytes(value))).convert(mode)
+            return open_image(bytes(value)).convert(mode)
         except Exception as e:  # Pillow raises several types for damaged data
             raise UserError(
                 f"image column '{column}' holds bytes Pillow cannot decode ({e}); set "

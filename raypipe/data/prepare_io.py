@@ -1,0 +1,170 @@
+"""`raypipe prepare`'s two edges: reading raw inputs as bounded line streams, and writing the
+shards to `--out` without harming anything that is already there.
+
+Reading: text is decoded line by line, so one bad byte costs its line, not the file; a
+compressed input may expand at most `MAX_EXPANSION` times (a gzip bomb is an unreadable
+input, not a `MemoryError`); a truncated file ends its stream with the rows read so far and
+is named.
+
+Writing: `--out` may not be, or hold, the current directory or an input; `--overwrite`
+replaces only what an earlier `prepare` wrote there (recognised by its `prepare.json` and
+shard names), and the old output stays in place until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypipe.atomic import atomic_directory
+from raypipe.errors import UserError
+
+MANIFEST = "prepare.json"
+SPLITS = ("train", "validation")
+_SHARD = re.compile(r"part-\d{5}\.parquet")
+#: A compressed input expanding beyond this many times its size (and 64 MiB) is unreadable.
+MAX_EXPANSION = 200
+_EXPANSION_FLOOR = 64 * 2**20
+
+
+class Unreadable(Exception):
+    """An input (or the rest of it) that cannot be read: counted and named, never fatal."""
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes; a .gz is decompressed, bounded by MAX_EXPANSION."""
+    if path.suffix != ".gz":
+        with open(path, "rb") as fh:
+            yield from fh
+        return
+    limit = max(MAX_EXPANSION * path.stat().st_size, _EXPANSION_FLOOR)
+    seen = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            for line in fh:
+                seen += len(line)
+                if seen > limit:
+                    raise Unreadable(f"expands more than {MAX_EXPANSION}x its size")
+                yield line
+    except (EOFError, OSError, zlib.error) as e:  # truncated or not gzip at all
+        raise Unreadable(f"{type(e).__name__}: {e}") from None
+
+
+def text_lines(path: Path, skipped: list[str], *, whole: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text without its newline) for every line that decodes as UTF-8; a line
+    that does not is named in `skipped`. An unreadable rest of the file is named there too
+    (the lines before it are kept), or, with `whole`, is a UserError."""
+    i = 0
+    try:
+        for i, raw in enumerate(_raw_lines(path), start=1):
+            if i == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise Unreadable("UTF-16 text: save it as UTF-8")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skipped.append(f"{path}:{i} (not UTF-8)")
+                continue
+            if i == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
+            yield i, line.rstrip("\r\n")
+    except (Unreadable, OSError) as e:
+        why = str(e) if isinstance(e, Unreadable) else f"{type(e).__name__}: {e.strerror or e}"
+        problem = f"{path} (unreadable after line {i}: {why})"
+        if whole:
+            raise UserError(f"prepare: {problem}; the file must be read whole") from None
+        skipped.append(problem)
+
+
+# --- where the output goes ----------------------------------------------------------------------
+
+
+def check_output(out: Path, inputs: list[Path], *, overwrite: bool) -> None:
+    """Refuse an `--out` that writing (or replacing) would harm, in one line each."""
+    _check_location(out)
+    target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise UserError(
+            f"prepare: --out '{out}' is the current directory or holds it; give a new folder"
+        )
+    for p in inputs:
+        if target == p.resolve() or target in p.resolve().parents:
+            raise UserError(
+                f"prepare: --out '{out}' holds the input '{p}'; give a folder outside the inputs"
+            )
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(
+            f"prepare: output '{out}' already exists and is not empty; choose another --out "
+            "or pass --overwrite"
+        )
+    foreign = _not_written_by_prepare(out)
+    if foreign is not None:
+        raise UserError(
+            f"prepare --overwrite: '{out}' holds {foreign}, which prepare did not write; "
+            "--overwrite only replaces an earlier prepare output: choose another --out"
+        )
+
+
+def _check_location(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"prepare: --out '{out}' is a file; give a folder")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"prepare: --out '{out}' is under the file '{existing}'; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"prepare: cannot write in '{existing}' (permission denied)")
+
+
+def _not_written_by_prepare(out: Path) -> str | None:
+    """The first thing in `out` that a `prepare` would not have written (None: all of it)."""
+    if not (out / MANIFEST).is_file():
+        return f"no {MANIFEST}"
+    for entry in sorted(out.iterdir()):
+        if entry.name == MANIFEST or (entry.is_file() and _SHARD.fullmatch(entry.name)):
+            continue
+        if entry.is_dir() and entry.name in SPLITS:
+            stray = next((e for e in sorted(entry.iterdir()) if not _SHARD.fullmatch(e.name)), None)
+            if stray is None:
+                continue
+            entry = stray
+        return f"'{entry}'"
+    return None
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def write_split(directory: Path, rows: dict[str, list], shard_rows: int) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(next(iter(rows.values())))
+    for i, start in enumerate(range(0, max(n, 1), shard_rows)):
+        part = {k: v[start : start + shard_rows] for k, v in rows.items()}
+        pq.write_table(pa.table(part), directory / f"part-{i:05d}.parquet")
+    return n
+
+
+def write_output(out: Path, splits: dict[str, dict[str, list]], manifest: dict, *, shard_rows):
+    """Write each split ("" = `out` itself) and the manifest, all at once: the old output,
+    if any, is replaced only when the new one is complete. Returns the rows per split."""
+    try:
+        with atomic_directory(out) as tmp:
+            counts = {
+                s: write_split(tmp / s if s else tmp, r, shard_rows) for s, r in splits.items()
+            }
+            (tmp / MANIFEST).write_text(json.dumps({**manifest, "rows": counts}, indent=2))
+    except OSError as e:
+        raise UserError(f"prepare: cannot write '{out}' ({e.strerror or e}); check --out") from None
+    return counts
