@@ -9,6 +9,7 @@ import sys
 
 from raypipe.errors import UserError, find_user_error
 from raypipe.progress import console
+from raypipe.registered import refuse_pickles
 
 EXIT_USER_ERROR = 2
 
@@ -182,6 +183,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No MLflow call in a raypipe process may unpickle what a store holds (a model.pth planted
+    # beside a registered model, say): raypipe's own models load without it (pt2, checked).
+    refuse_pickles()
     args = _parser().parse_args(argv)
     try:
         return _main(args)

@@ -161,12 +161,13 @@ def test_registered_model_loads_and_predicts(first_run, quickstart_data):
 
     from raypipe.data.text import encode_labeled
     from raypipe.engine.checkpoint import load_task
+    from raypipe.registered import load_model
 
     cfg, summary, _ = first_run
     version = summary.model["version"]
     mlflow.set_tracking_uri(summary.tracking_uri)
     mlflow.set_registry_uri(summary.tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/tiny/{version}")
+    model = load_model(f"models:/tiny/{version}")  # the README's way: pt2 only, no pickle
 
     local = mlflow.artifacts.download_artifacts(f"models:/tiny/{version}")
     tokenizer_json = (Path(local) / "extra_files" / "tokenizer.json").read_text()
