@@ -33,6 +33,31 @@ TASKS = {
 
 
 _KINDS = {"model": MODELS, "objective": OBJECTIVES, "task": TASKS}
+#: What each kind must be a subclass of (imported when a plugin is resolved).
+_BASES = {
+    "model": "torch.nn:Module",
+    "objective": "raypipe.objectives.base:Objective",
+    "task": "raypipe.tasks.base:Task",
+}
+#: The `module:Class` plugins the pipeline file itself names (see `trust`): the only ones a
+#: file raypipe did not write (a checkpoint's model.json) may name.
+_TRUSTED: set[str] = set()
+
+
+def trust(*names: str | None) -> None:
+    """Plugins named by the user's pipeline file: a checkpoint may name these too."""
+    _TRUSTED.update(n for n in names if n and ":" in n)
+
+
+def check_named_by_file(kind: str, name: Any, where: str) -> None:
+    """A name read from a file (a checkpoint's model.json) may be a registered one, or a plugin
+    the pipeline file names; anything else is refused before it is imported."""
+    if isinstance(name, str) and (name in _KINDS[kind] or name in _TRUSTED):
+        return
+    raise KeyError(
+        f"{where} names the {kind} {name!r}, which is neither raypipe's own nor a plugin your "
+        "pipeline file names: not importing it (name the plugin in the pipeline file to trust it)"
+    )
 
 
 def is_known(kind: str, name: str) -> bool:
@@ -78,9 +103,21 @@ def resolve(kind: str, name: str) -> Any:
     if not is_known(kind, name):
         raise KeyError(unknown_message(kind, name))
     target = _KINDS[kind].get(name, name)
+    found = _import(target, f"cannot load {kind} '{name}' ({target})")
+    if name not in _KINDS[kind]:
+        base = _import(_BASES[kind], f"cannot load the {kind} base class")
+        if not (isinstance(found, type) and issubclass(found, base)):
+            what = f"the {type(found).__name__} {target}" if not isinstance(found, type) else target
+            raise KeyError(
+                f"{kind} '{name}' is {what}, not a subclass of {base.__module__}."
+                f"{base.__qualname__}; name your {kind} class as 'package.module:Class'"
+            )
+    return found
+
+
+def _import(target: str, failure: str) -> Any:
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise KeyError(f"cannot load {kind} '{name}' ({target}): {e}") from e
+        raise KeyError(f"{failure}: {e}") from e

@@ -7,7 +7,9 @@ the CLI in this process with Ray's start replaced by a failure, and reads stderr
 
 from __future__ import annotations
 
+import json
 import pickle
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -190,7 +192,77 @@ def _unreachable_tracking(d, raw):
     raw["tracking"] = {"uri": f"http://127.0.0.1:{free_port()}"}
 
 
+def _spec_edit(d, raw, edit):
+    ckpt = Path(_checkpoint(d / "ckpt"))
+    spec = yaml.safe_load((ckpt / "model.json").read_text())
+    (ckpt / "model.json").write_text(edit(spec))
+    del raw["model"]
+    _finetune_only(raw, init=str(ckpt))
+
+
+def _checkpoint_names_a_module(d, raw):
+    _spec_edit(d, raw, lambda spec: json.dumps({**spec, "type": "this:Model"}))
+
+
+def _checkpoint_spec_not_json(d, raw):
+    _spec_edit(d, raw, lambda spec: '{"type": "transformer", "config": {')
+
+
+def _checkpoint_spec_without_config(d, raw):
+    _spec_edit(d, raw, lambda spec: json.dumps({"type": "transformer"}))
+
+
+def _plugin_not_a_class(d, raw):
+    raw["model"]["type"] = "os:getcwd"
+
+
+def _file_not_utf8(d, raw):
+    (d / "p.yaml").write_bytes(yaml.safe_dump(raw).encode() + b"# caf\xe9\n")
+
+
+def _file_utf16(d, raw):
+    (d / "p.yaml").write_text(yaml.safe_dump(raw), encoding="utf-16")
+
+
+def _deep_nesting(d, raw):
+    (d / "p.yaml").write_text(yaml.safe_dump(raw) + "x: " + "[" * 20000 + "]" * 20000 + "\n")
+
+
+def _alias_bomb(d, raw):
+    levels = ["b0: &b0 [" + ", ".join(["lol"] * 100) + "]"]
+    levels += [f"b{i}: &b{i} [" + ", ".join([f"*b{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    (d / "p.yaml").write_text(yaml.safe_dump(raw) + "\n".join(levels) + "\n")
+
+
+def _duplicate_section(d, raw):
+    (d / "p.yaml").write_text(yaml.safe_dump(raw) + "pretrain: {max_steps: 3}\n")
+
+
+def _infinite_lr(d, raw):
+    raw["pretrain"]["optimizer"]["lr"] = float("inf")
+
+
+def _huge_max_steps(d, raw):
+    raw["pretrain"]["max_steps"] = 10**29
+
+
+def _huge_seed(d, raw):
+    raw["seed"] = 10**30
+
+
 CASES = {
+    "checkpoint_names_a_module": (_checkpoint_names_a_module, ["'this:Model'", "not importing"]),
+    "checkpoint_spec_not_json": (_checkpoint_spec_not_json, ["model.json is not JSON"]),
+    "checkpoint_spec_without_config": (_checkpoint_spec_without_config, ["lacks the model's"]),
+    "plugin_not_a_class": (_plugin_not_a_class, ["model.type", "getcwd", "not a subclass"]),
+    "file_not_utf8": (_file_not_utf8, ["p.yaml", "not UTF-8", "save it as UTF-8"]),
+    "file_utf16": (_file_utf16, ["p.yaml", "UTF-16"]),
+    "deep_nesting": (_deep_nesting, ["nested more than 40 levels"]),
+    "alias_bomb": (_alias_bomb, ["alias bomb"]),
+    "duplicate_section": (_duplicate_section, ["key 'pretrain' is given twice"]),
+    "infinite_lr": (_infinite_lr, ["pretrain.optimizer.lr", "not a finite number"]),
+    "huge_max_steps": (_huge_max_steps, ["pretrain.max_steps", "far larger"]),
+    "huge_seed": (_huge_seed, ["seed", "far larger"]),
     "malformed_yaml": (_malformed_yaml, ["p.yaml", "invalid YAML at line 3"]),
     "unknown_key": (_unknown_key, ["pretrain.max_stesp", "max_steps"]),
     "wrong_type": (_wrong_type, ["pretrain.max_steps", "integer"]),
@@ -247,6 +319,7 @@ def test_bad_input_gets_one_line_and_no_ray(case, tmp_path, quickstart_data, mon
     for fragment in expected:
         assert fragment in err, (fragment, err)
     assert "Traceback" not in err
+    assert "this" not in sys.modules  # a checkpoint's module name is never imported
 
 
 def test_there_are_at_least_twenty_cases():

@@ -9,6 +9,7 @@ process that is SIGKILLed.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -254,6 +255,14 @@ class _Driver:
         return code
 
 
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # the file appears if this is ever unpickled
+
+
 def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
     """SIGKILL the driver during pretraining, then during the sweep; the same command again
     finishes the pipeline, redoing no finished step or trial, in one MLflow run tree."""
@@ -287,8 +296,16 @@ def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
     assert second.seen("pretrain step 16/16")  # a stage's last status always reaches the log
     assert list(runs.glob("finetune-*/trials/pretrained-00000/done.json"))  # trial 0 finished
 
+    # An attacker with write access to storage plants pickles where Tune keeps its sweep state
+    # (tuner.pkl and the rest): resuming must not load them.
+    planted = [*runs.glob("finetune-*/sweep-pretrained/**/*.pkl")]
+    assert any(p.name == "tuner.pkl" for p in planted)
+    for path in planted:
+        path.write_bytes(pickle.dumps(_Planted(tmp_path / "code-ran")))
+
     third = _Driver(args, tmp_path)
     assert third.finish(timeout=600) == 0, "\n".join(third.lines[-40:])
+    assert not (tmp_path / "code-ran").exists()  # nothing of Tune's saved state was unpickled
     assert third.seen("[pretrain] reusing the completed stage")
     assert third.seen("[finetune] resuming the pretrained sweep")
     assert third.seen("registered 'tiny' version 1")

@@ -84,3 +84,50 @@ def test_the_documented_way_of_loading_never_unpickles(tmp_path):
     )
     assert switched_off.returncode != 0 and not marker.exists()  # raypipe's own processes
     assert "pickle" in switched_off.stderr
+
+
+def test_a_module_beside_a_downloaded_checkpoint_is_never_imported(tmp_path, quickstart_data):
+    """`python -m raypipe` puts the current directory on the import path: a checkpoint whose
+    model.json names a module shipped beside it must not get that module imported."""
+    import json
+
+    import yaml
+    from test_bad_input import _checkpoint, _finetune_only
+    from test_pipeline_e2e import tiny_config
+
+    ckpt = Path(_checkpoint(tmp_path / "downloaded"))
+    marker = tmp_path / "code-ran"
+    (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w')\nclass Model: pass\n")
+    spec = json.loads((ckpt / "model.json").read_text())
+    (ckpt / "model.json").write_text(json.dumps({**spec, "type": "evil:Model"}))
+    raw = _finetune_only(tiny_config(quickstart_data, tmp_path / "runs"), init=str(ckpt))
+    del raw["model"]
+    (ckpt / "p.yaml").write_text(yaml.safe_dump(raw))
+    for command in ("validate", "run"):
+        done = subprocess.run(
+            [sys.executable, "-m", "raypipe", command, "p.yaml"],
+            capture_output=True, text=True, cwd=ckpt, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 2 and not marker.exists(), done.stderr
+        assert "names the model 'evil:Model'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_may_name_only_what_the_pipeline_file_names(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from raypipe import registry
+    from raypipe.engine.checkpoint import CheckpointError, read_spec
+
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    spec = {"type": "raypipe.models.transformer:Transformer", "config": {"vocab_size": 300}}
+    (ckpt / "model.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(registry, "_TRUSTED", set())  # no pipeline file loaded in this test
+    with pytest.raises(CheckpointError, match="not importing it"):
+        read_spec(ckpt)
+    registry.trust("raypipe.models.transformer:Transformer")  # as a pipeline file naming it does
+    assert read_spec(ckpt)["type"] == spec["type"]
+    (ckpt / "model.json").write_text(json.dumps({**spec, "type": "transformer"}))
+    assert read_spec(ckpt)["type"] == "transformer"  # raypipe's own names are always fine

@@ -1,4 +1,4 @@
-"""Loading a pipeline file: YAML (safe_load) -> dotted overrides -> the schema -> the rules;
+"""Loading a pipeline file: YAML (safe, bounded: config/yaml_file.py) -> dotted overrides -> the schema -> the rules;
 every problem reported at once with its key path, before anything starts."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from raypipe import registry
 from raypipe.config.rules import cross_checks
 from raypipe.config.schema import ConfigError, PipelineConfig
+from raypipe.config.yaml_file import parse_yaml, read_yaml_file, value_problems
 from raypipe.errors import UserError
 
 
@@ -67,9 +69,9 @@ def apply_overrides(raw: dict, overrides: list[str], *, source: str) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(source, [f"--set {key}: '{part}' is not a section"])
         try:
-            node[parts[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"--set {key}: value is not valid YAML ({e})"]) from None
+            node[parts[-1]] = parse_yaml(value)
+        except UserError as e:
+            raise ConfigError(source, [f"--set {key}: the value is {e}"]) from None
     return raw
 
 
@@ -78,6 +80,9 @@ def parse_config(raw: Any, *, source: str = "config") -> PipelineConfig:
         raise ConfigError(
             source, [f"expected a mapping of keys at the top, got {type(raw).__name__}"]
         )
+    problems = value_problems(raw)
+    if problems:
+        raise ConfigError(source, problems)
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
@@ -85,6 +90,9 @@ def parse_config(raw: Any, *, source: str = "config") -> PipelineConfig:
     problems = cross_checks(cfg)
     if problems:
         raise ConfigError(source, problems)
+    # The plugins this file names are the user's own choice: a checkpoint may name them too.
+    registry.trust(cfg.model.type, cfg.pretrain.objective if cfg.pretrain else None,
+                   cfg.finetune.task if cfg.finetune else None)  # fmt: skip
     return cfg
 
 
@@ -93,15 +101,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     source = str(path)
     if not path.is_file():
         raise UserError(f"pipeline file '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
+    raw = read_yaml_file(path)
     if overrides and isinstance(raw, dict):
         raw = apply_overrides(raw, overrides, source=source)
     return parse_config(raw, source=source)

@@ -37,7 +37,8 @@ RUN_ONLY = {"run_only": True}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf and nan are never a setting: `lr: .inf` is a mistake, not a request.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -457,7 +458,9 @@ class PipelineConfig(Strict):
         description="Pipeline name: experiment, run and directory names derive from it."
     )
     storage: str = Field("./raypipe-runs", description="Where checkpoints and outputs go.")
-    seed: int = Field(0, description="Seed for model init, data order and sampling.")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed for model init, data order and sampling."
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

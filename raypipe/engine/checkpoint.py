@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from raypipe import storage
+from raypipe import registry, storage
 from raypipe.atomic import atomic_directory
 from raypipe.errors import UserError
 
@@ -93,7 +93,30 @@ def has_file(directory: str | os.PathLike, name: str) -> bool:
 
 
 def read_spec(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(storage.read_text(_require(directory, SPEC_FILE)))
+    """model.json, checked: JSON with the model's type and config (and a fine-tuned task's
+    name and options), naming only what raypipe has or the pipeline file names."""
+    try:
+        spec = json.loads(storage.read_text(_require(directory, SPEC_FILE)))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(
+            f"checkpoint {directory}: {SPEC_FILE} is not JSON (damaged?)"
+        ) from None
+    task = spec.get("task", {}) if isinstance(spec, dict) else None
+    if not (
+        isinstance(spec, dict) and isinstance(spec.get("config"), dict)
+        and isinstance(task, dict) and ("task" not in spec or isinstance(task.get("options"), dict))
+    ):  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {directory}: {SPEC_FILE} lacks the model's type and config (or the "
+            "task's name and options): point to a directory written by raypipe"
+        )
+    try:
+        registry.check_named_by_file("model", spec.get("type"), f"checkpoint {directory}")
+        if "task" in spec:
+            registry.check_named_by_file("task", task.get("name"), f"checkpoint {directory}")
+    except KeyError as e:
+        raise CheckpointError(e.args[0]) from None
+    return spec
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -29,13 +30,18 @@ from raypipe.stages.arms import Arm, ArmResult, Repeat
 from raypipe.stages.trial import (
     REPEAT_SEED,
     ArmSweep,
+    hyperparameters,
     inline_trials,
     repeat_name,
     run_trial,
     trial_name,
     trial_resources,
+    write_done,
 )
 from raypipe.tracking import Tag
+
+#: What Tune adds to every result: left out of a trial's record.
+_TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "experiment_tag", "should_checkpoint"}
 
 
 def num_trials(sweep: SweepConfig) -> int:
@@ -184,16 +190,37 @@ class _Experiment:
     total: int  # trials in all
 
 
+class TrialRecord(tune.Callback):
+    """The driver's record of every trial Tune has finished with, in the trial's own folder
+    (`done.json`, plain JSON): ran every epoch, stopped by the scheduler, or failed. A sweep
+    resumed after the driver died is a fresh Tuner whose trials (the same seeded settings under
+    the same names) replay this record, or continue from their checkpoints. Tune's own saved
+    state (`tuner.pkl`, trial pickles) is never read: storage does not get to run code here."""
+
+    def __init__(self, spec: ArmSweep):
+        self.spec = spec
+
+    def _write(self, trial, **what) -> None:
+        seed = (trial.config or {}).get(REPEAT_SEED)
+        arm = self.spec.arm
+        name = trial_name(arm, trial.trial_id) if seed is None else repeat_name(arm, seed)
+        hp = hyperparameters(self.spec.cfg, trial.config or {})
+        write_done(storage.join(self.spec.trials_dir, name), hp, **what)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = {k: v for k, v in (trial.last_result or {}).items() if k not in _TUNE_KEYS}
+        if result:
+            self._write(trial, result=result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = trial.error_message or "the trial failed"
+        self._write(trial, error=error.strip().splitlines()[-1][:500] if error.strip() else error)
+
+
 def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -> tune.Tuner:
     cfg = spec.cfg
-    where = storage.join(stage_dir, exp.name)
-    if tune.Tuner.can_restore(where):
-        # A driver that died mid-sweep: finished trials stay finished, unfinished ones resume
-        # from their checkpoints, failed ones stay failed.
-        console.line(f"[finetune] resuming the {spec.arm.label} {exp.what} from {where}")
-        return tune.Tuner.restore(
-            where, trainable=trainable, resume_unfinished=True, param_space=space
-        )
+    if storage.exists(storage.join(stage_dir, exp.name, "tuner.pkl")):
+        console.line(f"[finetune] resuming the {spec.arm.label} {exp.what} (from raypipe's record)")
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -210,7 +237,10 @@ def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -
             storage_path=stage_dir,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-            callbacks=[_SweepStatus(spec.arm, cfg, total=exp.total, what=exp.what)],
+            callbacks=[
+                _SweepStatus(spec.arm, cfg, total=exp.total, what=exp.what),
+                TrialRecord(spec),
+            ],
         ),
     )
 

@@ -29,7 +29,9 @@ from raypipe.stages.arms import Arm
 from raypipe.stages.sessions import TrainSession, TrialSession, scaling_config
 from raypipe.tracking import RunRef, Tag
 
-#: Beside a trial's checkpoints when it ran all its epochs: its last result.
+#: Beside a trial's checkpoints once Tune has finished with it (ran every epoch, stopped by the
+#: scheduler, or failed): its settings and its last result or its error, written by the trial
+#: and by the driver (sweep.py's `TrialRecord`). A resumed sweep replays it instead of training.
 DONE_FILE = "done.json"
 #: The sampled setting that makes a trial a repeat of an arm's best settings with this seed.
 REPEAT_SEED = "repeat_seed"
@@ -100,8 +102,9 @@ def _trial_run(sweep: ArmSweep, trial_id: str, name: str, hp: dict, seed: int | 
         name=name,
         kind="trial" if seed is None else "repeat",
         parent=sweep.parent,
-        tags={Tag.TRIAL_ID: trial_id},
+        tags={Tag.TRIAL: name},  # Tune's trial ids are new in a resumed sweep; names are not
         new_tags={
+            Tag.TRIAL_ID: trial_id,
             Tag.ARM: sweep.arm.label,
             Tag.INIT_CHECKPOINT: sweep.init_checkpoint or "none",
             **({} if seed is None else {Tag.SEED: seed}),
@@ -112,7 +115,7 @@ def _trial_run(sweep: ArmSweep, trial_id: str, name: str, hp: dict, seed: int | 
     if status is None:
         tracking.RunLogger(run).log_params(hp)
     else:
-        tracking.RunLogger(run).set_tags({Tag.SETTINGS_NOW: hp})
+        tracking.RunLogger(run).set_tags({Tag.SETTINGS_NOW: hp, Tag.TRIAL_ID: trial_id})
     return run
 
 
@@ -135,12 +138,6 @@ def _finetune_worker(config: dict[str, Any]) -> None:
 
 def _fit_inline(sweep, job, run, run_dir, datasets, *, to_tune: bool, num_to_keep) -> None:
     cfg = sweep.cfg
-    done = storage.join(run_dir, DONE_FILE)
-    if to_tune and storage.exists(done):
-        # Finished before a driver restart that Tune's saved state did not see: its last
-        # result again, nothing recomputed.
-        tune.report(json.loads(storage.read_text(done)))
-        return
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     session = TrialSession(
         run, run_dir=run_dir, prefix=CHECKPOINT_PREFIX, datasets=datasets,
@@ -148,7 +145,7 @@ def _fit_inline(sweep, job, run, run_dir, datasets, *, to_tune: bool, num_to_kee
     )  # fmt: skip
     finetune_loop(job, session)
     if to_tune and session.last_metrics is not None:
-        storage.write_text(done, json.dumps(session.last_metrics))
+        write_done(run_dir, job.hp, result=session.last_metrics)
 
 
 def _fit(sweep, job, run, name: str, datasets, *, to_tune: bool, num_to_keep) -> str | None:
@@ -181,14 +178,37 @@ def _fit(sweep, job, run, name: str, datasets, *, to_tune: bool, num_to_keep) ->
     return storage.qualify(result.checkpoint.path, like=sweep.trials_dir)
 
 
+def write_done(run_dir: str, hp: dict, *, result: dict | None = None, error: str | None = None):
+    record = {"hyperparameters": hp, **({"error": error} if error else {"result": result})}
+    storage.write_text(storage.join(run_dir, DONE_FILE), json.dumps(record, default=str))
+
+
+def _replay(run_dir: str, hp: dict) -> bool:
+    """A trial Tune had finished with before the driver restarted (same settings): its
+    last result reported again, or its error raised again; nothing recomputed."""
+    done = storage.join(run_dir, DONE_FILE)
+    if not storage.exists(done):
+        return False
+    record = json.loads(storage.read_text(done))
+    if record.get("hyperparameters") != json.loads(json.dumps(hp, default=str)):
+        return False  # another setting under the same name (a search that went elsewhere)
+    if "error" in record:
+        raise RuntimeError(f"failed before the driver restarted: {record['error']}")
+    tune.report(record["result"])
+    return True
+
+
 def run_trial(params: dict[str, Any], *, sweep: ArmSweep, train_ds, val_ds) -> None:
-    """A Tune trial (the function trainable): open its MLflow run, then train."""
+    """A Tune trial (the function trainable): open its MLflow run, then train (or replay
+    what the trial did before a driver restart)."""
     cfg = sweep.cfg
     trial_id = tune.get_context().get_trial_id()
     hp = hyperparameters(cfg, params)
     seed = params.get(REPEAT_SEED)
     name = trial_name(sweep.arm, trial_id) if seed is None else repeat_name(sweep.arm, seed)
     run = _trial_run(sweep, trial_id, name, hp, seed)
+    if _replay(storage.join(sweep.trials_dir, name), hp):
+        return
     datasets = {"train": train_ds, "validation": val_ds}
     job = _job(sweep, hp, name, sweep.seed if seed is None else seed)
     if cfg.sweep.scheduler != "pbt" or seed is not None:
