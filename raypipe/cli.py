@@ -9,6 +9,7 @@ import sys
 
 from raypipe.errors import UserError, find_user_error
 from raypipe.progress import console
+from raypipe.redaction import redact
 from raypipe.registered import refuse_pickles
 
 EXIT_USER_ERROR = 2
@@ -127,7 +128,8 @@ def _quiet_driver() -> None:
 
 def _error(message: str) -> int:
     console.end_status()  # a status line drawn on the terminal ends before the error
-    print(f"raypipe: error: {message}", file=sys.stderr)
+    # A credential in a path or a URI never reaches the console or a Ray job's log.
+    print(f"raypipe: error: {redact(message)}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 
@@ -210,7 +212,7 @@ def _main(args: argparse.Namespace) -> int:
             from raypipe.preflight import check_offline
 
             check_offline(cfg)
-            print(to_yaml(cfg), end="")
+            print(redact(to_yaml(cfg)), end="")
             print(f"raypipe: {args.pipeline} is valid", file=sys.stderr)
             return 0
         from raypipe import timing

@@ -9,7 +9,6 @@ Owns raypipe's tag vocabulary (`Tag`) and the one find-or-reopen-or-start of a r
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from raypipe.errors import UserError
 from raypipe.progress import progress
+from raypipe.redaction import redact
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -68,29 +68,6 @@ def resolve_tracking_uri(configured: str | None, storage: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri
-
-
-#: Environment variables whose values are secrets: never written to a run, even by accident.
-SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "RAY_AUTH_TOKEN",
-    "AZURE_STORAGE_ACCOUNT_KEY",
-)
-_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    """`text` with credentials masked: the user-info of URIs (`s3://KEY:SECRET@bucket`,
-    `https://user:token@host`) and the values of the secret environment variables."""
-    text = _USERINFO.sub(r"\1***@", text)
-    for name in SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 6:
-            text = text.replace(value, "***")
-    return text
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

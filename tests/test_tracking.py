@@ -111,3 +111,46 @@ def test_datasets_are_logged_as_run_inputs_once(tmp_path):
     assert (logged.dataset.name, logged.dataset.digest) == ("e-train", "d" * 36)
     assert str(tmp_path / "train") in logged.dataset.source
     assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "train")]
+
+
+def test_credentials_are_masked_by_their_structure(monkeypatch):
+    from raypipe.redaction import redact
+
+    shown = {
+        "https://acct.blob.core.windows.net/c/x?sv=2022&sig=AbC%2Bsecret123&se=2027": "sig=***&se=2027",
+        "http://mlflow:5000/?token=tok_123456789": "?token=***",
+        "s3://AKIAXXXXXXXX:pass@word@bucket/runs": "s3://***@bucket/runs",
+        "gs://bucket/plain/path?generation=12": "?generation=12",  # nothing secret: kept
+    }
+    for text, kept in shown.items():
+        assert kept in redact(text), (text, redact(text))
+    assert "pass" not in redact("s3://AKIAXXXXXXXX:pass@word@bucket/runs")
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+        "DATABRICKS_TOKEN": "dapi0123456789abcdef",
+        "HF_TOKEN": "hf_abcdefghijklmnop",
+        "AZURE_STORAGE_CONNECTION_STRING": "DefaultEndpointsProtocol=https;AccountKey=abc123==",
+        "AZURE_STORAGE_SAS_TOKEN": "sv=2022-11-02&ss=b&sig=zzzzzzzz",
+        "AZURE_CLIENT_SECRET": "client~secret~value",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false-ish-value")  # a name, not a secret
+    line = " ".join(secrets.values()) + " false-ish-value"
+    assert redact(line) == " ".join(["***"] * len(secrets)) + " false-ish-value"
+
+
+def test_error_lines_and_validate_never_show_a_secret(tmp_path, monkeypatch, capsys):
+    from raypipe import cli
+
+    monkeypatch.setenv("HF_TOKEN", "hf_verysecretvalue")
+    (tmp_path / "p.yaml").write_text(
+        "name: x\nstorage: s3://AKIAKEY:hf_verysecretvalue@bucket/runs\n"
+        "data: {labeled: {train: {path: /nowhere}, validation: {path: /nowhere}}}\n"
+        "finetune: {num_classes: 2}\n"
+    )
+    assert cli.main(["validate", str(tmp_path / "p.yaml")]) == cli.EXIT_USER_ERROR
+    out = capsys.readouterr()
+    assert "hf_verysecretvalue" not in out.out + out.err and "AKIAKEY" not in out.out + out.err
+    assert out.err.startswith("raypipe: error:") and len(out.err.strip().splitlines()) == 1
+    assert "storage: credentials inside an object-store URI are not supported" in out.err

@@ -6,6 +6,7 @@ make a 70 MB error message."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from raypipe.errors import UserError
 MAX_DEPTH = 40  # sections within sections; a pipeline file needs about 6
 MAX_VALUES = 50_000  # values in the document with every alias followed
 MAX_INT = 2**53  # beyond this no setting is meant (and JSON, MLflow, torch lose it)
+#: An object-store URI with credentials in it (`s3://KEY:SECRET@bucket/…`): pyarrow's
+#: filesystems do not take them there, and they would be shown and logged.
+_STORE_CREDENTIALS = re.compile(r"(s3|s3a|gs|gcs|abfss?|az|hdfs)://[^/?#\s]*@", re.IGNORECASE)
 
 
 class _Loader(yaml.SafeLoader):
@@ -88,6 +92,12 @@ def value_problems(raw: Any) -> list[str]:
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 walk(v, f"{path}[{i}]", depth + 1)
+        elif isinstance(node, str) and _STORE_CREDENTIALS.match(node):
+            problems.append(
+                f"{path}: credentials inside an object-store URI are not supported (they would "
+                "be shown and logged); give them as the store's environment variables (e.g. "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or an instance role"
+            )
         elif isinstance(node, float) and not math.isfinite(node):
             problems.append(f"{path}: {node} is not a finite number")
         elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_INT:
