@@ -175,9 +175,11 @@ def _report(args: argparse.Namespace) -> int:
                 "mlflow.db, as the run's summary printed) or set MLFLOW_TRACKING_URI"
             )
         uri = f"sqlite:///{local.resolve()}"
+    from raypipe import tracking
     from raypipe.summary import format_summary, read_summary
 
     try:
+        tracking.check_uri(uri, key="--tracking-uri", must_exist=True)
         print(format_summary(read_summary(uri, args.run_id)))
     except UserError as e:
         return _error(str(e))
@@ -219,13 +221,19 @@ def _main(args: argparse.Namespace) -> int:
 
         timing.MARKS.clear()
         address = args.address or os.environ.get("RAY_ADDRESS")
+        from raypipe.preflight import check_inputs
+
+        # Every check of the data, storage and tracking store first: a mistake there never
+        # starts Ray (and never waits for it to stop).
+        checked = check_inputs(cfg, address=address)
+        timing.mark("checks")
         if not address:
             from raypipe import localray
 
-            # Ray's processes start while this one imports and checks (see raypipe/localray).
+            # Ray's processes start while this one imports (see raypipe/localray).
             localray.start_in_background(verbose=args.verbose)
-        # The heavy imports every run needs (torch, Ray Train and Tune come with the stages),
-        # up front so the cold-start breakdown shows them.
+        # The heavy imports every run needs (Ray Train and Tune come with the stages), up
+        # front so the cold-start breakdown shows them.
         import mlflow  # noqa: F401
 
         from raypipe.pipeline import run_pipeline
@@ -236,7 +244,7 @@ def _main(args: argparse.Namespace) -> int:
         if not args.verbose:
             _quiet_driver()
         try:
-            summary = run_pipeline(cfg, address=address, verbose=args.verbose)
+            summary = run_pipeline(cfg, address=address, verbose=args.verbose, checked=checked)
         except UserError:
             raise
         except KeyboardInterrupt:

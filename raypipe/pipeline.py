@@ -13,7 +13,14 @@ import time
 from raypipe import progress, timing, tracking
 from raypipe.config import PipelineConfig, to_yaml
 from raypipe.errors import find_user_error
-from raypipe.preflight import RunContext, dataset_inputs, model_spec_for, preflight, tokenizer_json
+from raypipe.preflight import (
+    Checked,
+    RunContext,
+    dataset_inputs,
+    model_spec_for,
+    preflight,
+    tokenizer_json,
+)
 from raypipe.stages import cache, finetune, pretrain, publish
 from raypipe.stages.connect import RayConnection
 from raypipe.summary import ARTIFACT as SUMMARY_ARTIFACT
@@ -57,11 +64,16 @@ def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> No
 
 
 def run_pipeline(
-    cfg: PipelineConfig, *, address: str | None = None, verbose: bool = False
+    cfg: PipelineConfig,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+    checked: Checked | None = None,
 ) -> Summary:
+    """The whole pipeline; `checked`: preflight's input checks, when the caller made them."""
     started = time.perf_counter()
     progress.in_driver()  # training run in this process prints straight to the console
-    ctx = preflight(cfg, address=address)
+    ctx = preflight(cfg, address=address, checked=checked)
     parent, pipeline_fp = cache.pipeline_run(cfg, ctx)
     summary = Summary(cfg.name, parent.run_id, ctx.tracking_uri, str(ctx.storage))
     ray_conn = RayConnection(cfg, address=address, verbose=verbose)

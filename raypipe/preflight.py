@@ -12,6 +12,7 @@ of the data) and the model spec that follows from it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -67,11 +68,26 @@ def check_offline(cfg: PipelineConfig) -> None:
     plan = make_plan(cfg)
     if all(storage.exists(p) for p in generated_paths(cfg)):
         _data_files(cfg, plan)
+    _check_init_tokenizer(cfg)
+    if cfg.tracking.uri:
+        tracking.check_uri(cfg.tracking.uri, key="tracking.uri")
 
 
-def preflight(cfg: PipelineConfig, *, address: str | None = None) -> RunContext:
-    """All the checks that need no cluster; raises UserError naming the cause and the fix.
-    Nothing is written before the last of them but the storage probe."""
+@dataclass(frozen=True)
+class Checked:
+    """What `check_inputs` found good: everything but the tracking store's experiment."""
+
+    storage: str
+    tracking_uri: str
+    default_store: bool  # MLflow's store is the local one inside storage
+    plan: Plan
+    sources: Sources
+
+
+def check_inputs(cfg: PipelineConfig, *, address: str | None = None) -> Checked:
+    """Every check of the config, the data, the storage and the tracking store that can be
+    made without opening it, as `raypipe run` makes them before it starts the embedded Ray.
+    Nothing is written but the storage probe (and missing quickstart data)."""
     plan = make_plan(cfg)
     _generate_if_missing(cfg)
     sources = _data_files(cfg, plan)
@@ -86,12 +102,23 @@ def preflight(cfg: PipelineConfig, *, address: str | None = None) -> RunContext:
             "MLflow store; set tracking.uri to an MLflow server (or MLFLOW_TRACKING_URI)"
         )
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri, where)
+    tracking.check_uri(uri, key="tracking.uri")
+    tracking.check_reachable(uri)
+    return Checked(where, uri, default_store, plan, sources)
+
+
+def preflight(
+    cfg: PipelineConfig, *, address: str | None = None, checked: Checked | None = None
+) -> RunContext:
+    """All the checks that need no cluster (`check_inputs`, unless `checked` has them), then
+    the tracking store's experiment; raises UserError naming the cause and the fix."""
+    c = checked or check_inputs(cfg, address=address)
     experiment_id = tracking.open_experiment(
-        uri,
+        c.tracking_uri,
         cfg.tracking.experiment,
-        artifact_root=storage.join(where, "mlartifacts") if default_store else None,
+        artifact_root=storage.join(c.storage, "mlartifacts") if c.default_store else None,
     )
-    return RunContext(where, uri, experiment_id, plan, sources)
+    return RunContext(c.storage, c.tracking_uri, experiment_id, c.plan, c.sources)
 
 
 def generated_paths(cfg: PipelineConfig) -> list[str]:
@@ -160,7 +187,8 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, li
         )
         out["unlabeled"] = datafiles.all_files(sources["unlabeled"])
         columns = plan.pretrain_columns(d.unlabeled)
-        datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled")
+        datafiles.check_columns(out["unlabeled"], columns, key="data.unlabeled", source=d.unlabeled)
+        datafiles.check_not_empty(out["unlabeled"], key="data.unlabeled")
         datafiles.check_values(out["unlabeled"], columns, key="data.unlabeled")
         if d.unlabeled_validation is not None:
             key = "data.unlabeled_validation"
@@ -169,39 +197,92 @@ def _data_files(cfg: PipelineConfig, plan: Plan) -> dict[str, list[tuple[str, li
             )
             files = datafiles.all_files(sources["unlabeled_validation"])
             held = plan.pretrain_columns(d.unlabeled_validation)
-            datafiles.check_columns(files, held, key=key)
+            datafiles.check_columns(files, held, key=key, source=d.unlabeled_validation)
+            datafiles.check_not_empty(files, key=key)
             datafiles.check_values(files, held, key=key)
     if cfg.finetune is not None and d.labeled is not None:
-        for split in d.labeled.splits:
-            src = getattr(d.labeled, split)
-            key = f"data.labeled.{split}"
-            sources[split] = datafiles.resolve_sources(src.path, key=f"{key}.path")
-            out[split] = datafiles.all_files(sources[split])
-            columns = plan.labeled_columns(src)
-            datafiles.check_columns(out[split], columns, key=key)
-            task = plan.task
-            labeled = plan.finetune_data.labeled
-            datafiles.check_values(
-                out[split],
-                columns,
-                key=key,
-                label_column=src.label_column if labeled else None,
-                label_dtype=task.label_dtype if labeled else None,
-                num_classes=(
-                    cfg.finetune.num_classes if "num_classes" in task.option_names else None
-                ),
-            )
+        sources |= _labeled_files(cfg, plan)
     if cfg.tokenizer.path and not storage.is_file(cfg.tokenizer.path):
         raise UserError(f"tokenizer.path: '{cfg.tokenizer.path}' does not exist")
     return sources
 
 
+def _labeled_files(cfg: PipelineConfig, plan: Plan) -> Sources:
+    """Each labeled split's sources, checked from the footers: columns, types, rows, values;
+    then whether a training batch fits the smallest label fraction."""
+    sources: Sources = {}
+    labeled, task = plan.finetune_data.labeled, plan.task
+    train_rows = 0
+    for split in cfg.data.labeled.splits:
+        src = getattr(cfg.data.labeled, split)
+        key = f"data.labeled.{split}"
+        sources[split] = datafiles.resolve_sources(src.path, key=f"{key}.path")
+        files = datafiles.all_files(sources[split])
+        columns = plan.labeled_columns(src)
+        datafiles.check_columns(files, columns, key=key, source=src)
+        rows = datafiles.check_not_empty(files, key=key)
+        datafiles.check_values(
+            files, columns, key=key,
+            label_column=src.label_column if labeled else None,
+            label_dtype=task.label_dtype if labeled else None,
+            num_classes=cfg.finetune.num_classes if "num_classes" in task.option_names else None,
+        )  # fmt: skip
+        if split == "train":
+            train_rows = min(rows, src.max_rows or rows)
+    _check_batch_fits(cfg, train_rows)
+    return sources
+
+
+def given_tokenizer(path: str, *, key: str = "tokenizer.path"):
+    """A tokenizer file (HF `tokenizers` JSON) read and checked, or one line saying why not."""
+    try:
+        tok = load_tokenizer(storage.read_text(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{key}: cannot read '{path}' ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    except Exception as e:  # tokenizers raises its own Exception for a malformed file
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(
+            f"{key}: '{path}' is not a tokenizer.json of HF tokenizers ({first}); give one "
+            "raypipe (or `tokenizers`) saved, or remove tokenizer.path to train one"
+        ) from None
+    try:
+        check_tokenizer(tok)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+    return tok
+
+
+def _check_batch_fits(cfg: PipelineConfig, train_rows: int) -> None:
+    """Each worker's epoch must hold one whole batch at the smallest label fraction (batches
+    are whole: the last partial one is dropped), or fine-tuning would take no step at all."""
+    f = cfg.finetune
+    sizes = [f.batch_size]
+    space = f.sweep.space.get("batch_size")
+    if space is not None and space.kind in ("grid", "choice"):
+        sizes = list(getattr(space, space.kind))
+    fraction = min(f.label_fractions)
+    rows = max(1, int(train_rows * fraction))
+    if f.min_epoch_rows and rows < f.min_epoch_rows:
+        rows *= math.ceil(f.min_epoch_rows / rows)
+    each = rows // f.scaling.num_workers
+    if max(sizes) > each:
+        where = f" at label fraction {fraction:g}" if fraction < 1 else ""
+        raise UserError(
+            f"finetune.batch_size: {max(sizes)} is more than the {each} training rows each of "
+            f"{f.scaling.num_workers} worker(s) gets per epoch{where}; lower the batch size, or "
+            "set finetune.min_epoch_rows to repeat a small subset within an epoch"
+        )
+
+
 def _check_init_tokenizer(cfg: PipelineConfig) -> None:
-    """A given tokenizer must be the one the init checkpoint was trained with."""
+    """A given tokenizer must load, and be the one the init checkpoint was trained with."""
+    if cfg.tokenizer.path:
+        given = given_tokenizer(cfg.tokenizer.path)
     init = cfg.finetune.init_directory if cfg.finetune else None
     if not (cfg.tokenizer.path and init and has_file(init, TOKENIZER_FILE)):
         return
-    given = load_tokenizer(storage.read_text(cfg.tokenizer.path))
     theirs = load_tokenizer(read_tokenizer(init))
     if given.get_vocab() != theirs.get_vocab():
         raise UserError(

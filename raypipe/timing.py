@@ -17,8 +17,8 @@ MARKS: dict[str, float] = {}
 
 #: Each milestone and what the span before it covers (the span from the previous mark).
 SPANS = {
-    "imports": "Python, torch, Ray and MLflow imports",
-    "checks": "config, data, storage and tracking checks",
+    "checks": "Python, torch, config, data, storage and tracking checks (before Ray starts)",
+    "imports": "MLflow, Ray Train and Tune imports",
     "ray": "Ray start (or connect)",
     "setup": "tokenizer and model plan, stage bookkeeping",
     "dataset": "dataset planning",
@@ -39,7 +39,7 @@ def process_start() -> float:
             uptime = float(f.read().split()[0])
         return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
-        return MARKS.get("imports", time.time())
+        return MARKS.get("checks", time.time())
 
 
 def mark(name: str) -> None:

@@ -70,6 +70,29 @@ def resolve_tracking_uri(configured: str | None, storage: str) -> str:
     return uri
 
 
+#: The URI schemes MLflow tracks to (a bare path is a local file store).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str, *, key: str, must_exist: bool = False) -> None:
+    """A tracking URI MLflow can use, checked by its form; with `must_exist`, a local store
+    must already be there (reading a run's results never creates an empty database)."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0].lower()
+    fix = "use http(s)://HOST:PORT, sqlite:///PATH/mlflow.db or file:///PATH"
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise UserError(f"{key}: '{redact(uri)}' has the scheme '{scheme}', which MLflow does "
+                        f"not track to; {fix}")  # fmt: skip
+    if scheme in ("http", "https") and not parts.hostname:
+        raise UserError(f"{key}: '{redact(uri)}' names no host; {fix}")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise UserError(f"{key}: '{redact(uri)}' is not sqlite:///PATH (three slashes)")
+    local = uri.removeprefix("sqlite:///") if scheme == "sqlite" else None
+    if must_exist and local is not None and not Path(local).is_file():
+        raise UserError(f"{key}: there is no MLflow store at '{local}' (a mistyped path?); give "
+                        "the one the run's summary printed")  # fmt: skip
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds on an HTTP tracking server nothing answers at (MLflow's client would
     retry for minutes). Any HTTP answer, even an error status, means it is there."""

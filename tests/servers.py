@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -103,12 +103,14 @@ class Server:
     url: str
     tag: str
     log: Path
+    env: dict[str, str] = field(default_factory=dict)  # what a client needs (credentials)
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
+def mlflow_server(root: Path, port: int | None = None, *, auth: bool = False) -> Iterator[Server]:
     """`mlflow server` with a sqlite backend and a proxied artifact root (the same `root` and
-    `port` again: the same server back after an outage)."""
+    `port` again: the same server back after an outage). With `auth`, MLflow's basic-auth app
+    as cluster.yaml runs it: an admin the clients log in as, no permission for anyone else."""
     port = port or free_port()
     tag = f"mlflow-{os.getpid()}-{port}"
     log = root / "mlflow-server.log"
@@ -117,12 +119,25 @@ def mlflow_server(root: Path, port: int | None = None) -> Iterator[Server]:
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
     ]  # fmt: skip
+    extra, client_env = {}, {}
+    if auth:
+        ini = root / "mlflow-auth.ini"
+        ini.write_text(
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{root / 'mlflow-auth.db'}\nadmin_username = raypipe\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 60\n"
+        )
+        password = "test-" + os.urandom(8).hex()
+        extra = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+        client_env = {"MLFLOW_TRACKING_USERNAME": "raypipe", "MLFLOW_TRACKING_PASSWORD": password}
+        cmd += ["--app-name", "basic-auth"]
     with open(log, "w") as out:
-        subprocess.Popen(cmd, env=marked_env(tag), stdout=out, stderr=subprocess.STDOUT)
+        subprocess.Popen(cmd, env=marked_env(tag, **extra), stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _http_ok(f"{url}/health"), "mlflow server", 120)
-        yield Server(url, tag, log)
+        yield Server(url, tag, log, client_env)
     finally:
         stop_marked(tag)
 

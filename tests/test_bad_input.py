@@ -8,6 +8,7 @@ the CLI in this process with Ray's start replaced by a failure, and reads stderr
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -250,7 +251,53 @@ def _huge_seed(d, raw):
     raw["seed"] = 10**30
 
 
+def _garbage_tokenizer(d, raw):
+    (d / "tok.json").write_text('{"this is": "not a tokenizer"}')
+    raw["tokenizer"] = {"path": str(d / "tok.json")}
+
+
+def _text_column_not_text(d, raw):
+    raw["data"]["unlabeled"]["path"] = _shard(d / "u", text=list(range(32)))
+
+
+def _image_column_is_text(d, raw):
+    path = _shard(d / "l", text=TEXTS[:4], image=TEXTS[:4], label=[0, 1, 0, 1])
+    raw["data"]["labeled"] = {"train": {"path": path, "image_column": "image"},
+                              "validation": {"path": path, "image_column": "image"}}  # fmt: skip
+    raw["model"] = {"type": "cnn"}
+    del raw["pretrain"], raw["data"]["unlabeled"], raw["tokenizer"]
+    raw["finetune"]["init"] = "scratch"
+
+
+def _zero_row_validation(d, raw):
+    path = _shard(d / "v", text=pa.array([], pa.string()), label=pa.array([], pa.int64()))
+    raw["data"]["labeled"]["validation"]["path"] = path
+
+
+def _batch_larger_than_rows(d, raw):
+    raw["finetune"].update(batch_size=64, label_fractions=[0.1])  # a few rows at 10 %
+
+
+def _truncated_weights(d, raw):
+    ckpt = Path(_checkpoint(d / "ckpt"))
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a half copy
+    del raw["model"]
+    _finetune_only(raw, init=str(ckpt))
+
+
+def _malformed_tracking_uri(d, raw):
+    raw["tracking"] = {"uri": "sqlite:/relative/mlflow.db"}
+
+
 CASES = {
+    "garbage_tokenizer": (_garbage_tokenizer, ["tokenizer.path", "not a tokenizer.json"]),
+    "text_column_not_text": (_text_column_not_text, ["column 'text'", "int64, not text"]),
+    "image_column_is_text": (_image_column_is_text, ["image_column", "string, not encoded"]),
+    "zero_row_validation": (_zero_row_validation, ["data.labeled.validation", "hold no rows"]),
+    "batch_larger_than_rows": (_batch_larger_than_rows, ["batch_size: 64", "fraction 0.1"]),
+    "truncated_weights": (_truncated_weights, ["model.safetensors", "truncated?"]),
+    "malformed_tracking_uri": (_malformed_tracking_uri, ["tracking.uri", "three slashes"]),
     "checkpoint_names_a_module": (_checkpoint_names_a_module, ["'this:Model'", "not importing"]),
     "checkpoint_spec_not_json": (_checkpoint_spec_not_json, ["model.json is not JSON"]),
     "checkpoint_spec_without_config": (_checkpoint_spec_without_config, ["lacks the model's"]),
@@ -375,3 +422,41 @@ def test_undecodable_images_are_skipped_and_counted(ray_session, broken_images, 
     )
     assert stage.data.metrics["data/skipped_images"] == 5
     assert summary.arms["scratch"]["best_checkpoint"]
+
+
+@pytest.mark.parametrize("case", ["missing_data_path", "storage_not_writable", "bad_tracking_uri"])
+def test_data_storage_and_tracking_mistakes_never_start_ray(case, tmp_path, quickstart_data):
+    """As a process: `raypipe run` checks the data, storage and tracking store before it
+    starts the embedded Ray, so Ray's temp dir (RAY_TMPDIR) stays empty."""
+    import subprocess
+    import tempfile
+
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    if case == "bad_tracking_uri":
+        raw["tracking"] = {"uri": "htp://mlflow.example:5000"}
+    else:
+        {"missing_data_path": _missing_data_path, "storage_not_writable": _storage_not_writable}[
+            case
+        ](tmp_path, raw)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "raypipe", "run", "p.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not any(ray_tmp.iterdir()), "Ray was started for a mistake visible up front"
+    ray_tmp.rmdir()
+
+
+def test_report_refuses_a_bad_tracking_uri_and_creates_nothing(tmp_path):
+    import subprocess
+
+    for uri, words in (("ftp://host/x", "scheme 'ftp'"),
+                       (f"sqlite:///{tmp_path}/mistyped.db", "no MLflow store")):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "raypipe", "report", "abc", "--tracking-uri",
+                               uri], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mistyped.db").exists()

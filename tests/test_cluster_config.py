@@ -53,7 +53,39 @@ def test_cluster_yaml_exposes_nothing_and_keeps_token_auth(cluster):
     for command in (head, workers):
         assert "RAY_AUTH_MODE=token ray start" in command
         assert "RAY_AUTH_MODE=disabled" not in command
+        assert 'MLFLOW_TRACKING_PASSWORD="$(cat ~/.raypipe/mlflow_password)"' in command
     assert "/home/ubuntu/.ray/auth_token" in cluster["file_mounts"]
+    # MLflow behind its basic-auth app, the admin password from a file every node gets.
+    assert "--app-name basic-auth" in mlflow and "MLFLOW_AUTH_CONFIG_PATH=" in mlflow
+    assert "/home/ubuntu/.raypipe/mlflow_password" in cluster["file_mounts"]
+    ini = " ".join(cluster["head_setup_commands"])
+    assert "default_permission = NO_PERMISSIONS" in ini and "admin_password" not in ini
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$(cat ~/.raypipe/mlflow_password)"' in mlflow
+    assert any("raypipe[cluster]" in c for c in cluster["setup_commands"])
+
+
+def test_cluster_nodes_get_scoped_roles_and_a_closed_security_group(cluster):
+    import json
+
+    nodes = cluster["available_node_types"]
+    roles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in nodes.items()}
+    assert roles == {"head": "raypipe-head", "cpu_worker": "raypipe-worker",
+                     "gpu_worker": "raypipe-worker"}  # fmt: skip
+    groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in nodes.values()}
+    assert len(groups) == 1  # one group of its own: the launcher's (SSH from anywhere) unused
+    policy = json.loads((ROOT / "aws" / "head-policy.json").read_text())
+    actions = [a for st in policy["Statement"] for a in np_list(st["Action"])]
+    assert not [a for a in actions if a.endswith(":*") or a == "*"]  # nothing wholesale
+    s3 = [
+        st for st in policy["Statement"] if any(a.startswith("s3:") for a in np_list(st["Action"]))
+    ]
+    assert all(r.startswith("arn:aws:s3:::your-bucket") for st in s3 for r in st["Resource"])
+    setup = (ROOT / "aws" / "setup.sh").read_text()
+    assert '--port 22 --cidr "$ADMIN_CIDR"' in setup and "0.0.0.0/*) echo" in setup
+
+
+def np_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def test_schema_validation_catches_mistakes(cluster):
@@ -87,6 +119,21 @@ def test_kuberay_rayjob_manifest():
         assert container["image"] and container["resources"]["limits"]
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
+
+
+def test_kuberay_ray_pods_admit_only_each_other_and_the_submitter():
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    policy = yaml.safe_load((ROOT / "k8s" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    ray_pods = {"ray.io/is-ray-node": "yes"}
+    assert policy["spec"]["podSelector"]["matchLabels"] == ray_pods
+    rules = policy["spec"]["ingress"]
+    assert all("from" in r and r["from"] for r in rules)  # no rule admits everyone
+    peers = [(r["from"][0]["podSelector"]["matchLabels"], r.get("ports")) for r in rules]
+    assert (ray_pods, None) in peers
+    submitter = {"job-name": job["metadata"]["name"]}
+    assert (submitter, [{"protocol": "TCP", "port": 8265}]) in peers
+    assert len(peers) == 2
 
 
 def test_kuberay_entrypoint_is_a_valid_pipeline_command():

@@ -16,7 +16,14 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from servers import alive_worker_nodes, autoscaling_cluster, mlflow_server, s3_server, wait_for
+from servers import (
+    alive_worker_nodes,
+    autoscaling_cluster,
+    mlflow_server,
+    patched_env,
+    s3_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 BUCKET = "raypipe-test"
@@ -27,8 +34,9 @@ def stack(tmp_path_factory, quickstart_data):
     root = tmp_path_factory.mktemp("cluster")
     with (
         s3_server(root, BUCKET) as s3_env,
-        mlflow_server(root) as mlflow,
+        mlflow_server(root, auth=True) as mlflow,  # basic auth, as cluster.yaml runs it
         autoscaling_cluster(root) as cluster,
+        patched_env(mlflow.env),  # this test's own MLflow client logs in too
     ):
         fs = pafs.S3FileSystem(
             access_key=s3_env["AWS_ACCESS_KEY_ID"],
@@ -77,7 +85,6 @@ def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout
     under it (on a real cluster each node has its own disk).
     """
     from ray.job_submission import JobSubmissionClient
-    from servers import patched_env
 
     cluster = stack["cluster"]
     (stack["dir"] / "pipeline.yaml").write_text(yaml.safe_dump(_pipeline(stack, name)))
@@ -86,7 +93,8 @@ def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout
     )
     # Ray Data keeps its last request to the autoscaler for 180 s after a dataset finishes
     # (idle nodes stay that long); shortened so the scale-down test need not wait minutes.
-    env = {**stack["s3_env"], "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "10"}
+    env = {**stack["s3_env"], **stack["mlflow"].env,
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "10"}  # fmt: skip
     runtime_env = {"env_vars": env}
     if working_dir:
         runtime_env["working_dir"] = str(stack["dir"])
@@ -161,7 +169,23 @@ def test_job_runs_the_pipeline_on_autoscaled_nodes(stack):
     )
     assert (model_dir / "MLmodel").is_file()  # the model's files were served by the server
 
-    # The storage keys were in the job's environment; none reached a param, tag or artifact.
+    # Without the password the tracking server answers nothing but its health check.
+    import urllib.error
+    import urllib.request
+
+    search = f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=cluster"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(search, timeout=10)
+    assert refused.value.code == 401
+
+    # The storage keys and MLflow's password were in the job's environment; none reached a
+    # param, tag or artifact.
+    password = stack["mlflow"].env["MLFLOW_TRACKING_PASSWORD"]
+    assert not [
+        r
+        for r in client.search_runs([exp])
+        if any(password in v for v in [*r.data.params.values(), *r.data.tags.values()])
+    ]
     secret = stack["s3_env"]["AWS_SECRET_ACCESS_KEY"]
     config = Path(
         client.download_artifacts(

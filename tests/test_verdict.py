@@ -166,13 +166,15 @@ def test_repeats_give_each_arm_paired_seeds_an_interval_and_a_median_seed_model(
     raw["finetune"]["sweep"].update(num_samples=1, scheduler="fifo")
     cfg = parse_config(raw)
     summary = run_pipeline(cfg)
-    seeds = repeat_seeds(cfg.seed, 3)
+    seeds = repeat_seeds(cfg.seed, cfg.finetune)
+    assert seeds == [cfg.seed, cfg.seed + 1000, cfg.seed + 2000]  # one setting: the trial is #1
     test = {}
     for arm in ("pretrained", "scratch"):
         repeats = summary.arms[arm]["repeats"]
         assert [r["seed"] for r in repeats] == seeds  # the same seeds: paired
         assert all(r["checkpoint"] and r["test_metrics"] for r in repeats)
-        assert all(read_meta(r["checkpoint"])["trial"] == f"{arm}-seed{r['seed']}" for r in repeats)
+        names = [f"{arm}-00000"] + [f"{arm}-seed{s}" for s in seeds[1:]]
+        assert [read_meta(r["checkpoint"])["trial"] for r in repeats] == names
         test[arm] = [r["test_metrics"]["test/accuracy"] for r in repeats]
     ref = scipy_stats.ttest_rel(test["pretrained"], test["scratch"]).confidence_interval(0.95)
     text = format_summary(summary)
@@ -183,9 +185,14 @@ def test_repeats_give_each_arm_paired_seeds_an_interval_and_a_median_seed_model(
     exp = client.get_run(summary.run_id).info.experiment_id
     runs = client.search_runs([exp], filter_string="tags.`raypipe.kind` = 'repeat'")
     assert sorted(r.info.run_name for r in runs) == sorted(
-        f"{arm}-seed{s}" for arm in ("pretrained", "scratch") for s in seeds
+        f"{arm}-seed{s}" for arm in ("pretrained", "scratch") for s in seeds[1:]
     )
-    assert {r.data.tags["raypipe.seed"] for r in runs} == {str(s) for s in seeds}
+    every = client.search_runs([exp])
+    seeded = sorted((r.info.run_name, r.data.tags["raypipe.seed"]) for r in every
+                    if "raypipe.seed" in r.data.tags)  # fmt: skip
+    expected = [(f"{arm}-00000", str(seeds[0])) for arm in ("pretrained", "scratch")]
+    expected += [(f"{arm}-seed{s}", str(s)) for arm in ("pretrained", "scratch") for s in seeds[1:]]
+    assert seeded == sorted(expected)  # every repeat's run is tagged with its seed
     # The registered model: the better arm (mean validation metric), its median-seed run.
     version = client.get_model_version("repeats", summary.model["version"])
     best = summary.arms[version.tags["raypipe.arm"]]
@@ -237,10 +244,14 @@ def test_resampled_labels_give_each_repeat_seed_its_own_rows(
     summary = run_pipeline(parse_config(raw))
     repeats = summary.arms["scratch_0.5"]["repeats"]
     assert len(repeats) == 2
+    # The one-setting sweep's trial is the first repeat, on the pipeline seed's rows; the
+    # other seed draws its own.
+    assert [r["seed"] for r in repeats] == [3, 1003]
+    folders = ["labels-0.5", "labels-0.5-seed1003"]
     subsets = []
-    for r in repeats:
-        assert f"/labels-0.5-seed{r['seed']}/" in r["checkpoint"]
-        (shard,) = (tmp_path / "resample").glob(f"finetune-*/labels-0.5-seed{r['seed']}/*.parquet")
+    for r, folder in zip(repeats, folders, strict=True):
+        assert f"/{folder}/" in r["checkpoint"]
+        (shard,) = (tmp_path / "resample").glob(f"finetune-*/{folder}/*.parquet")
         subsets.append(sorted(pq.read_table(shard).column("text").to_pylist()))
     assert subsets[0] != subsets[1] and len(subsets[0]) == len(subsets[1])  # own rows, same size
 

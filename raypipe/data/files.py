@@ -66,8 +66,9 @@ def all_files(sources: list[tuple[str, list[str]]]) -> list[str]:
     return list(dict.fromkeys(f for _, files in sources for f in files))
 
 
-def check_columns(files: list[str], columns: list[str], *, key: str) -> None:
-    """Every shard must be readable Parquet holding `columns`; name the offending file."""
+def check_columns(files: list[str], columns: list[str], *, key: str, source=None) -> None:
+    """Every shard must be readable Parquet holding `columns` (of the types `source`, the
+    config's description of the data, implies); name the offending file."""
     for f in files:
         try:
             fs, path = storage.resolve(f)
@@ -80,6 +81,58 @@ def check_columns(files: list[str], columns: list[str], *, key: str) -> None:
                 f"{key}: column(s) {missing} not in '{f}'; columns present: {schema.names}. "
                 "Set the column name in the config"
             )
+        for column in columns:
+            _check_type(schema.field(column), source, key=key, where=f)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_image(kind: pa.DataType, nested: bool = False) -> bool:
+    """Encoded bytes, or uint8 arrays (nested lists, or a fixed-shape tensor extension)."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _is_image(kind.value_type, nested=True)
+    storage_type = getattr(kind, "storage_type", None)  # Ray's / Arrow's tensor extensions
+    if storage_type is not None:
+        return _is_image(storage_type, nested=True)
+    if pa.types.is_struct(kind) and kind.get_field_index("data") >= 0:  # variable-shaped tensors
+        return _is_image(kind.field("data").type, nested=True)
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return not nested
+    return nested and pa.types.is_integer(kind)
+
+
+def _check_type(field: pa.Field, source, *, key: str, where: str) -> None:
+    """A text column holds strings and an image column bytes or arrays: named before any
+    stage runs, not as a failure deep inside a Ray Data task."""
+    if source is None:
+        return
+    texts = {getattr(source, n, None) for n in ("text_column", "target_column")}
+    if field.name == getattr(source, "image_column", None) and not _is_image(field.type):
+        raise UserError(
+            f"{key}.image_column: '{field.name}' in '{where}' holds {field.type}, not encoded "
+            "images (bytes) or uint8 arrays; `raypipe prepare images` writes them"
+        )
+    if field.name in texts and field.name != getattr(source, "image_column", None):
+        if not _is_text(field.type):
+            raise UserError(
+                f"{key}: column '{field.name}' in '{where}' holds {field.type}, not text; set "
+                "the text column to one that holds strings"
+            )
+
+
+def check_not_empty(files: list[str], *, key: str) -> int:
+    """The rows over `files`, from their footers; none at all is an error naming the key."""
+    rows = 0
+    for f in files:
+        fs, path = storage.resolve(f)
+        rows += pq.read_metadata(path, filesystem=fs).num_rows
+    if rows == 0:
+        raise UserError(f"{key}: its {len(files)} Parquet file(s) hold no rows; give data")
+    return rows
 
 
 def manifest_digest(files: list[str]) -> str:

@@ -140,7 +140,13 @@ def check_weights_file(directory: str | os.PathLike) -> None:
             header = json.loads(f.read(size))
             if not isinstance(header, dict):
                 raise ValueError("header is not a mapping")
-    except (ValueError, UnicodeDecodeError) as e:
+            total = f.size()
+        # The header gives every tensor's byte range: a half-copied file is shorter.
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if 8 + size + max(ends, default=0) != total:
+            raise ValueError(f"{total:,} bytes where its header describes "
+                             f"{8 + size + max(ends, default=0):,}: truncated?")  # fmt: skip
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(
             f"checkpoint {directory}: {MODEL_FILE} is not a safetensors file ({e}); raypipe "
             "never unpickles weights: re-save it as safetensors or point to another checkpoint"

@@ -26,7 +26,13 @@ from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
 from raypipe.stages.connect import RayConnection
-from raypipe.stages.sweep import num_trials, repeat_seeds, run_repeats, run_sweep
+from raypipe.stages.sweep import (
+    num_trials,
+    repeat_seeds,
+    run_repeats,
+    run_sweep,
+    sweep_is_a_repeat,
+)
 from raypipe.stages.trial import ArmSweep
 from raypipe.summary import StageOutcome
 from raypipe.tracking import RunRef, Tag
@@ -249,15 +255,22 @@ def _data(cfg: PipelineConfig, ctx: RunContext, stage, inputs: _Start) -> _Data:
 
 def _run_repeats(spec: ArmSweep, result: ArmResult, data: _Data, rows: _Rows, seeded, stage):
     """The arm's best settings again with each repeat seed: on the fraction's rows, or (with
-    resample_labels) on each seed's own rows (`seeded`: seed -> _Rows); each scored on test."""
-    seeds = repeat_seeds(spec.seed, spec.cfg.repeats)
-    groups = [(rows, seeds)] if seeded is None else [(seeded[s], [s]) for s in seeds]
+    resample_labels) on each seed's own rows (`seeded`: seed -> _Rows); each scored on test.
+    A sweep of one setting is its own first repeat (see `sweep_is_a_repeat`)."""
+    seeds = repeat_seeds(spec.seed, spec.cfg)
     repeats = []
+    if sweep_is_a_repeat(spec.cfg):
+        seeds = seeds[1:]
+        repeats.append(Repeat(spec.seed, result.best_trial, result.best_metric, result.best_epoch,
+                              result.best_checkpoint, result.test_metrics))  # fmt: skip
+        publish.tag_run(stage.run, result.best_trial, {Tag.SEED: spec.seed})
+    groups = [(rows, seeds)] if seeded is None else [(seeded[s], [s]) for s in seeds]
     for where, group in groups:
         each = replace(spec, num_train_rows=where.num_rows * where.repeat)
-        repeats += run_repeats(each, result, seeds=group, stage_dir=where.where,
-                               train_ds=where.dataset, val_ds=data.validation)  # fmt: skip
-    return tuple(_repeat_on_test(r, data.test, stage.run) for r in repeats)
+        done = run_repeats(each, result, seeds=group, stage_dir=where.where,
+                           train_ds=where.dataset, val_ds=data.validation)  # fmt: skip
+        repeats += [_repeat_on_test(r, data.test, stage.run) for r in done]
+    return tuple(repeats)
 
 
 def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt, tags,
@@ -281,8 +294,10 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
     result = run_sweep(spec, stage_dir=rows.where, **datasets)
     result = _on_test(replace(result, num_train_rows=rows.num_rows), data.test, stage.run)
     if f.repeats > 1 and result.best_checkpoint is not None:
-        console.line(f"[finetune] repeating the {arm.label} arm's best settings with "
-                     f"{f.repeats} seeds" + (", each on its own rows" if seeded else ""))  # fmt: skip
+        again = (f"{f.repeats - 1} more seed(s) (its one sweep trial is the first of "
+                 f"{f.repeats})" if sweep_is_a_repeat(f) else f"{f.repeats} seeds")  # fmt: skip
+        console.line(f"[finetune] repeating the {arm.label} arm's best settings with {again}"
+                     + (", each on its own rows" if seeded else ""))  # fmt: skip
         result = replace(result, repeats=_run_repeats(spec, result, data, rows, seeded, stage))
     return result
 
@@ -306,7 +321,8 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
         if f.resample_labels and f.repeats > 1 and fraction < 1:
             seeded = {
                 s: _label_rows(cfg, ctx, stage, data.encode, data.full_train, fraction, seed=s)
-                for s in repeat_seeds(cfg.seed, f.repeats)
+                for s in repeat_seeds(cfg.seed, f)
+                if s != cfg.seed  # the sweep's own rows: its trial is that seed's repeat
             }
         for base, ckpt in bases:
             arm = Arm(base, fraction)

@@ -108,12 +108,26 @@ def register_best(
     )
 
 
-def log_run_metrics(stage_run: tracking.RunRef, run_name: str, metrics: dict, step: int) -> None:
-    """Metrics on the stage's child run `run_name` (a trial or a repeat), if it is there."""
+def _child_run(stage_run: tracking.RunRef, run_name: str) -> tracking.RunLogger | None:
+    """A logger for the stage's child run `run_name` (a trial or a repeat), if it is there."""
     runs = {r.info.run_name: r.info.run_id for r in tracking.child_runs(stage_run)}
-    if run_name in runs:
-        ref = tracking.RunRef(stage_run.tracking_uri, stage_run.experiment_id, runs[run_name])
-        tracking.RunLogger(ref).log_metrics(metrics, step)
+    if run_name not in runs:
+        return None
+    return tracking.RunLogger(
+        tracking.RunRef(stage_run.tracking_uri, stage_run.experiment_id, runs[run_name])
+    )
+
+
+def log_run_metrics(stage_run: tracking.RunRef, run_name: str, metrics: dict, step: int) -> None:
+    """Metrics on the stage's child run `run_name`, if it is there."""
+    if (logger := _child_run(stage_run, run_name)) is not None:
+        logger.log_metrics(metrics, step)
+
+
+def tag_run(stage_run: tracking.RunRef, run_name: str, tags: dict) -> None:
+    """Tags on the stage's child run `run_name`, if it is there."""
+    if (logger := _child_run(stage_run, run_name)) is not None:
+        logger.set_tags(tags)
 
 
 def log_test_metrics(stage_run: tracking.RunRef, result: ArmResult) -> None:

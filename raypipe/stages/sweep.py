@@ -205,7 +205,10 @@ class TrialRecord(tune.Callback):
         arm = self.spec.arm
         name = trial_name(arm, trial.trial_id) if seed is None else repeat_name(arm, seed)
         hp = hyperparameters(self.spec.cfg, trial.config or {})
-        write_done(storage.join(self.spec.trials_dir, name), hp, **what)
+        try:
+            write_done(storage.join(self.spec.trials_dir, name), hp, **what)
+        except Exception as e:  # the record only saves work on a resume: never end a sweep
+            console.line(f"[finetune] could not record trial {name} ({e}); a resume redoes it")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = {k: v for k, v in (trial.last_result or {}).items() if k not in _TUNE_KEYS}
@@ -213,8 +216,8 @@ class TrialRecord(tune.Callback):
             self._write(trial, result=result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.error_message or "the trial failed"
-        self._write(trial, error=error.strip().splitlines()[-1][:500] if error.strip() else error)
+        text = str(trial.get_error() or "").strip()  # Tune's text trace (error.txt), not its pickle
+        self._write(trial, error=text.splitlines()[-1][:500] if text else "the trial failed")
 
 
 def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -> tune.Tuner:
@@ -337,9 +340,19 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
     )
 
 
-def repeat_seeds(seed: int, repeats: int) -> list[int]:
-    """The seeds of the repeats: the same for every arm, so arm k and arm k are a pair."""
-    return [seed + 1000 * (k + 1) for k in range(repeats)]
+def sweep_is_a_repeat(cfg: FinetuneConfig) -> bool:
+    """A sweep of one setting picks nothing: its trial (the pipeline's seed, every epoch, the
+    same for each arm) is the arms' first repeat, and only the other seeds run again. Not
+    under PBT, whose one trial may change its settings as it goes."""
+    return num_trials(cfg.sweep) == 1 and cfg.sweep.scheduler != "pbt"
+
+
+def repeat_seeds(seed: int, cfg: FinetuneConfig) -> list[int]:
+    """The seeds of the repeats: the same for every arm, so arm k and arm k are a pair. The
+    first is the pipeline's own when the sweep's one trial is a repeat (`sweep_is_a_repeat`)."""
+    if sweep_is_a_repeat(cfg):
+        return [seed] + [seed + 1000 * k for k in range(1, cfg.repeats)]
+    return [seed + 1000 * (k + 1) for k in range(cfg.repeats)]
 
 
 def run_repeats(
