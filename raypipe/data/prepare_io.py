@@ -31,7 +31,7 @@ MANIFEST = "prepare.json"
 SPLITS = ("train", "validation")
 _SHARD = re.compile(r"part-\d{5}\.parquet")
 #: A compressed input expanding beyond this many times its size (and 64 MiB) is unreadable.
-MAX_EXPANSION = 200
+MAX_EXPANSION = 100
 _EXPANSION_FLOOR = 64 * 2**20
 
 
