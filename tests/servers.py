@@ -129,7 +129,11 @@ def mlflow_server(root: Path, port: int | None = None, *, auth: bool = False) ->
             "auth_cache_ttl_seconds = 60\n"
         )
         password = "test-" + os.urandom(8).hex()
-        extra = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+        extra = {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+        }  # for CSRF; fmt: skip
         client_env = {"MLFLOW_TRACKING_USERNAME": "raypipe", "MLFLOW_TRACKING_PASSWORD": password}
         cmd += ["--app-name", "basic-auth"]
     with open(log, "w") as out:
@@ -143,7 +147,7 @@ def mlflow_server(root: Path, port: int | None = None, *, auth: bool = False) ->
 
 
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "raypipe-test",
+    "AWS_ACCESS_KEY_ID": "AKIARAYPIPETESTKEY",  # not the bucket name: a key is masked wherever it shows
     "AWS_SECRET_ACCESS_KEY": "raypipe-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }

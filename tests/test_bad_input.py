@@ -460,3 +460,11 @@ def test_report_refuses_a_bad_tracking_uri_and_creates_nothing(tmp_path):
         assert done.returncode == 2 and words in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mistyped.db").exists()
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line(tmp_path, quickstart_data, capsys):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_config(quickstart_data, tmp_path)))
+    code = cli.main(["validate", str(tmp_path / "p.yaml"), "--set", "pretrain.max_steps=[1,"])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_USER_ERROR and len(err.splitlines()) == 1, err
+    assert "--set pretrain.max_steps: the value is invalid YAML at line 1" in err

@@ -133,4 +133,11 @@ def test_pipeline_runs_at_smoke_size(name, ray_session, quickstart_data, media_d
     if cfg.finetune is not None and cfg.finetune.sweep.scheduler == "pbt":
         # PBT trains in segments of perturbation_interval epochs, each continuing the last.
         runs = sorted(p.name for p in tmp_path.glob(f"{cfg.name}/finetune-*/trials/*"))
-        assert runs == ["pretrained-00000-000-001-1", "pretrained-00000-001-002-2"]
+        assert runs == [
+            "pretrained-00000",
+            "pretrained-00000-000-001-1",
+            "pretrained-00000-001-002-2",
+        ]
+        # The trial's own folder holds only the driver's record of it (what a resume replays).
+        (record,) = tmp_path.glob(f"{cfg.name}/finetune-*/trials/pretrained-00000/*")
+        assert record.name == "done.json"
