@@ -193,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _main(args)
+    except Exception:
+        # A bug, not a user's mistake: its traceback, with any credential in it masked (the
+        # console and a Ray job's log are both this stream).
+        import traceback
+
+        console.end_status()
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
     finally:
         from raypipe import localray
 

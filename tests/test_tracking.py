@@ -154,3 +154,16 @@ def test_error_lines_and_validate_never_show_a_secret(tmp_path, monkeypatch, cap
     assert "hf_verysecretvalue" not in out.out + out.err and "AKIAKEY" not in out.out + out.err
     assert out.err.startswith("raypipe: error:") and len(out.err.strip().splitlines()) == 1
     assert "storage: credentials inside an object-store URI are not supported" in out.err
+
+
+def test_a_bug_s_traceback_is_shown_with_its_credentials_masked(monkeypatch, capsys):
+    from raypipe import cli, config
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("could not open s3://AKIAKEY:wJalr-secret@bucket/runs")
+
+    monkeypatch.setattr(config, "load_config", broken)
+    assert cli.main(["validate", "p.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: could not open s3://***@bucket/runs" in err
+    assert "wJalr-secret" not in err and "AKIAKEY" not in err
