@@ -104,6 +104,24 @@ def test_finetune_loop_runs_without_ray_and_keeps_its_best_epoch(tmp_path):
     assert all(0 <= r["val/accuracy"] <= 1 for r in session.records)
 
 
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    """A trial resumes from its folder's checkpoint only when it was trained with the same
+    settings (a resumed search may put other settings under the same trial name)."""
+    from dataclasses import replace
+
+    data = {"train": _labeled(24, 1), "validation": _labeled(32, 2)}
+    job = _finetune_job(num_train_rows=24)
+    first = MemorySession(data, checkpoint_dir=tmp_path, prefix="epoch-")
+    finetune_loop(replace(job, cfg=job.cfg.model_copy(update={"epochs": 2})), first)
+    same = MemorySession(data, checkpoint_dir=tmp_path, prefix="epoch-")
+    finetune_loop(job, same)
+    resumed = [r["epoch"] for r in same.records]
+    assert resumed and resumed[0] > 1 and resumed[-1] == 3  # continued from a kept checkpoint
+    other = MemorySession(data, checkpoint_dir=tmp_path, prefix="epoch-")
+    finetune_loop(replace(job, hp={**job.hp, "lr": 1e-3}), other)
+    assert [r["epoch"] for r in other.records] == [1, 2, 3]  # started over
+
+
 @pytest.mark.slow
 def test_pretrain_loop_equals_ray_train_local_mode(ray_session, tmp_path):
     from raypipe.stages import pretrain

@@ -10,6 +10,7 @@ epoch: train, validate, log, and hand the session a checkpoint when the sweep me
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +234,13 @@ def score(checkpoint: str, batches, *, device: torch.device) -> dict[str, float]
     return task.summarize(evaluate(task, batches, device=device))
 
 
+def _same(recorded: dict | None, hp: dict) -> bool:
+    """Settings equal as they are written to meta.json (JSON: tuples become lists)."""
+    return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(
+        hp, sort_keys=True, default=str
+    )
+
+
 def finetune_loop(job: FinetuneJob, session: Session) -> None:
     """Train one trial (or one PBT segment of it); every epoch is recorded with the session."""
     cfg, device = job.cfg, session.device
@@ -241,9 +249,13 @@ def finetune_loop(job: FinetuneJob, session: Session) -> None:
     metric, mode = cfg.sweep.metric, cfg.sweep.mode
     start_epoch, best = 0, None
     with session.resumed() as d:
-        if d is not None:
+        # A checkpoint of other settings under this trial's name (a resumed search that
+        # suggested differently) is not this trial's: it starts over.
+        if d is not None and _same(read_meta(d).get("hyperparameters"), job.hp):
             start_epoch = _resume(d, task, optimizer, scheduler)["epoch"]
             best = read_meta(d)["metrics"][metric]
+        else:
+            d = None
     if d is None and job.continue_from:
         start_epoch = _continue(job, task, optimizer, scheduler, total_steps)
     two_towers = len(getattr(backbone, "modalities", ())) > 1
