@@ -51,12 +51,15 @@ def _one_line(e: yaml.YAMLError) -> str:
 
 def parse_yaml(text: str) -> Any:
     """`text` as YAML (safe), or a UserError with one line."""
+    loader = _Loader(text)  # what yaml.load does, with our SafeLoader subclass
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         raise UserError(_one_line(e)) from None
     except RecursionError:
         raise UserError(f"invalid YAML: nested more than {MAX_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml_file(path: Path) -> Any:
