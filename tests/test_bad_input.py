@@ -251,6 +251,10 @@ def _huge_seed(d, raw):
     raw["seed"] = 10**30
 
 
+def _absurd_model(d, raw):
+    raw["model"]["dim"] = 10**7  # under 2**53, and no machine holds it
+
+
 def _garbage_tokenizer(d, raw):
     (d / "tok.json").write_text('{"this is": "not a tokenizer"}')
     raw["tokenizer"] = {"path": str(d / "tok.json")}
@@ -310,6 +314,7 @@ CASES = {
     "infinite_lr": (_infinite_lr, ["pretrain.optimizer.lr", "not a finite number"]),
     "huge_max_steps": (_huge_max_steps, ["pretrain.max_steps", "far larger"]),
     "huge_seed": (_huge_seed, ["seed", "far larger"]),
+    "absurd_model": (_absurd_model, ["model.dim", "less than or equal to 65536"]),
     "malformed_yaml": (_malformed_yaml, ["p.yaml", "invalid YAML at line 3"]),
     "unknown_key": (_unknown_key, ["pretrain.max_stesp", "max_steps"]),
     "wrong_type": (_wrong_type, ["pretrain.max_steps", "integer"]),

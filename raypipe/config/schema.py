@@ -158,13 +158,17 @@ class TokenizerConfig(Strict):
 
 class ModelConfig(Strict):
     type: str = Field("transformer", description="Registered model name or 'pkg.module:Class'.")
-    dim: PositiveInt = Field(128, description="Hidden size.")
-    layers: PositiveInt = Field(4, description="Number of transformer blocks.")
-    heads: PositiveInt = Field(4, description="Attention heads; must divide dim.")
-    max_len: PositiveInt = Field(128, description="Longest sequence the model accepts.")
-    mlp_ratio: PositiveInt = Field(4, description="MLP hidden size as a multiple of dim.")
+    dim: PositiveInt = Field(128, le=65_536, description="Hidden size.")
+    layers: PositiveInt = Field(4, le=1024, description="Number of transformer blocks.")
+    heads: PositiveInt = Field(4, le=1024, description="Attention heads; must divide dim.")
+    max_len: PositiveInt = Field(
+        128, le=1_048_576, description="Longest sequence the model accepts."
+    )
+    mlp_ratio: PositiveInt = Field(4, le=64, description="MLP hidden size as a multiple of dim.")
     dropout: Fraction = Field(0.0, description="Dropout in the backbone.")
-    image_size: PositiveInt = Field(32, description="Image models: images are resized to this.")
+    image_size: PositiveInt = Field(
+        32, le=8192, description="Image models: images are resized to this."
+    )
     patch_size: PositiveInt = Field(4, description="ViT: patch side in pixels.")
     channels: Literal[1, 3] = Field(3, description="Image models: 1 (grayscale) or 3 (RGB).")
 
@@ -192,7 +196,7 @@ class FinetuneOptimizer(OptimizerBase):
 
 
 class ScalingConfig(Strict):
-    num_workers: PositiveInt = Field(1, description="Training workers (DDP ranks).")
+    num_workers: PositiveInt = Field(1, le=100_000, description="Training workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: PositiveFloat = Field(
         1.0, description="CPUs reserved per worker; leave some for Ray Data."
@@ -231,8 +235,8 @@ class PretrainConfig(Strict):
         default_factory=dict,
         description="Objective settings, e.g. {mask_prob: 0.15} or {temperature: 0.1}.",
     )
-    max_steps: PositiveInt = Field(description="Optimizer steps to train for.")
-    batch_size: PositiveInt = Field(32, description="Micro-batch size per worker.")
+    max_steps: PositiveInt = Field(le=10**9, description="Optimizer steps to train for.")
+    batch_size: PositiveInt = Field(32, le=1_048_576, description="Micro-batch size per worker.")
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     seq_len: PositiveInt | None = Field(None, description="Tokens per sequence; default max_len.")
     optimizer: PretrainOptimizer = Field(default_factory=PretrainOptimizer)
@@ -379,8 +383,10 @@ class FinetuneConfig(Strict):
     compare_scratch: bool | None = Field(
         None, description="Run every trial from random init too (default: on, unless init=scratch)."
     )
-    epochs: PositiveInt = Field(3, description="Epochs per trial (the scheduler may stop earlier).")
-    batch_size: PositiveInt = Field(32, description="Micro-batch size per worker.")
+    epochs: PositiveInt = Field(
+        3, le=100_000, description="Epochs per trial (the scheduler may stop earlier)."
+    )
+    batch_size: PositiveInt = Field(32, le=1_048_576, description="Micro-batch size per worker.")
     max_len: PositiveInt | None = Field(None, description="Tokens per example; default max_len.")
     input: Literal["text", "image"] | None = Field(
         None, description="Which input the task reads; default the model's first modality."
