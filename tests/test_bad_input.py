@@ -290,6 +290,10 @@ def _truncated_weights(d, raw):
     _finetune_only(raw, init=str(ckpt))
 
 
+def _tracking_uri_with_a_typo(d, raw):
+    raw["tracking"] = {"uri": "htp://mlflow.example:5000"}
+
+
 def _malformed_tracking_uri(d, raw):
     raw["tracking"] = {"uri": "sqlite:/relative/mlflow.db"}
 
@@ -437,12 +441,10 @@ def test_data_storage_and_tracking_mistakes_never_start_ray(case, tmp_path, quic
     import tempfile
 
     raw = tiny_config(quickstart_data, tmp_path / "runs")
-    if case == "bad_tracking_uri":
-        raw["tracking"] = {"uri": "htp://mlflow.example:5000"}
-    else:
-        {"missing_data_path": _missing_data_path, "storage_not_writable": _storage_not_writable}[
-            case
-        ](tmp_path, raw)
+    breakers = {"missing_data_path": _missing_data_path,
+                "storage_not_writable": _storage_not_writable,
+                "bad_tracking_uri": _tracking_uri_with_a_typo}  # fmt: skip
+    breakers[case](tmp_path, raw)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}

@@ -238,8 +238,9 @@ def _check_image(data: bytes) -> str | None:
         return type(e).__name__
 
 
-def _image_entries(source: Path) -> Iterator[tuple[str, bytes | Exception]]:
-    """(relative path, bytes) of every image file in a folder tree or a zip of one."""
+def _image_entries(source: Path) -> Iterator[tuple[str, bytes | str]]:
+    """(relative path, bytes, or why they could not be read) of every image file in a folder
+    tree or a zip of one."""
     if source.is_file():
         try:
             archive = zipfile.ZipFile(source)
@@ -260,25 +261,27 @@ def _image_entries(source: Path) -> Iterator[tuple[str, bytes | Exception]]:
             yield str(f.relative_to(source)), _read_bounded(f.stat().st_size, f.read_bytes)
 
 
-def _read_bounded(size: int, read) -> bytes | Exception:
-    """`read()`, unless the file (a zip entry: its declared size) is over MAX_IMAGE_BYTES."""
+def _read_bounded(size: int, read) -> bytes | str:
+    """`read()`, or why not: the file (a zip entry: its declared size) is over
+    MAX_IMAGE_BYTES, or reading it failed."""
     if size > MAX_IMAGE_BYTES:
-        return ValueError(f"{size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}")
+        return f"{size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}"
     try:
         return read()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        return e
+        return type(e).__name__
 
 
-def _describe(e: Exception) -> str:
-    return str(e) if type(e) is ValueError else type(e).__name__
+def _image_problem(data: bytes | str) -> str | None:
+    """Why an image is unreadable (None: it decodes)."""
+    return data if isinstance(data, str) else _check_image(data)
 
 
 def read_images(source: Path, outcome: PrepareOutcome) -> dict[str, list]:
     rows: dict[str, list] = {"image": [], "label": [], "path": []}
     classes: list[str] = []
     for rel, data in _image_entries(source):
-        problem = _describe(data) if isinstance(data, Exception) else _check_image(data)
+        problem = _image_problem(data)
         if problem:
             outcome.skipped.append(f"{rel} ({problem})")
             continue
@@ -333,7 +336,7 @@ def read_captions(images: Path, captions: Path, outcome: PrepareOutcome) -> dict
                 missing.add(name)
             else:
                 data = _read_bounded(f.stat().st_size, f.read_bytes)
-                problem = _describe(data) if isinstance(data, Exception) else _check_image(data)
+                problem = _image_problem(data)
                 if problem:
                     outcome.skipped.append(f"{name} ({problem})")
                 cache[name] = None if problem else data
