@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from raypipe.cli_prepare import add_prepare, run_prepare
 from raypipe.errors import UserError, find_user_error
 from raypipe.progress import console
 from raypipe.redaction import redact
@@ -56,61 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store "
         "./raypipe-runs/mlflow.db)",
     )
-    _add_prepare(sub)
+    add_prepare(sub)
     return parser
-
-
-def _add_prepare(sub) -> None:
-    """`raypipe prepare`: raw files to Parquet shards."""
-    prep = sub.add_parser(
-        "prepare",
-        help="turn raw files into Parquet shards",
-        description="Kinds: text FILES/DIRS (a row per line, paragraph or file); table FILE "
-        "(TSV/CSV/JSONL with text and label); images DIR|ZIP (class = parent folder); "
-        "captions IMAGES_DIR CAPTIONS_FILE; parallel SOURCE TARGET (line-aligned). "
-        "Files may be gzipped.",
-    )
-    prep.add_argument("kind", choices=["text", "table", "images", "captions", "parallel"])
-    prep.add_argument("inputs", nargs="+", help="input files or folders")
-    prep.add_argument("--out", required=True, help="output folder for the shards")
-    prep.add_argument(
-        "--unit",
-        choices=["line", "paragraph", "file"],
-        default="line",
-        help="text: one row per line, blank-line paragraph, or file",
-    )
-    prep.add_argument("--text-column", default="sentence", help="table: the text column")
-    prep.add_argument("--label-column", default="label", help="table: the label column")
-    prep.add_argument(
-        "--format",
-        choices=["auto", "tsv", "csv", "jsonl"],
-        default="auto",
-        help="table: file format (auto: from the extension)",
-    )
-    prep.add_argument(
-        "--regression", action="store_true", help="table: labels are numbers, not classes"
-    )
-    prep.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.0,
-        help="hold out this fraction (by image for captions) into OUT/validation",
-    )
-    prep.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet shard")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
-    order = prep.add_mutually_exclusive_group()
-    order.add_argument(
-        "--shuffle",
-        action="store_true",
-        help="text, parallel: shuffle rows (seeded); for corpora of independent lines, e.g. "
-        "several languages one after the other",
-    )
-    order.add_argument(
-        "--keep-order",
-        action="store_true",
-        help="table, images, captions: keep input order (default: seeded shuffle)",
-    )
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _quiet_driver() -> None:
@@ -131,36 +79,6 @@ def _error(message: str) -> int:
     # A credential in a path or a URI never reaches the console or a Ray job's log.
     print(f"raypipe: error: {redact(message)}", file=sys.stderr)
     return EXIT_USER_ERROR
-
-
-def _prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from raypipe.data.prepare import prepare
-
-    if not 0 <= args.validation_fraction < 1:
-        return _error(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
-    if args.shard_rows is not None and args.shard_rows < 1:
-        return _error(f"--shard-rows must be >= 1, got {args.shard_rows}")
-    media = args.kind in ("images", "captions")
-    options = {
-        "unit": args.unit,
-        "text_column": args.text_column,
-        "label_column": args.label_column,
-        "format": args.format,
-        "regression": args.regression,
-        "validation_fraction": args.validation_fraction,
-        "shard_rows": args.shard_rows or (1_000 if media else 10_000),
-        "seed": args.seed,
-        "overwrite": args.overwrite,
-        **({"shuffle": False} if args.keep_order else {"shuffle": True} if args.shuffle else {}),
-    }
-    try:
-        outcome = prepare(args.kind, args.inputs, out=args.out, options=options)
-    except UserError as e:
-        return _error(str(e))
-    print(outcome.describe(Path(args.out)))
-    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -211,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if args.command == "prepare":
-        return _prepare(args)
+        return run_prepare(args, _error)
     if args.command == "report":
         return _report(args)
     from raypipe.config import load_config, to_yaml

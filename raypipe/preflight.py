@@ -229,6 +229,10 @@ def _labeled_files(cfg: PipelineConfig, plan: Plan) -> Sources:
         )  # fmt: skip
         if split == "train":
             train_rows = min(rows, src.max_rows or rows)
+    if labeled and "num_classes" in task.option_names:
+        datafiles.check_one_label_map(
+            {s: datafiles.all_files(v) for s, v in sources.items()}, key="data.labeled"
+        )
     _check_batch_fits(cfg, train_rows)
     return sources
 

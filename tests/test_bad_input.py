@@ -105,6 +105,18 @@ def _test_split_missing_column(d, raw):
     raw["data"]["labeled"]["test"] = {"path": _shard(d / "t", body=TEXTS[:4], label=[0, 1, 0, 1])}
 
 
+def _label_maps_differ(d, raw):
+    """Train and test prepared apart from string labels: 'neg'/'pos' vs 'neg'/'neutral'."""
+    from raypipe.data.prepare import prepare
+
+    for split, names in (("train", ["neg", "pos"]), ("test", ["neg", "neutral"])):
+        f = d / f"{split}.tsv"
+        f.write_text("sentence\tlabel\n" + "".join(f"{t}\t{names[i % 2]}\n"
+                                                   for i, t in enumerate(TEXTS)))  # fmt: skip
+        prepare("table", [str(f)], out=str(d / split), options={})
+        raw["data"]["labeled"][split] = {"path": str(d / split)}
+
+
 def _test_labels_out_of_range(d, raw):
     path = _shard(d / "t", text=TEXTS[:4], label=[0, 1, 7, 1])
     raw["data"]["labeled"]["test"] = {"path": path}
@@ -329,6 +341,7 @@ CASES = {
     "missing_column": (_missing_column, ["['text'] not in", "columns present: ['body']"]),
     "labels_out_of_range": (_labels_out_of_range, ["labels range over [0, 5]", "num_classes"]),
     "test_split_missing_column": (_test_split_missing_column, ["data.labeled.test", "['text']"]),
+    "label_maps_differ": (_label_maps_differ, ["data.labeled.test", "another label map"]),
     "test_labels_out_of_range": (_test_labels_out_of_range, ["data.labeled.test", "[0, 7]"]),
     "baseline_without_one": (_baseline_for_a_task_without_one, ["finetune.baseline", "regression"]),
     "eval_without_held_out": (_eval_every_without_held_out_data, ["pretrain.eval_every", "needs"]),

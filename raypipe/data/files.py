@@ -135,6 +135,35 @@ def check_not_empty(files: list[str], *, key: str) -> int:
     return rows
 
 
+def label_maps(files: list[str]) -> dict[str, str]:
+    """{label-map digest: the first file carrying it} from the shards' footers, for shards
+    `raypipe prepare` numbered (others carry none)."""
+    from raypipe.data.labels import FOOTER_KEY
+
+    found: dict[str, str] = {}
+    for f in files:
+        fs, path = storage.resolve(f)
+        digest = (pq.read_schema(path, filesystem=fs).metadata or {}).get(FOOTER_KEY)
+        if digest is not None:
+            found.setdefault(digest.decode(errors="replace"), f)
+    return found
+
+
+def check_one_label_map(splits: dict[str, list[str]], *, key: str) -> None:
+    """Every labeled split's labels numbered by one label map (as `prepare` stamped them)."""
+    seen: list[tuple[str, str, str]] = []  # (split, digest, file)
+    for split, files in splits.items():
+        seen += [(split, d, f) for d, f in label_maps(files).items()]
+    if len({d for _, d, _ in seen}) > 1:
+        (s1, d1, f1), (s2, d2, f2) = seen[0], next(x for x in seen if x[1] != seen[0][1])
+        raise UserError(
+            f"{key}.{s2}: its labels were numbered by another label map than {key}.{s1} "
+            f"('{f2}': {d2}; '{f1}': {d1}), so the same id means different classes; prepare "
+            "every split with one map (`raypipe prepare table ... --labels "
+            "FIRST_OUT/labels.json`, or all splits in one call with --split)"
+        )
+
+
 def manifest_digest(files: list[str]) -> str:
     """A cheap identity of the input data: paths, sizes and modification times."""
     h = hashlib.sha256()

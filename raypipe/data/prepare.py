@@ -2,7 +2,7 @@
 
 Kinds (columns written):
     text      text files or folders of them (.gz too), a row per line / paragraph / file -> text
-    table     TSV / CSV / JSONL with a text and a label column                       -> text, label
+    table     TSV / CSV / JSONL / LABEL-text lines / a file per label (prepare_table.py)  -> text, label
     images    a folder tree or a zip of one, class = the image's parent folder         -> image, label, path
     captions  images plus a captions file (CSV image,caption or Flickr `img#k<TAB>caption`)
                                                                                          -> image, caption, path
@@ -16,17 +16,20 @@ directory renamed into place, and an existing output is never overwritten unless
 from __future__ import annotations
 
 import csv
+import glob
 import itertools
-import json
 import random
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raypipe.data.prepare_io import check_output, text_lines, write_output
+from raypipe.data import prepare_table as table
+from raypipe.data.labels import LABELS_FILE, LabelMap, parse_label_map, read_label_map
+from raypipe.data.prepare_io import MANIFEST, Skipped, check_output, text_lines, write_output
 from raypipe.errors import UserError
 
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".gz"}
 MAX_IMAGE_BYTES = 256 * 2**20  # an encoded image file; its pixels are bounded on decoding
@@ -35,32 +38,67 @@ MAX_IMAGE_BYTES = 256 * 2**20  # an encoded image file; its pixels are bounded o
 @dataclass
 class PrepareOutcome:
     rows: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=Skipped)
     labels: list[str] | None = None
+    label_map: LabelMap | None = None
 
     def describe(self, out: Path) -> str:
         written = ", ".join(
             f"{n} rows to {out / s}" if s else f"{n} rows to {out}" for s, n in self.rows.items()
         )
-        lines = [f"wrote {written}"]
+        total = sum(self.rows.values())
+        lines = [
+            f"read {total + self.skipped.rows} rows = {total} written + "
+            f"{self.skipped.rows} skipped",
+            f"wrote {written}",
+        ]
         if self.labels is not None:
             lines.append(
                 "labels: " + ", ".join(f"{i}={name}" for i, name in enumerate(self.labels))
             )
+        if self.label_map is not None:
+            lines.append(f"label map: {out / LABELS_FILE} (digest {self.label_map.digest})")
         if self.skipped:
             shown = "; ".join(self.skipped[:10])
             more = f" (and {len(self.skipped) - 10} more)" if len(self.skipped) > 10 else ""
             lines.append(f"skipped {len(self.skipped)} unreadable input(s): {shown}{more}")
+        if any("(not UTF-8)" in s for s in self.skipped):
+            lines.append(
+                "some lines are not UTF-8: if the files are latin-1 (or Windows cp1252), "
+                "prepare them again with --encoding latin-1"
+            )
         return "\n".join(lines)
 
 
 def _existing(paths: list[str], what: str) -> list[Path]:
-    out = []
-    for p in map(Path, paths):
+    """The inputs as a pipeline's paths are read: files, folders, globs (`data/*.tsv`,
+    `data/**/*.txt`); a table folder is the table files in it (not a prepare's own files)."""
+    out: list[Path] = []
+    for given in paths:
+        if set("*?[") & set(given):
+            found = sorted(Path(p) for p in glob.glob(given, recursive=True) if Path(p).is_file())
+            if not found:
+                raise UserError(f"prepare {what}: no files match '{given}'; check the pattern")
+            out.extend(found)
+            continue
+        p = Path(given)
         if not p.exists():
             raise UserError(f"prepare {what}: input '{p}' does not exist")
+        if what == "table" and p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _is_table_file(f))
+            if not found:
+                raise UserError(
+                    f"prepare table: folder '{p}' holds no table files ({TABLE_SUFFIXES})"
+                )
+            out.extend(found)
+            continue
         out.append(p)
     return out
+
+
+def _is_table_file(f: Path) -> bool:
+    name = f.name.removesuffix(".gz")
+    return f.name not in (MANIFEST, LABELS_FILE) and Path(name).suffix in TABLE_SUFFIXES
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -92,8 +130,10 @@ def _splits(rows: dict[str, list], group: list | None, fraction: float, seed: in
 
 
 def _write(out: Path, rows: dict[str, list], outcome: PrepareOutcome, *, options: dict,
-           group: list | None, shuffle: bool, manifest: dict) -> None:  # fmt: skip
-    """Write `rows` to `out` (or to out/train and out/validation), atomically."""
+           group: list | None, shuffle: bool, manifest: dict,
+           extra: dict[str, dict[str, list]] | None = None) -> None:  # fmt: skip
+    """Write `rows` to `out` (or to out/train and out/validation; to out/train when `extra`
+    splits go beside it), atomically."""
     if not next(iter(rows.values())):
         raise UserError(
             f"prepare: no readable rows found ({len(outcome.skipped)} unreadable input(s)"
@@ -104,8 +144,19 @@ def _write(out: Path, rows: dict[str, list], outcome: PrepareOutcome, *, options
     if shuffle:
         rows, group = _shuffled(rows, group, seed)
     splits = _splits(rows, group, options.get("validation_fraction", 0.0), seed)
-    manifest = {**manifest, "labels": outcome.labels, "skipped": outcome.skipped}
-    outcome.rows = write_output(out, splits, manifest, shard_rows=options.get("shard_rows", 10_000))
+    if extra:
+        splits = {"train": splits.pop(""), **splits} if "" in splits else splits
+        for name, more in extra.items():
+            if not more["text"]:
+                raise UserError(f"prepare: no readable rows for --split {name}")
+            splits[name] = _shuffled(more, None, seed)[0] if shuffle else more
+    labels = outcome.label_map
+    manifest = {**manifest, "labels": outcome.labels, "skipped": list(outcome.skipped),
+                "skipped_rows": outcome.skipped.rows}  # fmt: skip
+    outcome.rows = write_output(
+        out, splits, manifest, shard_rows=options.get("shard_rows", 10_000),
+        labels=None if labels is None else (labels.digest, labels.to_json()),
+    )  # fmt: skip
 
 
 # --- readers ------------------------------------------------------------------------------------
@@ -119,10 +170,13 @@ def _text_files(inputs: list[Path]) -> Iterator[Path]:
             yield p
 
 
-def read_text(inputs: list[Path], unit: str, outcome: PrepareOutcome) -> dict[str, list]:
+def read_text(inputs: list[Path], unit: str, outcome: PrepareOutcome, *,
+              encoding: str = "utf-8", clean: bool = False) -> dict[str, list]:  # fmt: skip
     texts: list[str] = []
     for f in _text_files(inputs):
-        lines = [line for _, line in text_lines(f, outcome.skipped)]
+        lines = [line for _, line in text_lines(f, outcome.skipped, encoding=encoding)]
+        if clean:
+            lines = [table.clean_text(line) for line in lines]
         if unit == "file":
             parts = ["\n".join(lines)]
         elif unit == "paragraph":
@@ -131,98 +185,6 @@ def read_text(inputs: list[Path], unit: str, outcome: PrepareOutcome) -> dict[st
             parts = lines
         texts.extend(p.strip() for p in parts if p.strip())
     return {"text": texts}
-
-
-def _table_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.name.removesuffix(".gz")
-    return (
-        "jsonl" if name.endswith((".jsonl", ".json")) else "csv" if name.endswith(".csv") else "tsv"
-    )
-
-
-def _jsonl_rows(path: Path, outcome: PrepareOutcome) -> Iterator[tuple[str, dict]]:
-    for i, line in text_lines(path, outcome.skipped):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            outcome.skipped.append(f"{path}:{i} (not JSON)")
-            continue
-        if isinstance(row, dict):
-            yield f"{path}:{i}", row
-        else:
-            outcome.skipped.append(f"{path}:{i} (not an object)")
-
-
-def _table_rows(path: Path, fmt: str, outcome: PrepareOutcome) -> Iterator[tuple[str, dict]]:
-    fmt = _table_format(path, fmt)
-    if fmt == "jsonl":
-        yield from _jsonl_rows(path, outcome)
-        return
-    # csv reads the decoded lines (a quoted field may span several); a line that is not UTF-8
-    # is already counted by text_lines.
-    lines = (line + "\n" for _, line in text_lines(path, outcome.skipped))
-    reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        header = [h.strip() for h in header]
-        for values in reader:
-            where = f"{path}:{reader.line_num}"
-            if not values:
-                continue
-            if len(values) != len(header):
-                outcome.skipped.append(f"{where} ({len(values)} fields, header has {len(header)})")
-                continue
-            yield where, dict(zip(header, values, strict=True))
-    except csv.Error as e:  # a field over csv's size limit, a NUL byte: the rest is unreadable
-        outcome.skipped.append(f"{path}:{reader.line_num} (unreadable from here: {e})")
-
-
-def read_table(
-    inputs: list[Path],
-    *,
-    text_column: str,
-    label_column: str,
-    fmt: str,
-    regression: bool,
-    outcome: PrepareOutcome,
-) -> dict[str, list]:
-    texts, raw_labels = [], []
-    for path in inputs:
-        for where, row in _table_rows(path, fmt, outcome):
-            if text_column not in row or label_column not in row:
-                raise UserError(
-                    f"prepare table: {where} has no column '{text_column}' or '{label_column}' "
-                    f"(columns: {sorted(row)}); set --text-column and --label-column"
-                )
-            text, label = row[text_column], row[label_column]
-            if text is None or not str(text).strip() or label is None or str(label).strip() == "":
-                outcome.skipped.append(f"{where} (empty text or label)")
-                continue
-            texts.append(str(text).strip())
-            raw_labels.append(str(label).strip())
-    if regression:
-        labels: list = []
-        keep_t = []
-        for t, v in zip(texts, raw_labels, strict=True):
-            try:
-                labels.append(float(v))
-                keep_t.append(t)
-            except ValueError:
-                outcome.skipped.append(f"label {v!r} is not a number")
-        return {"text": keep_t, "label": labels}
-    try:
-        return {"text": texts, "label": [int(v) for v in raw_labels]}
-    except ValueError:
-        names = sorted(set(raw_labels))
-        outcome.labels = names
-        index = {n: i for i, n in enumerate(names)}
-        return {"text": texts, "label": [index[v] for v in raw_labels]}
 
 
 def _check_image(data: bytes) -> str | None:
@@ -379,18 +341,23 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Prepare
     """Run one kind of preparation; returns what was written and skipped."""
     outcome = PrepareOutcome()
     paths = _existing(inputs, kind)
-    check_output(Path(out), paths, overwrite=options.get("overwrite", False))  # before reading
+    also = [Path(f) for f in (options.get("label_files") or {}).values()] + [
+        f for more in (options.get("splits") or {}).values() for f in _existing(more, kind)
+    ]
+    if not paths and not (kind == "table" and options.get("label_files")):
+        raise UserError(f"prepare {kind}: give the input files or folders")
+    for f in also:
+        if not f.is_file():
+            raise UserError(f"prepare {kind}: input '{f}' does not exist or is not a file")
+    # before reading
+    check_output(Path(out), paths + also, overwrite=options.get("overwrite", False))
+    extra = None
     if kind == "text":
-        rows = read_text(paths, options.get("unit", "line"), outcome)
+        rows = read_text(paths, options.get("unit", "line"), outcome,
+                         encoding=options.get("encoding", "utf-8"),
+                         clean=options.get("clean", False))  # fmt: skip
     elif kind == "table":
-        rows = read_table(
-            paths,
-            text_column=options.get("text_column", "sentence"),
-            label_column=options.get("label_column", "label"),
-            fmt=options.get("format", "auto"),
-            regression=options.get("regression", False),
-            outcome=outcome,
-        )
+        rows, extra = _read_tables(paths, options, outcome)
     elif kind == "images":
         if len(paths) != 1:
             raise UserError("prepare images: give one folder or zip")
@@ -411,5 +378,52 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Prepare
         # Text keeps its order (neighbouring lines are context); labeled and image rows shuffle.
         shuffle=options.get("shuffle", kind in ("table", "images", "captions")),
         manifest={"kind": kind, "inputs": [str(p) for p in paths], "options": options},
+        extra=extra,
     )  # fmt: skip
     return outcome
+
+
+def table_layout(options: dict) -> table.TableLayout:
+    columns = options.get("text_column") or "sentence"
+    return table.TableLayout(
+        fmt=options.get("format", "auto"),
+        header=options.get("header", True),
+        text_columns=tuple(c.strip() for c in str(columns).split(",") if c.strip()),
+        label_column=str(options.get("label_column") or "label"),
+        separator=options.get("separator"),
+        encoding=options.get("encoding", "utf-8"),
+        clean=options.get("clean", False),
+    )
+
+
+def _given_labels(options: dict) -> LabelMap | str | None:
+    """`--labels FILE` (an earlier prepare's map) or `--label-map SPEC`, if either."""
+    file, spec = options.get("labels_file"), options.get("label_map")
+    if file and spec:
+        raise UserError("prepare: give --labels or --label-map, not both")
+    if options.get("regression") and (file or spec):
+        raise UserError("prepare: --regression labels are numbers; drop --labels / --label-map")
+    return read_label_map(file) if file else parse_label_map(spec) if spec else None
+
+
+def _read_tables(paths: list[Path], options: dict, outcome: PrepareOutcome):
+    """The main inputs' rows and each `--split`'s, numbered by one label map."""
+    layout = table_layout(options)
+    given = _given_labels(options)  # a bad map is reported before any reading
+    by_file = {name: Path(f) for name, f in (options.get("label_files") or {}).items()}
+    main = table.read_labeled(paths, layout, outcome.skipped)
+    if by_file:
+        files = table.read_label_files(by_file, layout, outcome.skipped)
+        main = table.Labeled(main.where + files.where, main.texts + files.texts,
+                             main.raw + files.raw)  # fmt: skip
+    extra = {
+        name: table.read_labeled(_existing(inputs, "table"), layout, outcome.skipped)
+        for name, inputs in (options.get("splits") or {}).items()
+    }
+    numbered, labels = table.label_dataset(
+        {"": main, **extra}, given,
+        regression=options.get("regression", False), skipped=outcome.skipped,
+    )  # fmt: skip
+    outcome.label_map = labels
+    outcome.labels = labels.names() if labels is not None else None
+    return numbered.pop(""), numbered

@@ -25,18 +25,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypipe.atomic import atomic_directory
+from raypipe.data.labels import FOOTER_KEY, LABELS_FILE
 from raypipe.errors import UserError
 
 MANIFEST = "prepare.json"
 SPLITS = ("train", "validation")
 _SHARD = re.compile(r"part-\d{5}\.parquet")
+_SPLIT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 #: A compressed input expanding beyond this many times its size (and 64 MiB) is unreadable.
 MAX_EXPANSION = 100
 _EXPANSION_FLOOR = 64 * 2**20
+_NAMES = {"utf-8": "UTF-8"}
 
 
 class Unreadable(Exception):
     """An input (or the rest of it) that cannot be read: counted and named, never fatal."""
+
+
+class Skipped(list):
+    """What a prepare left out, named (a list of "where (why)"), and how many of the input's
+    rows that was: `rows read = rows written + Skipped.rows`."""
+
+    rows: int = 0
+
+    def row(self, where: str) -> None:
+        """One input row left out."""
+        self.append(where)
+        self.rows += 1
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -61,19 +76,21 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
         raise Unreadable(f"{type(e).__name__}: {e}") from None
 
 
-def text_lines(path: Path, skipped: list[str], *, whole: bool = False) -> Iterator[tuple[int, str]]:
-    """(line number, text without its newline) for every line that decodes as UTF-8; a line
-    that does not is named in `skipped`. An unreadable rest of the file is named there too
-    (the lines before it are kept), or, with `whole`, is a UserError."""
+def text_lines(
+    path: Path, skipped: Skipped, *, whole: bool = False, encoding: str = "utf-8"
+) -> Iterator[tuple[int, str]]:
+    """(line number, text without its newline) for every line that decodes in `encoding`; a
+    line that does not is a row named in `skipped`. An unreadable rest of the file is named
+    there too (the lines before it are kept), or, with `whole`, is a UserError."""
     i = 0
     try:
         for i, raw in enumerate(_raw_lines(path), start=1):
-            if i == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            if i == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")) and encoding == "utf-8":
                 raise Unreadable("UTF-16 text: save it as UTF-8")
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(encoding)
             except UnicodeDecodeError:
-                skipped.append(f"{path}:{i} (not UTF-8)")
+                skipped.row(f"{path}:{i} (not {_NAMES.get(encoding, encoding)})")
                 continue
             if i == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark is not text
@@ -132,10 +149,13 @@ def _not_written_by_prepare(out: Path) -> str | None:
     """The first thing in `out` that a `prepare` would not have written (None: all of it)."""
     if not (out / MANIFEST).is_file():
         return f"no {MANIFEST}"
+    splits = {*SPLITS, *_manifest_splits(out / MANIFEST)}
     for entry in sorted(out.iterdir()):
-        if entry.name == MANIFEST or (entry.is_file() and _SHARD.fullmatch(entry.name)):
+        if entry.name in (MANIFEST, LABELS_FILE) or (
+            entry.is_file() and _SHARD.fullmatch(entry.name)
+        ):
             continue
-        if entry.is_dir() and entry.name in SPLITS:
+        if entry.is_dir() and entry.name in splits:
             stray = next((e for e in sorted(entry.iterdir()) if not _SHARD.fullmatch(e.name)), None)
             if stray is None:
                 continue
@@ -144,26 +164,56 @@ def _not_written_by_prepare(out: Path) -> str | None:
     return None
 
 
+def _manifest_splits(manifest: Path) -> list[str]:
+    """The split folders an earlier prepare's manifest says it wrote."""
+    try:
+        rows = json.loads(manifest.read_text(encoding="utf-8")).get("rows", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return (
+        [s for s in rows if isinstance(s, str) and _SPLIT_NAME.fullmatch(s)]
+        if isinstance(rows, dict)
+        else []
+    )
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 
-def write_split(directory: Path, rows: dict[str, list], shard_rows: int) -> int:
+def write_split(
+    directory: Path, rows: dict[str, list], shard_rows: int, metadata: dict | None = None
+) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     n = len(next(iter(rows.values())))
     for i, start in enumerate(range(0, max(n, 1), shard_rows)):
-        part = {k: v[start : start + shard_rows] for k, v in rows.items()}
-        pq.write_table(pa.table(part), directory / f"part-{i:05d}.parquet")
+        part = pa.table({k: v[start : start + shard_rows] for k, v in rows.items()})
+        if metadata:
+            part = part.replace_schema_metadata(metadata)
+        pq.write_table(part, directory / f"part-{i:05d}.parquet")
     return n
 
 
-def write_output(out: Path, splits: dict[str, dict[str, list]], manifest: dict, *, shard_rows):
+def write_output(
+    out: Path,
+    splits: dict[str, dict[str, list]],
+    manifest: dict,
+    *,
+    shard_rows: int,
+    labels: tuple[str, str] | None = None,
+):
     """Write each split ("" = `out` itself) and the manifest, all at once: the old output,
-    if any, is replaced only when the new one is complete. Returns the rows per split."""
+    if any, is replaced only when the new one is complete. `labels` (digest, labels.json
+    text): the label map, written as labels.json and stamped into every shard's footer.
+    Returns the rows per split."""
+    metadata = {FOOTER_KEY: labels[0].encode()} if labels else None
     try:
         with atomic_directory(out) as tmp:
             counts = {
-                s: write_split(tmp / s if s else tmp, r, shard_rows) for s, r in splits.items()
+                s: write_split(tmp / s if s else tmp, r, shard_rows, metadata)
+                for s, r in splits.items()
             }
+            if labels:
+                (tmp / LABELS_FILE).write_text(labels[1], encoding="utf-8")
             (tmp / MANIFEST).write_text(json.dumps({**manifest, "rows": counts}, indent=2))
     except OSError as e:
         raise UserError(f"prepare: cannot write '{out}' ({e.strerror or e}); check --out") from None
