@@ -29,8 +29,11 @@ _pending: dict[str, object] = {}  # "done" (an Event), and "error" if the start 
 
 
 def init(address: str | None, *, verbose: bool) -> None:
-    """`ray.init` for raypipe: a new embedded Ray (address None) or the given cluster."""
+    """`ray.init` for raypipe: a new embedded Ray (address None) or the given cluster, with
+    the pipeline's plugins shipped to every process (raypipe/plugins.py)."""
     import ray
+
+    from raypipe import plugins
 
     if not address:
         for key, value in LOCAL_RAY_ENV.items():
@@ -41,6 +44,7 @@ def init(address: str | None, *, verbose: bool) -> None:
         address=address or "local",
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=True,
+        runtime_env=plugins.runtime_env(),
     )
 
 

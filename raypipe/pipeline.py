@@ -59,6 +59,7 @@ def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> No
     )  # fmt: skip
     rows = {a.arm.label: a.to_dict() for a in result.arms}
     summary.metric, summary.arms, summary.model = f.sweep.metric, rows, result.model.to_dict()
+    summary.mode = f.sweep.mode
     publish.log_label_efficiency(cfg, parent, rows)
     summary.stages.append(outcome)
 

@@ -13,9 +13,9 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from raypipe import registry
+from raypipe import probe, registry
 from raypipe.config import FinetuneConfig, LabeledSource, PipelineConfig, Source
-from raypipe.data.kinds import DataKind, labeled_kind, pretrain_kind
+from raypipe.data.kinds import PRETRAIN_KINDS, DataKind, labeled_kind, pretrain_kind
 from raypipe.errors import UserError
 from raypipe.vocab import PAD_ID
 
@@ -152,6 +152,13 @@ def _placeholder_tokenizer() -> str:
     return Tokenizer(models.BPE()).to_str()
 
 
+def _check_data_kind(cls, key: str, kinds) -> None:
+    if cls.data_kind not in kinds:
+        raise UserError(
+            f"{key}: {cls.__name__}.data_kind is {cls.data_kind!r}; it must be one of {list(kinds)}"
+        )
+
+
 def task_options(f: FinetuneConfig, task_cls, input_: str | None, dropout: float) -> dict:
     values = {"num_classes": f.num_classes, "pool": f.pool, "dropout": dropout, "input": input_}
     return {k: values[k] for k in task_cls.option_names} | dict(f.options)
@@ -182,6 +189,9 @@ def make_plan(cfg: PipelineConfig) -> Plan:
                 raise _option_error(
                     "pretrain.options", plan.objective, cfg.pretrain.options, e
                 ) from None
+            _check_data_kind(plan.objective, "pretrain.objective", PRETRAIN_KINDS)
+            seq_len = cfg.pretrain.seq_len or cfg.model.max_len
+            probe.check_objective(objective, spec["config"], seq_len, "pretrain.objective")
         if cfg.pretrain.strategy == "fsdp" and plan.objective.owns_step:
             raise UserError(
                 f"pretrain.strategy: fsdp does not support the '{cfg.pretrain.objective}' "
@@ -190,6 +200,7 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if cfg.finetune is not None:
         f = cfg.finetune
         plan.task = _resolve("task", f.task, "finetune.task")
+        _check_data_kind(plan.task, "finetune.task", ("labeled", "pairs"))
         unused = [
             k for k in _TASK_SETTINGS if k in f.model_fields_set and k not in plan.task.option_names
         ]
@@ -218,7 +229,11 @@ def make_plan(cfg: PipelineConfig) -> Plan:
             try:
                 from raypipe.tasks import build_task
 
-                build_task(f.task, backbone, options, tokenizer_json=_placeholder_tokenizer())
+                task = build_task(
+                    f.task, backbone, options, tokenizer_json=_placeholder_tokenizer()
+                )
             except (TypeError, ValueError) as e:
                 raise _option_error("finetune.options", plan.task, f.options, e) from None
+            length = f.max_len or spec["config"].get("max_len") or cfg.model.max_len
+            probe.check_task(task, spec["config"], length, f.sweep.metric, "finetune.task")
     return plan

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from raypipe import storage, tracking
+from raypipe import plugins, storage, tracking
 from raypipe.config import PipelineConfig
 from raypipe.data import files as datafiles
 from raypipe.data.synthetic import generate_quickstart
@@ -65,6 +65,7 @@ class RunContext:
 
 def check_offline(cfg: PipelineConfig) -> None:
     """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
+    plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
     if all(storage.exists(p) for p in generated_paths(cfg)):
         _data_files(cfg, plan)
@@ -88,6 +89,7 @@ def check_inputs(cfg: PipelineConfig, *, address: str | None = None) -> Checked:
     """Every check of the config, the data, the storage and the tracking store that can be
     made without opening it, as `raypipe run` makes them before it starts the embedded Ray.
     Nothing is written but the storage probe (and missing quickstart data)."""
+    plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
     _generate_if_missing(cfg)
     sources = _data_files(cfg, plan)

@@ -90,6 +90,16 @@ def task_metrics(name: str) -> list[str] | None:
     return None if declared is None else [f"val/{m}" for m in declared] + ["train/loss"]
 
 
+def task_minimizes(name: str, metric: str) -> bool | None:
+    """Whether task `name` declares lower-is-better for `metric` (`Task.minimize`); None
+    when the task cannot be loaded."""
+    try:
+        cls = resolve("task", name)
+    except KeyError:
+        return None
+    return metric.split("/", 1)[-1] in getattr(cls, "minimize", ())
+
+
 def task_baseline(name: str) -> str | None:
     """The classical baseline task `name` declares (`Task.baseline`), if any."""
     try:
@@ -119,5 +129,14 @@ def _import(target: str, failure: str) -> Any:
     module_name, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise KeyError(f"{failure}: {e}") from e
+    except ModuleNotFoundError as e:
+        hint = (
+            "; list the package folder under `plugins:` in the pipeline file"
+            if e.name == module_name.split(".")[0]
+            else ""
+        )
+        raise KeyError(f"{failure}: {e}{hint}") from e
+    except SyntaxError as e:
+        raise KeyError(f"{failure}: syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - a plugin's import may raise anything
+        raise KeyError(f"{failure}: {type(e).__name__}: {e}") from e

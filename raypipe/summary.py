@@ -27,6 +27,7 @@ class Summary:
     seconds: float = 0.0
     stages: list[StageOutcome] = field(default_factory=list)
     metric: str | None = None
+    mode: str | None = None  # the sweep's: "max" (higher is better) or "min"
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
 
@@ -140,6 +141,14 @@ def _gap_text(pre: dict, other: dict, metric: str, test: bool) -> str | None:
     return text
 
 
+def _sign(s: Summary, arm: str) -> str:
+    """Which sign of a gap is the win, in words (the metric's direction is the sweep's mode)."""
+    if s.mode not in ("min", "max"):
+        return ""
+    sign, word = ("-", "lower") if s.mode == "min" else ("+", "higher")
+    return f"; {word} {s.metric} is better, so {sign} means {arm} wins"
+
+
 def _arm_lines(s: Summary) -> list[str]:
     test = on_test(s.arms)
     repeated = any(a.get("repeats") for a in s.arms.values())
@@ -158,10 +167,10 @@ def _arm_lines(s: Summary) -> list[str]:
         lines.append(f"    {arm:<{width}} {value}  ({where}" + (f": {params})" if params else ")"))
     pre, scr, base = (s.arms.get(k) for k in ("pretrained", "scratch", "baseline"))
     if pre and scr and (gap := _gap_text(pre, scr, s.metric, test)):
-        lines.append(f"    {'gap':<{width}} {gap} (pretrained - scratch)")
+        lines.append(f"    {'gap':<{width}} {gap} (pretrained - scratch{_sign(s, 'pretrained')})")
     neural, name = (pre, "pretrained") if pre else (scr, "scratch")
     if neural and base and (gap := _gap_text(neural, base, s.metric, test)):
-        lines.append(f"    {'vs linear':<{width}} {gap} ({name} - baseline)")
+        lines.append(f"    {'vs linear':<{width}} {gap} ({name} - baseline{_sign(s, name)})")
     return lines
 
 

@@ -76,7 +76,8 @@ def _pipeline(stack, name: str) -> dict:
     }
 
 
-def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout: float = 600):
+def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout: float = 600,
+            pipeline: dict | None = None):  # fmt: skip
     """Submit `raypipe run` as a Ray job; wait; return (status, logs, max worker nodes seen).
 
     `working_dir=False` runs the driver in the test's own directory instead of a Ray-managed
@@ -87,7 +88,8 @@ def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout
     from ray.job_submission import JobSubmissionClient
 
     cluster = stack["cluster"]
-    (stack["dir"] / "pipeline.yaml").write_text(yaml.safe_dump(_pipeline(stack, name)))
+    pipeline = pipeline or _pipeline(stack, name)
+    (stack["dir"] / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
     command = f"{sys.executable} -m raypipe run pipeline.yaml " + " ".join(
         f"--set {o}" for o in overrides
     )
@@ -225,6 +227,36 @@ def test_job_with_a_bad_data_path_fails_with_one_line(stack):
     assert status == "FAILED"
     assert f"raypipe: error: data.unlabeled.path: data path '{missing}' does not exist" in logs
     assert "Traceback" not in logs
+
+
+def test_job_ships_the_plugin_its_pipeline_names(stack):
+    """The example plugin (objective and task), in a folder the driver's directory does not
+    hold at its top (Ray would put that directory on its workers' path): the pretraining and
+    fine-tuning workers on the autoscaled nodes import it because raypipe shipped it."""
+    import shutil
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "plugin" / "myext"
+    shutil.copytree(example, stack["dir"] / "code" / "myext", dirs_exist_ok=True)
+    pipeline = _pipeline(stack, "plugjob")
+    pipeline["plugins"] = ["code/myext"]
+    pipeline["pretrain"].update(objective="myext.objectives:ReplacedTokenDetection", max_steps=10)
+    pipeline["finetune"].update(task="myext.tasks:SmoothedClassification", num_classes=2)
+    status, logs, _ = _submit(stack, "plugjob", working_dir=False, pipeline=pipeline)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "pretrain step 10/10" in logs and "best val/error_rate" in logs, logs[-4000:]
+
+    from mlflow.tracking import MlflowClient
+
+    url = stack["mlflow"].url
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("cluster").experiment_id
+    (run,) = client.search_runs(
+        [exp], filter_string="tags.`raypipe.kind` = 'pipeline' and attributes.run_name = 'plugjob'"
+    )
+    stages = {r.info.run_name: r for r in _children(client, exp, run.info.run_id)}
+    assert client.get_metric_history(stages["pretrain"].info.run_id, "train/detect_acc")
+    trials = _children(client, exp, stages["finetune"].info.run_id)
+    assert any("val/error_rate" in t.data.metrics for t in trials)
 
 
 def test_idle_worker_nodes_are_removed(stack):

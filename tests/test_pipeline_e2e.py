@@ -79,6 +79,11 @@ def test_summary_compares_arms(first_run):
         assert Path(arm["best_checkpoint"]).is_dir()
     text = format_summary(summary)
     assert "pretrained" in text and "scratch" in text and "mlflow ui --backend-store-uri" in text
+    # How many training texts finetune.max_len cuts (the tiny model's 32 tokens) is said.
+    assert "training rows longer than max_len 32" in summary.stages[1].metrics["texts cut"]
+    assert (
+        "(pretrained - scratch; higher val/accuracy is better, so + means pretrained wins)" in text
+    )
 
 
 def test_pretrain_checkpoints_in_storage(first_run):

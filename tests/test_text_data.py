@@ -15,6 +15,7 @@ from raypipe.data.text import (
     SPECIAL_TOKENS,
     check_tokenizer,
     encode_labeled,
+    length_profile,
     load_tokenizer,
     pack_blocks,
     train_tokenizer,
@@ -84,6 +85,28 @@ def test_encode_labeled_pads_truncates_and_prefixes_bos(tokenizer):
     assert (ids[0, len(first) :] == PAD_ID).all()
     second = [BOS_ID] + tokenizer.encode(texts[1], add_special_tokens=False).ids
     assert ids[1].tolist() == second[:12]
+
+
+@pytest.mark.parametrize("how", ["head", "tail", "head+tail"])
+def test_long_texts_keep_the_tokens_truncation_names(tokenizer, how):
+    text = "the film was good and the cast was bad and " * 5
+    doc = tokenizer.encode(text, add_special_tokens=False).ids
+    out = encode_labeled(
+        {"text": np.array([text], dtype=object), "label": np.array([1])},
+        tokenizer_json=tokenizer.to_str(), text_column="text", label_column="label", max_len=13,
+        truncation=how,
+    )["input_ids"][0].tolist()  # fmt: skip
+    # Reference, by hand: 12 tokens of room after <bos>; head+tail keeps 3 and the last 9.
+    want = {"head": doc[:12], "tail": doc[-12:], "head+tail": doc[:3] + doc[-9:]}[how]
+    assert len(doc) > 12 and out == [BOS_ID, *want]
+
+
+def test_length_profile_counts_rows_cut_and_tokens_kept(tokenizer):
+    texts = ["good .", "the film was good and the cast was bad and " * 5]
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
+    got = length_profile(texts, tokenizer.to_str(), max_len=13)
+    assert got["rows"] == 2 and got["truncated_share"] == 0.5
+    assert got["tokens_kept_share"] == pytest.approx((lengths[0] + 12) / sum(lengths))
 
 
 def test_encode_labeled_rejects_bad_labels_and_nulls(tokenizer):

@@ -104,6 +104,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     raw = read_yaml_file(path)
     if overrides and isinstance(raw, dict):
         raw = apply_overrides(raw, overrides, source=source)
+    named = raw.get("plugins") if isinstance(raw, dict) else None
+    if isinstance(named, list) and all(isinstance(p, str) and p for p in named):
+        from raypipe import plugins
+
+        # Before the schema's checks, which ask the plugin's task for its metrics.
+        plugins.activate(named)
     return parse_config(raw, source=source)
 
 

@@ -152,7 +152,8 @@ def _sweep_checks(f: FinetuneConfig) -> list[str]:
     metrics = registry.task_metrics(f.task)
     s.metric = s.metric or (metrics[0] if metrics else "val/loss")
     if s.mode is None:
-        lower_is_better = s.metric.endswith(("loss", "mse", "mae", "error"))
+        declared = registry.task_minimizes(f.task, s.metric)
+        lower_is_better = declared or s.metric.endswith(("loss", "mse", "mae", "error"))
         s.mode = "min" if lower_is_better else "max"
     if metrics is not None and f.sweep.metric not in metrics:
         problems.append(

@@ -387,7 +387,16 @@ class FinetuneConfig(Strict):
         3, le=100_000, description="Epochs per trial (the scheduler may stop earlier)."
     )
     batch_size: PositiveInt = Field(32, le=1_048_576, description="Micro-batch size per worker.")
-    max_len: PositiveInt | None = Field(None, description="Tokens per example; default max_len.")
+    max_len: PositiveInt | None = Field(
+        None,
+        description="Tokens per example (with <bos>); default model.max_len. Longer texts are "
+        "cut (the summary says how many): see truncation.",
+    )
+    truncation: Literal["head", "tail", "head+tail"] = Field(
+        "head",
+        description="Which tokens a text longer than max_len keeps: its start, its end, or a "
+        "quarter from the start and the rest from the end.",
+    )
     input: Literal["text", "image"] | None = Field(
         None, description="Which input the task reads; default the model's first modality."
     )
@@ -466,6 +475,13 @@ class PipelineConfig(Strict):
     storage: str = Field("./raypipe-runs", description="Where checkpoints and outputs go.")
     seed: int = Field(
         0, ge=0, le=2**31 - 1, description="Seed for model init, data order and sampling."
+    )
+    plugins: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Package folders of your own code (objectives, tasks, models), relative to "
+        "the current directory; raypipe imports them and ships them to every Ray process. "
+        "Name their classes as 'package.module:Class'.",
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)

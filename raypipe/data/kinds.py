@@ -42,6 +42,7 @@ class Needs:
     tokenizer_json: str | None = None
     length: int | None = None  # tokens per row (pretraining: seq_len + the objective's extra)
     label_dtype: str | None = None
+    truncation: str = "head"  # labeled text longer than `length`: which tokens stay
 
     def images(self) -> dict[str, Any]:
         return {
@@ -112,7 +113,7 @@ LABELED_KINDS = {
         encoding=lambda n: (
             encode_labeled,
             {**n.text(), "label_column": n.source.label_column, "label_dtype": n.label_dtype,
-             "max_len": n.length},
+             "max_len": n.length, "truncation": n.truncation},
         ),
     ),
     "image": DataKind(

@@ -229,6 +229,7 @@ def labeled_dataset(
     model_config: dict[str, Any],
     preprocess: PreprocessConfig | None = None,
     bad_image_tally=None,
+    truncation: str = "head",
 ) -> ray.data.Dataset:
     """Encoded once and materialized: every trial and epoch re-reads the same blocks.
     With `bad_image_tally` (a Tally), rows whose image does not decode are dropped and counted.
@@ -236,7 +237,8 @@ def labeled_dataset(
     kind "labeled": one input column (text or image) + label; "pairs": source -> target text.
     """
     described = labeled_kind(kind, input)
-    needs = Needs(source, model_config, tokenizer_json, length=max_len, label_dtype=label_dtype)
+    needs = Needs(source, model_config, tokenizer_json, length=max_len, label_dtype=label_dtype,
+                  truncation=truncation)  # fmt: skip
     enc = described.encode(needs)
     ds = ray.data.read_parquet(files, columns=enc.columns)
     if source.max_rows:

@@ -92,12 +92,46 @@ def _pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
+#: How a text longer than its room is cut: keep its start, its end, or both (a quarter from the
+#: start and the rest from the end, as long-review classifiers commonly do).
+TRUNCATIONS = ("head", "tail", "head+tail")
+
+
+def kept(doc: list[int], room: int, how: str = "head") -> list[int]:
+    """The `room` tokens of `doc` that a row keeps (all of them when it fits)."""
+    if len(doc) <= room:
+        return doc
+    if how == "tail":
+        return doc[len(doc) - room :]
+    if how == "head+tail":
+        head = room // 4
+        return doc[:head] + doc[len(doc) - (room - head) :]
+    return doc[:room]
+
+
 def encode_texts(
-    batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, length: int, eos: bool
-) -> np.ndarray:
-    """<bos> + tokens (+ <eos>), truncated to `length` and right-padded with <pad>: (B, length)."""
+    batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, length: int,
+    eos: bool, truncation: str = "head",
+) -> np.ndarray:  # fmt: skip
+    """<bos> + tokens (+ <eos>), cut to `length` (`truncation` says which tokens stay) and
+    right-padded with <pad>: (B, length)."""
     ids = _encode(load_tokenizer(tokenizer_json), _texts(batch, text_column))
-    return _pad_rows([[BOS_ID, *doc, *([EOS_ID] if eos else [])] for doc in ids], length)
+    room = max(length - 1 - int(eos), 1)
+    rows = [[BOS_ID, *kept(doc, room, truncation), *([EOS_ID] if eos else [])] for doc in ids]
+    return _pad_rows(rows, length)
+
+
+def length_profile(texts: list[str], tokenizer_json: str, max_len: int) -> dict[str, float]:
+    """How much of `texts` a row of `max_len` tokens (with <bos>) holds: the share of rows
+    cut, and the share of all their tokens kept."""
+    docs = _encode(load_tokenizer(tokenizer_json), texts)
+    room = max_len - 1
+    total = sum(len(d) for d in docs)
+    return {
+        "rows": len(docs),
+        "truncated_share": sum(len(d) > room for d in docs) / max(len(docs), 1),
+        "tokens_kept_share": sum(min(len(d), room) for d in docs) / max(total, 1),
+    }
 
 
 def labels_as(values: np.ndarray, dtype: str, *, column: str) -> np.ndarray:
@@ -125,11 +159,14 @@ def encode_labeled(
     label_column: str,
     max_len: int,
     label_dtype: str = "int64",
+    truncation: str = "head",
 ) -> dict[str, np.ndarray]:
-    """<bos> + tokens, truncated to `max_len` and right-padded with <pad>; labels checked."""
+    """<bos> + tokens, cut to `max_len` as `truncation` says and right-padded with <pad>;
+    labels checked."""
     ids = encode_texts(
-        batch, tokenizer_json=tokenizer_json, text_column=text_column, length=max_len, eos=False
-    )
+        batch, tokenizer_json=tokenizer_json, text_column=text_column, length=max_len, eos=False,
+        truncation=truncation,
+    )  # fmt: skip
     return {
         "input_ids": ids,
         "label": labels_as(batch[label_column], label_dtype, column=label_column),

@@ -158,11 +158,11 @@ class Transformer(nn.Module):
         """One vector per example (B, dim) from `batch["input_ids"]` (right-padded)."""
         ids = batch["input_ids"].long()
         mask = ids != self.config.pad_id
-        if not ids.is_cuda and not torch.compiler.is_compiling():
+        if not (ids.is_cuda or ids.is_meta or torch.compiler.is_compiling()):
             # Columns that are padding in every row change nothing (masked keys, pooled over real
             # tokens only): dropping them saves most of the compute on short texts. On a GPU the
             # length would cost a host sync per step, and a traced (exported) graph needs a fixed
-            # width, so the full width is kept there.
+            # width (and a build check on `meta` has no lengths), so the full width is kept there.
             width = max(1, int(mask.sum(1).max()))
             ids, mask = ids[:, :width], mask[:, :width]
         return pool_hidden(self(ids, padding_mask=mask), mask, pool)

@@ -18,6 +18,7 @@ from raypipe import faults, storage, tracking
 from raypipe.config import FinetuneConfig, PipelineConfig, run_only_exclusions
 from raypipe.data import files as datafiles
 from raypipe.data.pipelines import Tally, labeled_dataset
+from raypipe.data.text import length_profile
 from raypipe.engine.checkpoint import read_meta
 from raypipe.engine.finetune_loop import EVAL_BATCH_SIZE, score
 from raypipe.preflight import RunContext, dataset_inputs
@@ -134,14 +135,39 @@ def run_stage(
             stage.run, dataset_inputs(cfg, ctx, only=("train", "validation", "test"))
         )
         publish.plot_finetuning(cfg, stage, list(result.arms))
+        lengths = _text_lengths(cfg, ctx, tokenizer_json, stage.run)
     outcome = stage.outcome(
         {
             "trials": sum(a.num_trials for a in result.arms),
             "stopped early": sum(a.num_stopped_early for a in result.arms),
             "failed": sum(a.num_failed for a in result.arms),
+            **lengths,
         }
     )
     return result, outcome
+
+
+#: Training rows tokenized to say how many texts `finetune.max_len` cuts.
+LENGTH_SAMPLE_ROWS = 2_000
+
+
+def _text_lengths(cfg: PipelineConfig, ctx: RunContext, tokenizer_json, run) -> dict[str, str]:
+    """{"texts cut": ...} for a text classification/regression task: the share of (a sample
+    of) the training rows longer than finetune.max_len, logged as data/ metrics too."""
+    kind = ctx.plan.finetune_data
+    if tokenizer_json is None or not kind.needs_tokenizer or not kind.labeled:
+        return {}
+    f, column = cfg.finetune, cfg.data.labeled.train.text_column
+    texts = datafiles.read_column_sample(ctx.train, column, LENGTH_SAMPLE_ROWS)
+    profile = length_profile(texts, tokenizer_json, f.max_len)
+    tracking.RunLogger(run).log_metrics(
+        {f"data/{k}": profile[k] for k in ("truncated_share", "tokens_kept_share")}, 0
+    )
+    text = (
+        f"{profile['truncated_share']:.1%} of {profile['rows']} training rows longer than "
+        f"max_len {f.max_len}, {profile['tokens_kept_share']:.1%} of tokens kept ({f.truncation})"
+    )
+    return {"texts cut": text}
 
 
 class _Encoder:
@@ -163,6 +189,7 @@ class _Encoder:
             model_config=self.inputs.spec["config"],
             preprocess=self.cfg.data.preprocess,
             bad_image_tally=self.tally,
+            truncation=self.cfg.finetune.truncation,
         )
 
 

@@ -33,6 +33,8 @@ class Task(nn.Module):
 
     option_names: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[tuple[str, ...] | None] = None  # None: any name (not checked)
+    #: the metrics where lower is better (the sweep's default mode for them is "min")
+    minimize: ClassVar[tuple[str, ...]] = ("loss",)
     #: the classical baseline beside the neural arms ("linear"; see raypipe/baselines.py)
     baseline: ClassVar[str | None] = None
     data_kind: ClassVar[str] = "labeled"

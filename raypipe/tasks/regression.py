@@ -11,6 +11,7 @@ from raypipe.tasks.base import Task
 class Regression(Task):
     option_names = ("pool", "dropout", "input")
     metrics = ("mse", "mae", "loss")
+    minimize = ("mse", "mae", "loss")
     label_dtype = "float32"
     output_name = "value"
 
