@@ -42,8 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verbose", action="store_true", help="show every Ray log line, not only progress"
     )
-    sub.add_parser(
+    val = sub.add_parser(
         "validate", parents=[overrides], help="check a pipeline file and its data; start nothing"
+    )
+    val.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the run will do (tokens, steps, trials x epochs x rows) and an "
+        "estimate of its training time from a short warm-up on this machine, not the config",
     )
     rep = sub.add_parser(
         "report",
@@ -139,8 +145,13 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "validate":
             from raypipe.preflight import check_offline
 
-            check_offline(cfg)
-            print(redact(to_yaml(cfg)), end="")
+            plan, sources = check_offline(cfg)
+            if args.plan:
+                from raypipe.sizing import plan_run
+
+                print(plan_run(cfg, plan, sources))
+            else:
+                print(redact(to_yaml(cfg)), end="")
             print(f"raypipe: {args.pipeline} is valid", file=sys.stderr)
             return 0
         from raypipe import timing

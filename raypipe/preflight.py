@@ -63,15 +63,18 @@ class RunContext:
         return datafiles.all_files(self.sources.get("test", []))
 
 
-def check_offline(cfg: PipelineConfig) -> None:
-    """`raypipe validate`: check the data without writing anything (generated data may be absent)."""
+def check_offline(cfg: PipelineConfig) -> tuple[Plan, Sources]:
+    """`raypipe validate`: check the data without writing anything (generated data may be
+    absent: then no sources). Returns the plan and the data's sources."""
     plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
+    sources: Sources = {}
     if all(storage.exists(p) for p in generated_paths(cfg)):
-        _data_files(cfg, plan)
+        sources = _data_files(cfg, plan)
     _check_init_tokenizer(cfg)
     if cfg.tracking.uri:
         tracking.check_uri(cfg.tracking.uri, key="tracking.uri")
+    return plan, sources
 
 
 @dataclass(frozen=True)

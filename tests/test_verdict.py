@@ -156,7 +156,7 @@ def test_repeats_give_each_arm_paired_seeds_an_interval_and_a_median_seed_model(
     from scipy import stats as scipy_stats
     from test_pipeline_e2e import tiny_config
 
-    from raypipe.stages.sweep import repeat_seeds
+    from raypipe.stages.counts import repeat_seeds
 
     _, _, other = verdict
     raw = tiny_config(quickstart_data, tmp_path, name="repeats")

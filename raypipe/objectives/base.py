@@ -1,4 +1,5 @@
-"""The Objective contract shared by every pretraining objective."""
+"""The Objective contract shared by every pretraining objective, raypipe's own and plugins'
+(README: "Your own objective or task"; a complete one: examples/plugin/myext/objectives.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ class Objective(nn.Module):
     - `unit`: what throughput counts ("tokens" or "images"), `items_in(batch)` how many.
     - `owns_step`: the objective runs its own optimisation step (`step`) over the optimizers
       made from `param_groups()` — for alternating updates such as a GAN's.
+    - Options: the constructor's keyword arguments after `model` are `pretrain.options`;
+      raise ValueError for a bad value (a one-line config error, found before Ray starts).
+    - Metrics: `forward`'s dict keys are logged as `train/<key>` (and `val/<key>` on held-out
+      data); the loss itself is `train/loss`.
+
+    What `self.model` offers: a text backbone (`transformer`) is called as `model(input_ids)`
+    -> hidden states (B, T, dim); `model.lm_logits(hidden)` -> vocabulary logits (tied);
+    `model.pooled({"input_ids": ids}, "mean" | "last")` -> (B, dim); `model.dim`;
+    `model.config` (vocab_size, max_len, ...). Image backbones: `model.pooled({"image": x})`,
+    `model.dim`. Special token ids: raypipe.vocab (ids below NUM_SPECIAL are special).
+
+    Checked on the driver before Ray starts (raypipe/probe.py): `forward` runs once on the
+    `meta` device with a batch shaped as `data_kind` delivers it and must return (loss, metrics).
     """
 
     data_kind: ClassVar[str] = "text_blocks"

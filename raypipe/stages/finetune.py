@@ -27,13 +27,8 @@ from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
 from raypipe.stages.connect import RayConnection
-from raypipe.stages.sweep import (
-    num_trials,
-    repeat_seeds,
-    run_repeats,
-    run_sweep,
-    sweep_is_a_repeat,
-)
+from raypipe.stages.counts import num_trials, repeat_seeds, sweep_is_a_repeat
+from raypipe.stages.sweep import run_repeats, run_sweep
 from raypipe.stages.trial import ArmSweep
 from raypipe.summary import StageOutcome
 from raypipe.tracking import RunRef, Tag

@@ -9,7 +9,6 @@ compares trials of one arm with each other.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from raypipe.engine.finetune_loop import is_better
 from raypipe.errors import find_user_error
 from raypipe.progress import console
 from raypipe.stages.arms import Arm, ArmResult, Repeat
+from raypipe.stages.counts import num_trials
 from raypipe.stages.trial import (
     REPEAT_SEED,
     ArmSweep,
@@ -42,12 +42,6 @@ from raypipe.tracking import Tag
 
 #: What Tune adds to every result: left out of a trial's record.
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "trial_id", "done", "experiment_tag", "should_checkpoint"}
-
-
-def num_trials(sweep: SweepConfig) -> int:
-    """Trials in one arm: num_samples times every grid point."""
-    points = math.prod(len(d.grid) for d in sweep.space.values() if d.kind == "grid")
-    return sweep.num_samples * points
 
 
 class _SweepStatus(tune.Callback):
@@ -338,21 +332,6 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
         num_failed=failed,
         num_train_rows=None,
     )
-
-
-def sweep_is_a_repeat(cfg: FinetuneConfig) -> bool:
-    """A sweep of one setting picks nothing: its trial (the pipeline's seed, every epoch, the
-    same for each arm) is the arms' first repeat, and only the other seeds run again. Not
-    under PBT, whose one trial may change its settings as it goes."""
-    return num_trials(cfg.sweep) == 1 and cfg.sweep.scheduler != "pbt"
-
-
-def repeat_seeds(seed: int, cfg: FinetuneConfig) -> list[int]:
-    """The seeds of the repeats: the same for every arm, so arm k and arm k are a pair. The
-    first is the pipeline's own when the sweep's one trial is a repeat (`sweep_is_a_repeat`)."""
-    if sweep_is_a_repeat(cfg):
-        return [seed] + [seed + 1000 * k for k in range(1, cfg.repeats)]
-    return [seed + 1000 * (k + 1) for k in range(cfg.repeats)]
 
 
 def run_repeats(

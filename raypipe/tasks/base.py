@@ -1,4 +1,5 @@
-"""The Task contract shared by every fine-tuning task."""
+"""The Task contract shared by every fine-tuning task, raypipe's own and plugins' (README:
+"Your own objective or task"; a complete one: examples/plugin/myext/tasks.py)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,20 @@ class Task(nn.Module):
       (including "count"), so statistics over many batches and ranks add up exactly.
     - `summarize(stats) -> metrics`: turns summed stats into the reported metrics;
       `metrics` names them, the first being the default sweep metric (as `val/<name>`).
+    - `minimize`: the metrics where lower is better (the sweep's default mode, and which sign
+      of the summary's gap is a win); others are higher-is-better.
+    - Options: `option_names` are the `finetune` settings the constructor takes as keyword
+      arguments (num_classes, pool, dropout, input); any other keyword argument comes from
+      `finetune.options`. `input` ("text" | "image") names the batch column read
+      (`self.input_column`: input_ids or image).
     - `predictor()`: a module mapping the raw input tensor to predictions, for serving;
       `serving_spec()` its input and output (name, dtype, shape with -1 for free dims).
+      `predict` is exported with `torch.export` for the registered model: tensor operations
+      only (no `.item()`, `.tolist()`, NumPy, or Python branches on tensor values).
+
+    Checked on the driver before Ray starts (raypipe/probe.py): `forward` runs once on the
+    `meta` device and must return (loss, stats); `summarize` must exist and report the sweep
+    metric.
     """
 
     option_names: ClassVar[tuple[str, ...]] = ()
