@@ -234,6 +234,19 @@ def make_plan(cfg: PipelineConfig) -> Plan:
                 )
             except (TypeError, ValueError) as e:
                 raise _option_error("finetune.options", plan.task, f.options, e) from None
-            length = f.max_len or spec["config"].get("max_len") or cfg.model.max_len
-            probe.check_task(task, spec["config"], length, f.sweep.metric, "finetune.task")
+        _fit_max_len(f, spec["config"])
+        with torch.device("meta"):
+            probe.check_task(task, spec["config"], f.max_len, f.sweep.metric, "finetune.task")
     return plan
+
+
+def _fit_max_len(f: FinetuneConfig, model_config: dict) -> None:
+    """finetune.max_len from a checkpoint's model (its max_len, unless a smaller one is set)."""
+    most = model_config.get("max_len")
+    if f.max_len is None:
+        f.max_len = most or 1
+    elif most is not None and f.max_len > most:
+        raise UserError(
+            f"finetune.max_len: {f.max_len} is more than the checkpoint's model takes "
+            f"(max_len {most}); set it to {most} or less, or leave it out"
+        )

@@ -182,7 +182,8 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
     baseline = any("baseline" in row for row in table)
     ci = any("gap_low" in row for row in table)
     lines = [
-        f"  label efficiency: {name} by fraction of the labeled rows",
+        f"  label efficiency: {name} by fraction of the labeled rows"
+        + (f" (gap = pretrained - scratch{_sign(s, 'pretrained')})" if s.mode else ""),
         f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
         + (f" {'gap 95% CI':>19}" if ci else "")
         + (f" {'baseline':>10}" if baseline else ""),

@@ -96,6 +96,16 @@ def test_latin1_lines_with_labels_first_round_trip(tmp_path):
     assert "labels: 0=DESC:manner, 1=HUM:ind" in done.stdout
 
 
+def test_latin1_text_for_pretraining(tmp_path):
+    (tmp_path / "a.txt").write_bytes("un café crème\nà bientôt\n".encode("latin-1"))
+    plain = cli("text", "a.txt", "--out", "u", cwd=tmp_path)  # every line is lost, and said
+    assert plain.returncode == 2 and "--encoding latin-1" in plain.stderr, plain.stderr
+    done = cli("text", "a.txt", "--encoding", "latin-1", "--out", "t", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert rows(tmp_path / "t") == {"text": ["un café crème", "à bientôt"]}
+    assert "read 2 rows = 2 written + 0 skipped" in done.stdout
+
+
 def test_a_headerless_csv_with_two_text_columns_and_labels_from_one(tmp_path):
     # AG News: "label","title","description", labels 1-4, quoted fields with commas.
     (tmp_path / "ag.csv").write_text(

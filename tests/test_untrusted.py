@@ -53,7 +53,8 @@ def _register(tmp_path: Path) -> tuple[str, Path]:
 
 def _readme_recipe() -> str:
     text = README.read_text()
-    (block,) = re.findall(r"```python\n(.*?load_model\(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if "load_model(" in b]
     return block + "\nprint('logits', tuple(logits.shape))\n"
 
 

@@ -104,8 +104,9 @@ def _finetune_checks(cfg: PipelineConfig) -> list[str]:
         problems.append("finetune.compare_scratch: has no effect when init is 'scratch'; remove it")
     if f.compare_scratch is None:
         f.compare_scratch = f.init != "scratch"
-    f.max_len = f.max_len or m.max_len
-    if f.max_len > m.max_len:
+    if f.init_directory is None:  # else the checkpoint's model decides (raypipe/plan.py)
+        f.max_len = f.max_len or m.max_len
+    if f.max_len is not None and f.init_directory is None and f.max_len > m.max_len:
         problems.append(
             f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
         )

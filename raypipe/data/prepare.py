@@ -139,7 +139,9 @@ def _write(out: Path, rows: dict[str, list], outcome: PrepareOutcome, *, options
             f"prepare: no readable rows found ({len(outcome.skipped)} unreadable input(s)"
             + (f", e.g. {outcome.skipped[0]}" if outcome.skipped else "")
             + "); check the input paths and format"
-        )
+            + ("; the lines are not UTF-8: for latin-1 files pass --encoding latin-1"
+               if any("(not UTF-8)" in s for s in outcome.skipped) else "")
+        )  # fmt: skip
     seed = options.get("seed", 0)
     if shuffle:
         rows, group = _shuffled(rows, group, seed)

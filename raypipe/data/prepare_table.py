@@ -120,11 +120,15 @@ def _read_fields(path: Path, fmt: str, layout: TableLayout, out: Labeled, skippe
             _add(out, skipped, where, texts, label, layout)
 
 
-def _read_jsonl(path: Path, layout: TableLayout, out: Labeled, skipped: Skipped) -> None:
+def _nonblank(path: Path, layout: TableLayout, skipped: Skipped):
+    """(where, line) of every line of `path` with text on it."""
     for i, line in text_lines(path, skipped, encoding=layout.encoding):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
+        if line.strip():
+            yield f"{path}:{i}", line
+
+
+def _read_jsonl(path: Path, layout: TableLayout, out: Labeled, skipped: Skipped) -> None:
+    for where, line in _nonblank(path, layout, skipped):
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
@@ -145,10 +149,7 @@ def _read_jsonl(path: Path, layout: TableLayout, out: Labeled, skipped: Skipped)
 
 
 def _read_lines(path: Path, layout: TableLayout, out: Labeled, skipped: Skipped) -> None:
-    for i, line in text_lines(path, skipped, encoding=layout.encoding):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
+    for where, line in _nonblank(path, layout, skipped):
         if layout.separator is None:
             parts = line.strip().split(None, 1)
         else:
@@ -189,9 +190,8 @@ def read_label_files(files: dict[str, Path], layout: TableLayout, skipped: Skipp
     """`--label-from-file NAME=FILE ...`: each line of FILE is a text labeled NAME."""
     out = Labeled([], [], [])
     for name, path in files.items():
-        for i, line in text_lines(path, skipped, encoding=layout.encoding):
-            if line.strip():
-                _add(out, skipped, f"{path}:{i}", [line], name, layout)
+        for where, line in _nonblank(path, layout, skipped):
+            _add(out, skipped, where, [line], name, layout)
     return out
 
 
