@@ -44,6 +44,7 @@ class Finetuning:
     validation_rows: int
     repeats: int  # extra runs per arm and fraction after the sweep
     concurrent: int
+    runs: int  # trials and repeats over every arm and fraction: each starts its workers
     train_passes: int  # rows trained on, over every trial and repeat
     validation_passes: int
     rows_per_second: float | None  # training rows a second, one trial, measured
@@ -144,8 +145,9 @@ def finetuning(cfg: PipelineConfig, plan: Plan, sources, *, measure: bool) -> Fi
     cpus = max(1.0, f.scaling.cpus_per_worker * f.scaling.num_workers)
     concurrent = max(1, min(f.sweep.max_concurrent_trials, int((os.cpu_count() or 1) // cpus)))
     speed = _finetune_speed(cfg, plan) if measure else None
+    runs = arms * (trials + repeats) * len(f.label_fractions)
     return Finetuning(arms, list(f.label_fractions), trials, f.epochs, train, val, repeats,
-                      concurrent, train_passes, val_passes, speed)  # fmt: skip
+                      concurrent, runs, train_passes, val_passes, speed)  # fmt: skip
 
 
 def _finetune_speed(cfg: PipelineConfig, plan: Plan) -> float | None:
@@ -196,8 +198,8 @@ def format_plan(pre: Pretraining | None, fine: Finetuning | None) -> str:
             f"{fine.train_rows:,} training rows, {fine.validation_rows:,} validation rows"
         )
         lines.append(f"             = {fine.train_passes:,} training and "
-                     f"{fine.validation_passes:,} validation row-passes, up to "
-                     f"{fine.concurrent} trial(s) at once on this machine")  # fmt: skip
+                     f"{fine.validation_passes:,} validation row-passes in {fine.runs} "
+                     f"training run(s), up to {fine.concurrent} at once on this machine")  # fmt: skip
         if fine.rows_per_second:
             # A validation pass is a forward only: about a third of a training step.
             work = fine.train_passes + fine.validation_passes / 3
@@ -207,8 +209,9 @@ def format_plan(pre: Pretraining | None, fine: Finetuning | None) -> str:
                          f"a trial -> about {_duration(seconds)}")  # fmt: skip
     if total:
         lines.append(f"  estimate   about {_duration(total)} of training on this machine's CPU, "
-                     "plus start-up, data encoding and scoring (compute only, from a warm-up; "
-                     "less when the scheduler stops trials early)")  # fmt: skip
+                     "plus start-up (Ray, and each run's workers), data encoding and scoring "
+                     "(compute only, from a warm-up; less when the scheduler stops trials "
+                     "early)")  # fmt: skip
     return "\n".join(lines)
 
 

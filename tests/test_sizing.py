@@ -31,6 +31,9 @@ def test_plan_counts_tokens_trials_epochs_and_rows(tmp_path, quickstart_data, ca
         f"2 arm(s) x fraction(s) [0.5, 1] x (1 trial(s) + 2 repeat(s)) x 2 epoch(s); "
         f"{train:,} training rows, {val:,} validation rows" in out
     ), out
-    assert f"= {passes:,} training and {2 * 3 * 2 * 2 * val:,} validation row-passes" in out
+    assert (
+        f"= {passes:,} training and {2 * 3 * 2 * 2 * val:,} validation row-passes in 12 "
+        "training run(s)" in out
+    ), out
     assert out.count("measured here:") == 2 and "estimate   about" in out
     assert "name: tiny" not in out  # the plan, not the config
