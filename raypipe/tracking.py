@@ -261,7 +261,10 @@ class BufferedLogger:
                 progress("tracking: MLflow is reachable again; buffered metrics sent")
 
     def flush(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the queue to empty; True if it did."""
+        """Wait up to `timeout` seconds for the queue to empty; True if it did. No wait while
+        the tracking server is unreachable (what is queued stays queued)."""
+        if self._failing:
+            return False
         deadline = time.monotonic() + timeout
         with self._cv:
             while (self._pending or self._params) and (left := deadline - time.monotonic()) > 0:

@@ -411,6 +411,9 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             _evaluate(job, session, objective, optimizers, schedulers, state, text)
         if step % cfg.checkpoint_every == 0 or last:
+            # This step's metrics reach MLflow before the checkpoint that a resume starts
+            # after (so a driver killed in between loses none); no wait while it is away.
+            session.logger.flush(timeout=10)
             save = _saver(job, session, objective, optimizers, schedulers, state)
             done = {"step": step, "loss": state.final_loss}
             session.record(done, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
