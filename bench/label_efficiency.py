@@ -5,7 +5,7 @@ Prepares SST-2 and CIFAR-10 from ../shared/data with `raypipe prepare`, runs
 would (`raypipe run`, one process each), and prints each run's wall time and its label-efficiency
 table (best accuracy per fraction and arm, read back from the pipeline run in MLflow) as Markdown.
 
-    python bench/label_efficiency.py [--data ../shared/data] [--only sst2,cifar10]
+    python bench/label_efficiency.py [--data ../shared/data] [--only sst2,sst2-bag,cifar10]
                                      [--workdir DIR] [--set KEY=VALUE ...]
 
 Figures are on each pipeline's test split (which picks nothing), the mean over the repeats of
@@ -24,7 +24,12 @@ from pathlib import Path
 
 from acceptance import RAYPIPE, ROOT, _prepare
 
-RUNS = {"sst2": "sst2_label_efficiency", "cifar10": "cifar10_label_efficiency"}
+#: study -> (the data it prepares, its pipeline)
+RUNS = {
+    "sst2": ("sst2", "sst2_label_efficiency"),
+    "sst2-bag": ("sst2", "sst2_bag_label_efficiency"),
+    "cifar10": ("cifar10", "cifar10_label_efficiency"),
+}
 TARGET_POINTS = 5.0
 
 
@@ -46,14 +51,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--workdir", default="/tmp/raypipe-label-efficiency")
-    parser.add_argument("--only", default="", help="comma-separated: sst2,cifar10")
+    parser.add_argument("--only", default="", help="comma-separated: sst2,sst2-bag,cifar10")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for dataset, pipeline in RUNS.items():
-        if args.only and dataset not in args.only.split(","):
+    for study, (dataset, pipeline) in RUNS.items():
+        if args.only and study not in args.only.split(","):
             continue
         _prepare(dataset, Path(args.data).resolve(), workdir)
         cmd = RAYPIPE + ["run", str(ROOT / "pipelines" / f"{pipeline}.yaml"),

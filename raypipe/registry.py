@@ -15,6 +15,7 @@ MODELS = {
     "cnn": "raypipe.models.vision:CNN",
     "clip": "raypipe.models.multimodal:DualEncoder",
     "captioner": "raypipe.models.multimodal:Captioner",
+    "bag": "raypipe.models.bag:BagOfEmbeddings",
 }
 OBJECTIVES = {
     "causal_lm": "raypipe.objectives.lm:CausalLM",
@@ -24,6 +25,7 @@ OBJECTIVES = {
     "clip": "raypipe.objectives.contrastive:CLIP",
     "captioning": "raypipe.objectives.captioning:Captioning",
     "gan": "raypipe.objectives.gan:GAN",
+    "skipgram": "raypipe.objectives.skipgram:SkipGram",
 }
 TASKS = {
     "classification": "raypipe.tasks.classification:Classification",

@@ -16,6 +16,7 @@ from raypipe.objectives.losses import (
     gan_generator_loss,
     masked_patch_mse,
     nt_xent,
+    skipgram_loss,
     token_cross_entropy,
 )
 from raypipe.vocab import MASK_ID, NUM_SPECIAL
@@ -77,6 +78,37 @@ def test_nt_xent_matches_loop_over_pairs(temperature):
         den = sum(math.exp(sims[k]) for k in range(2 * n) if k != i)
         total += -math.log(num / den)
     assert abs(float(nt_xent(z1, z2, temperature)) - total / (2 * n)) < TOL
+
+
+def test_skipgram_loss_matches_the_formula_pair_by_pair():
+    g = torch.Generator().manual_seed(2)
+    n, k, d = 5, 3, 4
+    centres, contexts = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    negatives = torch.randn(n, k, d, generator=g)
+
+    def log_sigmoid(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    total = 0.0
+    for i in range(n):
+        c = centres[i].double()
+        total -= log_sigmoid(float(c @ contexts[i].double()))
+        total -= sum(log_sigmoid(-float(c @ negatives[i, j].double())) for j in range(k))
+    assert abs(float(skipgram_loss(centres, contexts, negatives)) - total / n) < TOL
+    empty = skipgram_loss(torch.zeros(0, d), torch.zeros(0, d), torch.zeros(0, k, d))
+    assert float(empty) == 0.0
+
+
+def test_skipgram_pairs_stay_within_a_document_and_skip_special_tokens():
+    from raypipe.objectives.skipgram import context_pairs
+    from raypipe.vocab import BOS_ID, EOS_ID
+
+    ids = torch.tensor([[BOS_ID, 10, 11, EOS_ID, 12, 13, 14]])
+    centre, context = context_pairs(ids, window=2)
+    pairs = sorted(zip(centre.tolist(), context.tolist(), strict=True))
+    # Document 1 is positions 1-2, document 2 is 4-6; <bos> and <eos> pair with nothing.
+    want = [(1, 2), (2, 1), (4, 5), (4, 6), (5, 4), (5, 6), (6, 4), (6, 5)]
+    assert pairs == want
 
 
 def test_clip_loss_matches_loop_both_directions():

@@ -72,6 +72,10 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
                              *SMALL_TEXT, *PRETRAIN, *FINETUNE, "finetune.options.max_new_tokens=12"],
         "sst2_label_efficiency.yaml": [*text, *SMALL_TEXT, *PRETRAIN, *FINETUNE, *FRACTIONS,
                                        *_held_out(d, "validation")],
+        "sst2_bag_label_efficiency.yaml": [*text, "model.dim=32", "model.max_len=32",
+                                           "tokenizer.vocab_size=300", *PRETRAIN, *FINETUNE,
+                                           *FRACTIONS, f"data.labeled.test.path={d['validation']}",
+                                           "finetune.repeats=2"],
         "cifar10_label_efficiency.yaml": [*images, *SMALL_CNN, *PRETRAIN, *FINETUNE, *FRACTIONS,
                                           "finetune.num_classes=4", *_held_out(d, "shapes_val")],
     }[name]  # fmt: skip

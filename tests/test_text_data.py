@@ -205,3 +205,17 @@ def test_quickstart_data_has_the_promised_shape(quickstart_data):
         datafiles.resolve_parquet_files(quickstart_data["unlabeled"], key="k"), "text", 500
     )
     assert len(sample) == 500 and {w for t in sample for w in t.split()} & unseen
+
+
+def test_the_tokenizer_sample_spans_every_listed_source(tmp_path):
+    """A general corpus listed before the task's own text: the sample (tokenizer.sample_rows)
+    holds both, in proportion to their rows, not only the first source's."""
+    big, small = tmp_path / "big.parquet", tmp_path / "small.parquet"
+    pq.write_table(pa.table({"text": [f"general {i}" for i in range(900)]}), big)
+    pq.write_table(pa.table({"text": [f"task {i}" for i in range(100)]}), small)
+    sample = datafiles.read_column_sample([str(big), str(small)], "text", 100)
+    assert len(sample) == 100
+    assert sum(s.startswith("task") for s in sample) == 10  # 100 of 1,000 rows
+    assert datafiles.read_column_sample([str(small)], "text", 500) == [
+        f"task {i}" for i in range(100)
+    ]

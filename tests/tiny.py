@@ -27,7 +27,13 @@ SETUPS = {
     "captioning": ("captioner", {**COMMON, **TEXT, **IMAGE}, {}),
     "gan": ("cnn", {"dim": 32, "num_layers": 2, "image_size": 16, "channels": 3}, {"z_dim": 8,
             "generator_width": 8}),
+    "skipgram": ("bag", {"dim": 32, **TEXT}, {"window": 2, "negatives": 3}),
 }  # fmt: skip
+
+
+#: Learning rates of objectives that train at another scale than the rest (skip-gram's
+#: dot products of small vectors: word2vec itself uses 0.025).
+LR = {"skipgram": 2e-2}
 
 
 def build(name: str, seed: int = 0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 
 import pyarrow as pa
@@ -212,14 +213,32 @@ def read_blocks(
 
 
 def read_column_sample(files: list[str], column: str, max_rows: int) -> list[str]:
-    """Up to `max_rows` values of a text column, read shard by shard (for tokenizer training)."""
+    """Up to `max_rows` non-empty values of a text column, drawn across all `files`: each
+    shard gives the rows from its start in proportion to its size (from the footers), so a
+    tokenizer trained on the sample sees every listed source, not only the first ones."""
+    sizes = [_num_rows(f) for f in files]
+    total = sum(sizes)
     out: list[str] = []
-    for f in files:
-        with storage.open_input_file(f) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=8192, columns=[column]):
-                out.extend(s for s in batch.column(0).to_pylist() if s)
-                if len(out) >= max_rows:
-                    return out[:max_rows]
+    for f, size in zip(files, sizes, strict=True):
+        quota = size if total <= max_rows else math.ceil(max_rows * size / total)
+        out += _first_values(f, column, quota)
+    return out[:max_rows]
+
+
+def _num_rows(f: str) -> int:
+    fs, path = storage.resolve(f)
+    return pq.read_metadata(path, filesystem=fs).num_rows
+
+
+def _first_values(f: str, column: str, quota: int) -> list[str]:
+    out: list[str] = []
+    if quota <= 0:
+        return out
+    with storage.open_input_file(f) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=8192, columns=[column]):
+            out.extend(s for s in batch.column(0).to_pylist() if s)
+            if len(out) >= quota:
+                return out[:quota]
     return out
 
 

@@ -32,6 +32,19 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
+def skipgram_loss(
+    centres: torch.Tensor, contexts: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
+    """Skip-gram with negative sampling, the mean over N pairs of
+    -log sigmoid(centre . context) - sum_k log sigmoid(-centre . negative_k).
+    centres, contexts: (N, D); negatives: (N, K, D). Zero when there are no pairs."""
+    if centres.shape[0] == 0:
+        return centres.sum() * 0.0 + contexts.sum() * 0.0 + negatives.sum() * 0.0
+    pos = (centres * contexts).sum(-1).float()
+    neg = torch.einsum("nd,nkd->nk", centres, negatives).float()
+    return -(F.logsigmoid(pos) + F.logsigmoid(-neg).sum(-1)).mean()
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent over 2N views: each view's positive is its pair, the other 2N - 2
     views are negatives; mean over all 2N anchors. z1, z2: (N, D), not yet normalised."""
