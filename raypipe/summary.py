@@ -141,12 +141,12 @@ def _gap_text(pre: dict, other: dict, metric: str, test: bool) -> str | None:
     return text
 
 
-def _sign(s: Summary, arm: str) -> str:
+def _sign(s: Summary, arm: str, metric: str | None = None) -> str:
     """Which sign of a gap is the win, in words (the metric's direction is the sweep's mode)."""
     if s.mode not in ("min", "max"):
         return ""
     sign, word = ("-", "lower") if s.mode == "min" else ("+", "higher")
-    return f"; {word} {s.metric} is better, so {sign} means {arm} wins"
+    return f"; {word} {metric or s.metric} is better, so {sign} means {arm} wins"
 
 
 def _arm_lines(s: Summary) -> list[str]:
@@ -178,12 +178,13 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
     table = label_efficiency(s.arms, s.metric or "")
     if not table:
         return []
-    name = f"{test_key(s.metric)} on the test split" if on_test(s.arms) else f"best {s.metric}"
+    shown = test_key(s.metric) if on_test(s.arms) else s.metric
+    name = f"{shown} on the test split" if on_test(s.arms) else f"best {s.metric}"
     baseline = any("baseline" in row for row in table)
     ci = any("gap_low" in row for row in table)
     lines = [
         f"  label efficiency: {name} by fraction of the labeled rows"
-        + (f" (gap = pretrained - scratch{_sign(s, 'pretrained')})" if s.mode else ""),
+        + (f" (gap = pretrained - scratch{_sign(s, 'pretrained', shown)})" if s.mode else ""),
         f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
         + (f" {'gap 95% CI':>19}" if ci else "")
         + (f" {'baseline':>10}" if baseline else ""),

@@ -246,6 +246,29 @@ def test_optimizer_decays_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_the_backbone_may_learn_slower_than_the_head():
+    """finetune.optimizer.backbone_lr_ratio: the backbone's groups at ratio x lr through the
+    whole schedule, the head's at lr; each parameter in exactly one group."""
+    backbone = tiny()
+    head = torch.nn.Linear(32, 2)
+    task = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+    opt = build_optimizer(task.parameters(), lr=1e-3, weight_decay=0.1,
+                          lr_scales=[(backbone.parameters(), 0.1)])  # fmt: skip
+    sched = warmup_cosine(opt, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+    ids = {id(p) for p in backbone.parameters()}
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in task.parameters())
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        for g in opt.param_groups:
+            in_backbone = {id(p) in ids for p in g["params"]}
+            assert len(in_backbone) <= 1
+            head_lr = max(x["lr"] for x in opt.param_groups)
+            want = 0.1 * head_lr if in_backbone == {True} else head_lr
+            assert g["lr"] == pytest.approx(want), (g["lr"], want)
+
+
 def test_warmup_cosine_schedule():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = warmup_cosine(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)

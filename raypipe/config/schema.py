@@ -193,6 +193,11 @@ class FinetuneOptimizer(OptimizerBase):
     lr: PositiveFloat = Field(1e-4, description="Peak learning rate (AdamW).")
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.01, description="AdamW weight decay.")
     warmup_ratio: Fraction = Field(0.1, description="Warmup as a fraction of all steps.")
+    backbone_lr_ratio: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0,
+        description="The backbone's learning rate as a fraction of lr (the head's): below 1, "
+        "fine-tuning moves pretrained weights less than the new head.",
+    )
 
 
 class ScalingConfig(Strict):
@@ -371,7 +376,8 @@ class SweepConfig(Strict):
 
 
 #: Fine-tune settings a sweep may search over (keys of `finetune.sweep.space`).
-TUNABLE = ("lr", "weight_decay", "batch_size", "freeze_backbone", "dropout", "warmup_ratio")
+TUNABLE = ("lr", "weight_decay", "batch_size", "freeze_backbone", "dropout", "warmup_ratio",
+           "backbone_lr_ratio")  # fmt: skip
 
 
 class FinetuneConfig(Strict):

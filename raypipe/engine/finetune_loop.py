@@ -98,9 +98,11 @@ def _optimizer(job: FinetuneJob, task, world: int):
     hp, opt = job.hp, job.cfg.optimizer
     steps_per_epoch = max(1, job.num_train_rows // (hp["batch_size"] * world))
     total_steps = steps_per_epoch * job.cfg.epochs
+    ratio = hp.get("backbone_lr_ratio", 1.0)
     optimizer = build_optimizer(
-        task.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=opt.betas
-    )
+        task.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=opt.betas,
+        lr_scales=[(task.backbone.parameters(), ratio)] if ratio != 1.0 else [],
+    )  # fmt: skip
     scheduler = warmup_cosine(
         optimizer,
         warmup_steps=int(hp["warmup_ratio"] * total_steps),
@@ -129,10 +131,10 @@ def _continue(job: FinetuneJob, task, optimizer, scheduler, total_steps: int) ->
     state = load_train_state(job.continue_from)
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = hp["lr"]
+        group["lr"] = group["initial_lr"] = hp["lr"] * group.get("lr_scale", 1.0)
         if group["weight_decay"]:
             group["weight_decay"] = hp["weight_decay"]
-    scheduler.base_lrs = [hp["lr"] for _ in optimizer.param_groups]
+    scheduler.base_lrs = [g["lr"] for g in optimizer.param_groups]
     done = min(state.get("steps", 0), total_steps)
     scheduler.last_epoch = done - 1
     scheduler.step()

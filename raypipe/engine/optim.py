@@ -15,15 +15,21 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
+    lr_scales: list[tuple[Iterable[nn.Parameter], float]] = (),
 ) -> torch.optim.AdamW:
-    """Weight decay applies to 2-D+ tensors (linear/embedding weights), not biases or norms."""
+    """Weight decay applies to 2-D+ tensors (linear/embedding weights), not biases or norms.
+    `lr_scales`: (parameters, factor) whose learning rate is `factor` x lr (a group's
+    "lr_scale", which the schedule and PBT's perturbations keep)."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    scale_of = {id(p): s for ps, s in lr_scales for p in ps}
+    groups = []
+    for scale in sorted({1.0, *scale_of.values()}, reverse=True):
+        mine = [p for p in params if scale_of.get(id(p), 1.0) == scale]
+        for decayed in (True, False):
+            chosen = [p for p in mine if (p.dim() >= 2) == decayed]
+            if chosen or scale == 1.0:
+                groups.append({"params": chosen, "weight_decay": weight_decay if decayed else 0.0,
+                               "lr": lr * scale, "lr_scale": scale})  # fmt: skip
     # One fused kernel for all parameters, on CUDA and on CPU (4x the default foreach path on
     # CPU for the quickstart model); it can also skip a step on the device (train_step).
     fused = bool(params) and all(

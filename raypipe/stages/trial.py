@@ -74,6 +74,7 @@ def hyperparameters(cfg: FinetuneConfig, sampled: dict[str, Any]) -> dict[str, A
         "batch_size": cfg.batch_size,
         "freeze_backbone": cfg.freeze_backbone,
         "dropout": cfg.dropout,
+        "backbone_lr_ratio": cfg.optimizer.backbone_lr_ratio,
     }
     assert set(base) == set(TUNABLE)
     return {**base, **{k: sampled[k] for k in TUNABLE if k in sampled}}
