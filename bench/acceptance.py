@@ -24,6 +24,19 @@ PREPARE = {
         ["table", "{d}/classification/sst2/dev.tsv", "--out", "data/sst2/dev"],
         ["table", "{d}/classification/sst2/test-labeled.tsv", "--out", "data/sst2/test"],
     ],
+    # MR, Subj, CR: one sentence a line, the label given by the file; no official splits:
+    # seeded 80/10/10 by `prepare` (--seed 0; validation and test disjoint, label map shared).
+    **{
+        name: [["table", "--label-from-file", *(f"{label}={{d}}/classification/sentconv/{f}"
+                for label, f in files), *enc, "--validation-fraction", "0.1",
+                "--test-fraction", "0.1", "--out", f"data/{name}"]]
+        for name, files, enc in (
+            ("mr", (("pos", "rt-polarity.pos"), ("neg", "rt-polarity.neg")), ["--encoding", "latin-1"]),
+            ("subj", (("subjective", "subj.subjective"), ("objective", "subj.objective")),
+             ["--encoding", "latin-1"]),
+            ("cr", (("pos", "custrev.pos"), ("neg", "custrev.neg")), []),
+        )
+    },
     "cifar10": [
         ["images", "{d}/images/cifar10/cifar10_train_1k_per_class_jpeg.zip", "--out",
          "data/cifar10/train"],

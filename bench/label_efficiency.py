@@ -24,11 +24,22 @@ from pathlib import Path
 
 from acceptance import RAYPIPE, ROOT, _prepare
 
-#: study -> (the data it prepares, its pipeline)
+
+def _sentences(name: str) -> list[str]:
+    """The SST-2 bag study's pipeline pointed at a sentence task prepared into data/NAME."""
+    return [
+        f"name={name}-bag-label-efficiency",
+        f"data.unlabeled.path=data/{name}/train",
+        *(f"data.labeled.{s}.path=data/{name}/{s}" for s in ("train", "validation", "test")),
+    ]
+
+
+#: study -> (the data it prepares, its pipeline, overrides)
 RUNS = {
-    "sst2": ("sst2", "sst2_label_efficiency"),
-    "sst2-bag": ("sst2", "sst2_bag_label_efficiency"),
-    "cifar10": ("cifar10", "cifar10_label_efficiency"),
+    "sst2": ("sst2", "sst2_label_efficiency", []),
+    "sst2-bag": ("sst2", "sst2_bag_label_efficiency", []),
+    **{f"{n}-bag": (n, "sst2_bag_label_efficiency", _sentences(n)) for n in ("mr", "subj", "cr")},
+    "cifar10": ("cifar10", "cifar10_label_efficiency", []),
 }
 TARGET_POINTS = 5.0
 
@@ -51,18 +62,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--workdir", default="/tmp/raypipe-label-efficiency")
-    parser.add_argument("--only", default="", help="comma-separated: sst2,sst2-bag,cifar10")
+    parser.add_argument("--only", default="", help=f"comma-separated: {','.join(RUNS)}")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     args = parser.parse_args()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for study, (dataset, pipeline) in RUNS.items():
+    for study, (dataset, pipeline, extra) in RUNS.items():
         if args.only and study not in args.only.split(","):
             continue
         _prepare(dataset, Path(args.data).resolve(), workdir)
         cmd = RAYPIPE + ["run", str(ROOT / "pipelines" / f"{pipeline}.yaml"),
                          "--set", f"storage={workdir / 'runs'}",
+                         *[x for o in extra for x in ("--set", o)],
                          *[x for o in args.set for x in ("--set", o)]]  # fmt: skip
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
@@ -73,7 +85,7 @@ def main() -> None:
             sys.exit(f"{pipeline} failed (exit {proc.returncode})")
         (run_line,) = [x for x in proc.stdout.splitlines() if x.strip().startswith("mlflow ")]
         run_id, uri = run_line.split()[2], run_line.split(" in ", 1)[1].strip()
-        results.append((pipeline, seconds, _table(uri, run_id, workdir / "artifacts" / run_id)))
+        results.append((study, seconds, _table(uri, run_id, workdir / "artifacts" / run_id)))
 
     for pipeline, seconds, table in results:
         print(f"\n### {pipeline}: {seconds / 60:.1f} min wall\n")

@@ -39,6 +39,12 @@ def add_prepare(sub) -> None:
         default=0.0,
         help="hold out this fraction (by image for captions) into OUT/validation",
     )
+    prep.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction too (other rows than validation's) into OUT/test",
+    )
     prep.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet shard")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
     order = prep.add_mutually_exclusive_group()
@@ -115,6 +121,10 @@ def _options(args: argparse.Namespace) -> dict:
     """The prepare options from the command line; ValueError names a bad one."""
     if not 0 <= args.validation_fraction < 1:
         raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    if not 0 <= args.test_fraction < 1 or args.validation_fraction + args.test_fraction >= 1:
+        raise ValueError(
+            f"--test-fraction must be in [0, 1) and leave rows to train on, got {args.test_fraction}"
+        )
     if args.shard_rows is not None and args.shard_rows < 1:
         raise ValueError(f"--shard-rows must be >= 1, got {args.shard_rows}")
     try:
@@ -133,6 +143,8 @@ def _options(args: argparse.Namespace) -> dict:
         raise ValueError(
             "--split validation=... and --validation-fraction both make OUT/validation"
         )
+    if "test" in splits and args.test_fraction > 0:
+        raise ValueError("--split test=... and --test-fraction both make OUT/test")
     media = args.kind in ("images", "captions")
     return {
         "unit": args.unit,
@@ -149,6 +161,7 @@ def _options(args: argparse.Namespace) -> dict:
         "splits": splits,
         "regression": args.regression,
         "validation_fraction": args.validation_fraction,
+        "test_fraction": args.test_fraction,
         "shard_rows": args.shard_rows or (1_000 if media else 10_000),
         "seed": args.seed,
         "overwrite": args.overwrite,

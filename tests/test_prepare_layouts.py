@@ -162,3 +162,18 @@ def test_layout_mistakes_are_one_line(tmp_path):
         err = done.stderr.strip()
         assert done.returncode == 2 and len(err.splitlines()) == 1, err
         assert expected in err and "Traceback" not in err, err
+
+
+def test_seeded_validation_and_test_splits_are_disjoint(tmp_path):
+    (tmp_path / "a.pos").write_text("".join(f"good {i}\n" for i in range(50)))
+    (tmp_path / "a.neg").write_text("".join(f"bad {i}\n" for i in range(50)))
+    args = ["table", "--label-from-file", "pos=a.pos", "neg=a.neg", "--validation-fraction",
+            "0.1", "--test-fraction", "0.2"]  # fmt: skip
+    done = cli(*args, "--out", "s", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    split = {s: rows(tmp_path / "s" / s)["text"] for s in ("train", "validation", "test")}
+    assert [len(split[s]) for s in ("train", "validation", "test")] == [70, 10, 20]
+    assert sorted(sum(split.values(), [])) == sorted([f"good {i}" for i in range(50)]
+                                                     + [f"bad {i}" for i in range(50)])  # fmt: skip
+    assert cli(*args, "--out", "again", cwd=tmp_path).returncode == 0  # seeded: the same rows
+    assert rows(tmp_path / "again" / "test")["text"] == split["test"]

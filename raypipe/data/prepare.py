@@ -113,20 +113,27 @@ def _shuffled(rows: dict[str, list], group: list | None, seed: int):
     return rows, [group[i] for i in order] if group is not None else None
 
 
-def _splits(rows: dict[str, list], group: list | None, fraction: float, seed: int):
-    """{"": rows}, or {"train": ..., "validation": ...} split by group (an image's captions
-    stay together), seeded."""
-    if fraction <= 0:
+def _splits(rows: dict[str, list], group: list | None, fractions: dict[str, float], seed: int):
+    """{"": rows}, or {"train": ..., "validation": ..., "test": ...} holding out each split's
+    fraction (> 0) of the groups (an image's captions stay together), seeded."""
+    fractions = {s: f for s, f in fractions.items() if f > 0}
+    if not fractions:
         return {"": rows}
     n = len(next(iter(rows.values())))
     keys = group if group is not None else list(range(n))
     unique = sorted(set(keys), key=str)
     random.Random(seed).shuffle(unique)
-    held = set(unique[: max(1, int(round(len(unique) * fraction)))])
+    split_of, start = {}, 0
+    for split, fraction in fractions.items():
+        take = max(1, int(round(len(unique) * fraction)))
+        split_of.update((k, split) for k in unique[start : start + take])
+        start += take
+    names = ["train", *fractions]
     return {
-        split: {k: [v[i] for i in range(n) if (keys[i] in held) == keep] for k, v in rows.items()}
-        for split, keep in (("train", False), ("validation", True))
-    }
+        split: {k: [v[i] for i in range(n) if split_of.get(keys[i], "train") == split]
+                for k, v in rows.items()}
+        for split in names
+    }  # fmt: skip
 
 
 def _write(out: Path, rows: dict[str, list], outcome: PrepareOutcome, *, options: dict,
@@ -145,7 +152,9 @@ def _write(out: Path, rows: dict[str, list], outcome: PrepareOutcome, *, options
     seed = options.get("seed", 0)
     if shuffle:
         rows, group = _shuffled(rows, group, seed)
-    splits = _splits(rows, group, options.get("validation_fraction", 0.0), seed)
+    held = {"validation": options.get("validation_fraction", 0.0),
+            "test": options.get("test_fraction", 0.0)}  # fmt: skip
+    splits = _splits(rows, group, held, seed)
     if extra:
         splits = {"train": splits.pop(""), **splits} if "" in splits else splits
         for name, more in extra.items():

@@ -29,7 +29,7 @@ from raypipe.data.labels import FOOTER_KEY, LABELS_FILE
 from raypipe.errors import UserError
 
 MANIFEST = "prepare.json"
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 _SHARD = re.compile(r"part-\d{5}\.parquet")
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 #: A compressed input expanding beyond this many times its size (and 64 MiB) is unreadable.
