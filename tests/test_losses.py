@@ -111,6 +111,55 @@ def test_skipgram_pairs_stay_within_a_document_and_skip_special_tokens():
     assert pairs == want
 
 
+def test_skipgram_noise_and_subsampling_follow_word2vec_formulas():
+    from raypipe.objectives.skipgram import keep_probability, noise_weights
+
+    counts = torch.zeros(NUM_SPECIAL + 4, dtype=torch.float64)
+    counts[NUM_SPECIAL:] = torch.tensor([1000.0, 100.0, 10.0, 0.0])
+    total_real = [c + 1.0 for c in (1000.0, 100.0, 10.0, 0.0)]
+    want = [0.0] * NUM_SPECIAL + [c**0.75 for c in total_real]
+    assert noise_weights(counts, 0.75).tolist() == pytest.approx(want)
+    assert noise_weights(counts, 0.0).tolist() == [0.0] * NUM_SPECIAL + [1.0] * 4
+    # word2vec: keep with probability sqrt(t / f), at most 1; f = count / all counts.
+    t, n = 1e-2, 1110.0
+    expected = [min(1.0, math.sqrt(t / (c / n))) if c else 1.0 for c in counts.tolist()]
+    assert keep_probability(counts, t).tolist() == pytest.approx(expected, rel=1e-6)
+    assert keep_probability(torch.zeros(6), t).tolist() == [1.0] * 6
+
+
+def test_skipgram_draws_negatives_by_frequency_and_counts_only_training_batches():
+    import tiny
+
+    torch.manual_seed(0)
+    objective = tiny.build("skipgram")
+    objective.negative_power, objective.subsample = 0.75, 0.0
+    ids = torch.full((4, 12), NUM_SPECIAL + 1)
+    ids[:, ::4] = NUM_SPECIAL + 2  # token a: 36 of 48, token b: 12 of 48
+    objective.eval()
+    objective({"input_ids": ids})
+    assert float(objective.counts.sum()) == 0.0  # held-out batches do not count
+    objective.train()
+    objective({"input_ids": ids})
+    assert objective.counts[NUM_SPECIAL + 1] == 36 and objective.counts[NUM_SPECIAL + 2] == 12
+    drawn = objective._noise(20_000, ids.device).flatten()
+    assert int((drawn < NUM_SPECIAL).sum()) == 0
+    weights = [0.0 if i < NUM_SPECIAL else (float(c) + 1) ** 0.75
+               for i, c in enumerate(objective.counts.tolist())]  # fmt: skip
+    share = weights[NUM_SPECIAL + 1] / sum(weights)
+    seen = float((drawn == NUM_SPECIAL + 1).double().mean())
+    assert abs(seen - share) < 0.01, (seen, share)
+
+
+def test_skipgram_subsampling_drops_frequent_tokens_from_the_pairs():
+    from raypipe.objectives.skipgram import context_pairs
+
+    ids = torch.arange(NUM_SPECIAL, NUM_SPECIAL + 6).view(1, 6)
+    keep = torch.tensor([[True, False, True, True, True, True]])
+    centre, context = context_pairs(ids, window=1, keep=keep)
+    pairs = sorted(zip(centre.tolist(), context.tolist(), strict=True))
+    assert pairs == [(2, 3), (3, 2), (3, 4), (4, 3), (4, 5), (5, 4)]
+
+
 def test_clip_loss_matches_loop_both_directions():
     g = torch.Generator().manual_seed(2)
     n, d = 5, 7
