@@ -185,6 +185,15 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert cfg.pretrain.scaling.use_gpu is True
 
 
+def test_exponent_numbers_without_a_dot_are_numbers_even_in_options(tmp_path):
+    # PyYAML (YAML 1.1) would hand `1e-3` to an objective as the string "1e-3".
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "\n")
+    cfg = load_config(path, ["pretrain.options={subsample: 1e-3, power: -2E+1}"])
+    assert cfg.pretrain.options == {"subsample": 0.001, "power": -20.0}
+    assert load_config(path, ["name=1e"]).name == "1e"  # not a number: left a string
+
+
 def test_override_of_unknown_key_is_caught(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(BASE))
