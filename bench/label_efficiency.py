@@ -1,11 +1,12 @@
 """The label-efficiency acceptance runs on real data: does pretraining pay with few labels?
 
-Prepares SST-2 and CIFAR-10 from ../shared/data with `raypipe prepare`, runs
-`pipelines/sst2_label_efficiency.yaml` and `pipelines/cifar10_label_efficiency.yaml` as a user
-would (`raypipe run`, one process each), and prints each run's wall time and its label-efficiency
-table (best accuracy per fraction and arm, read back from the pipeline run in MLflow) as Markdown.
+Prepares the datasets from ../shared/data with `raypipe prepare`, runs the label-efficiency
+pipelines as a user would (`raypipe run`, one process each), and prints each run's wall time
+and its label-efficiency table (read back from the pipeline run in MLflow) as Markdown. The
+studies: `sst2`, `mr`, `subj`, `cr` (the text recipe, `pipelines/sst2_label_efficiency.yaml`,
+pointed at each task's data), `sst2-transformer` (its transformer variant) and `cifar10`.
 
-    python bench/label_efficiency.py [--data ../shared/data] [--only sst2,sst2-bag,cifar10]
+    python bench/label_efficiency.py [--data ../shared/data] [--only sst2,mr,subj,cr]
                                      [--workdir DIR] [--set KEY=VALUE ...]
 
 Figures are on each pipeline's test split (which picks nothing), the mean over the repeats of
@@ -26,9 +27,9 @@ from acceptance import RAYPIPE, ROOT, _prepare
 
 
 def _sentences(name: str) -> list[str]:
-    """The SST-2 bag study's pipeline pointed at a sentence task prepared into data/NAME."""
+    """The text recipe's pipeline pointed at a sentence task prepared into data/NAME."""
     return [
-        f"name={name}-bag-label-efficiency",
+        f"name={name}-label-efficiency",
         f"data.unlabeled.path=data/{name}/train",
         *(f"data.labeled.{s}.path=data/{name}/{s}" for s in ("train", "validation", "test")),
     ]
@@ -37,8 +38,8 @@ def _sentences(name: str) -> list[str]:
 #: study -> (the data it prepares, its pipeline, overrides)
 RUNS = {
     "sst2": ("sst2", "sst2_label_efficiency", []),
-    "sst2-bag": ("sst2", "sst2_bag_label_efficiency", []),
-    **{f"{n}-bag": (n, "sst2_bag_label_efficiency", _sentences(n)) for n in ("mr", "subj", "cr")},
+    **{n: (n, "sst2_label_efficiency", _sentences(n)) for n in ("mr", "subj", "cr")},
+    "sst2-transformer": ("sst2", "sst2_transformer_label_efficiency", []),
     "cifar10": ("cifar10", "cifar10_label_efficiency", []),
 }
 TARGET_POINTS = 5.0
@@ -90,15 +91,16 @@ def main() -> None:
     for pipeline, seconds, table in results:
         print(f"\n### {pipeline}: {seconds / 60:.1f} min wall\n")
         print("| labels | rows | pretrained | scratch | gap (points) | gap 95 % CI (paired t) "
-              "| baseline |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|")
+              "| baseline | majority class |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
         for row in table:
             gap = 100 * (row["pretrained"] - row["scratch"])
             ci = (f"[{100 * row['gap_low']:+.1f}, {100 * row['gap_high']:+.1f}]"
                   if "gap_low" in row else "-")  # fmt: skip
-            base = f"{row['baseline']:.4f}" if row.get("baseline") is not None else "-"
+            base, chance = (f"{row[k]:.4f}" if row.get(k) is not None else "-"
+                            for k in ("baseline", "majority"))  # fmt: skip
             print(f"| {row['fraction']:.0%} | {row['rows']:,} | {_cell(row, 'pretrained')} | "
-                  f"{_cell(row, 'scratch')} | {gap:+.1f} | {ci} | {base} |")  # fmt: skip
+                  f"{_cell(row, 'scratch')} | {gap:+.1f} | {ci} | {base} | {chance} |")  # fmt: skip
         low = table[0]
         gap = 100 * (low["pretrained"] - low["scratch"])
         verdict = "met" if gap >= TARGET_POINTS else "not met"

@@ -98,12 +98,24 @@ def _all_classes(model, probabilities: np.ndarray, num_classes: int) -> np.ndarr
     return out
 
 
+def majority_share(train_labels: np.ndarray, labels: np.ndarray) -> float:
+    """Chance: the accuracy on `labels` of always answering the most common training class
+    (the lowest such class on a tie)."""
+    if len(labels) == 0 or len(train_labels) == 0:
+        return float("nan")
+    values, counts = np.unique(train_labels, return_counts=True)
+    return float(np.mean(labels == values[np.argmax(counts)]))
+
+
 def fit_and_score(
     train: Rows, evaluations: dict[str, Rows], *, kind: str, num_classes: int, seed: int
 ) -> dict[str, float]:
-    """Fit on `train`; each split's metrics as `<split>/<metric>` (val/accuracy, ...)."""
+    """Fit on `train`; each split's metrics as `<split>/<metric>` (val/accuracy, ...), and
+    `<split>/majority_accuracy`, the accuracy of always answering the training rows' most
+    common class."""
     model = _model(kind, seed).fit(train.inputs, train.labels)
     out = {}
     for split, rows in evaluations.items():
         out.update({f"{split}/{k}": v for k, v in scores(model, rows, num_classes).items()})
+        out[f"{split}/majority_accuracy"] = majority_share(train.labels, rows.labels)
     return out

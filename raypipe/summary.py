@@ -87,16 +87,20 @@ def gap_interval(pre: dict, scr: dict, metric: str, test: bool) -> stats.Interva
 def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[str, Any]]:
     """The reported metric (test when there is a test split, else validation; the mean over
     repeats) per label fraction and arm: [{"fraction", "pretrained", "scratch", "baseline",
-    "rows", and with repeats "pretrained_sd", "scratch_sd", "gap_low", "gap_high"}], smallest
-    fraction first; empty unless a sweep ran on a fraction below 1."""
+    "rows", "majority" (chance: always the most common training class), and with repeats
+    "pretrained_sd", "scratch_sd", "gap_low", "gap_high"}], smallest fraction first; empty
+    unless a sweep ran on a fraction below 1."""
     if all(a.get("label_fraction", 1.0) == 1.0 for a in arms.values()):
         return []
     test = on_test(arms)
+    accuracy = metric.endswith("accuracy")  # chance beside accuracy only
     rows: dict[float, dict[str, Any]] = {}
     for a in arms.values():
         row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
         row[a["base_arm"]] = reported(a, metric, test)
         row["rows"] = a.get("num_train_rows")
+        if a["base_arm"] == "baseline" and a.get("majority") is not None and accuracy:
+            row["majority"] = a["majority"]
         values = list(by_seed(a, metric, test).values())
         if len(values) > 1:
             row[f"{a['base_arm']}_sd"] = stats.mean_sd(values)[1]
@@ -181,13 +185,15 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
     shown = test_key(s.metric) if on_test(s.arms) else s.metric
     name = f"{shown} on the test split" if on_test(s.arms) else f"best {s.metric}"
     baseline = any("baseline" in row for row in table)
+    majority = any("majority" in row for row in table)
     ci = any("gap_low" in row for row in table)
     lines = [
         f"  label efficiency: {name} by fraction of the labeled rows"
         + (f" (gap = pretrained - scratch{_sign(s, 'pretrained', shown)})" if s.mode else ""),
         f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
         + (f" {'gap 95% CI':>19}" if ci else "")
-        + (f" {'baseline':>10}" if baseline else ""),
+        + (f" {'baseline':>10}" if baseline else "")
+        + (f" {'majority':>9}" if majority else ""),
     ]
 
     def cell(value: float | None) -> str:
@@ -203,6 +209,7 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
             f"{gap:>8}"
             + (f" {interval:>19}" if ci else "")
             + (f" {cell(row.get('baseline')):>10}" if baseline else "")
+            + (f" {cell(row.get('majority')):>9}" if majority else "")
         )
     return lines
 

@@ -343,10 +343,17 @@ def test_label_fractions_sweep_both_arms_on_the_same_rows(ray_session, quickstar
         ).read_text()
     )
     assert [(r["fraction"], r["rows"]) for r in table] == [(0.5, half), (1.0, len(labels))]
+    val_labels = pq.read_table(quickstart_data["validation"]).column("label").to_pylist()
     for row in table:
         for arm in ("pretrained", "scratch"):
             best = summary.arms[arm if row["fraction"] == 1 else f"{arm}_0.5"]["best_metric"]
             assert row[arm] == best
+        # Chance on validation: the training rows' most common class (the same on both
+        # fractions: the half subset is stratified).
+        counts = Counter(labels)
+        common = min(y for y, n in counts.items() if n == max(counts.values()))  # lowest on a tie
+        assert row["majority"] == pytest.approx(val_labels.count(common) / len(val_labels))
+    assert "majority" in text.split("label efficiency:")[1]
     png = client.download_artifacts(summary.run_id, "plots/label_efficiency.png", str(tmp_path))
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == SIZE_PX

@@ -3,6 +3,7 @@ classical baseline on the same rows, through real Ray, MLflow and Parquet."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,11 @@ def test_the_baseline_equals_scikit_learns_own_on_the_same_rows(verdict, quickst
             baseline["best_metric"] if split == "val" else baseline["test_metrics"]["test/accuracy"]
         )
         assert got == pytest.approx(accuracy, abs=1e-9), split
+    # Chance beside it: always the most common training class, on the test split.
+    counts = Counter(train_y.tolist())
+    common = min(y for y, n in counts.items() if n == max(counts.values()))  # lowest on a tie
+    test_y = _table(other["test"])[1]
+    assert baseline["majority"] == pytest.approx(float(np.mean(test_y == common)), abs=1e-12)
     assert baseline["num_train_rows"] == len(train_y) and baseline["best_checkpoint"] is None
     client = _client(summary.tracking_uri)
     exp = client.get_run(summary.run_id).info.experiment_id

@@ -54,6 +54,9 @@ class ArmResult:
     #: the best checkpoint's metrics on the test split ("test/accuracy", ...); None: no test split
     test_metrics: dict[str, float] | None = None
     repeats: tuple[Repeat, ...] = ()  # the best settings again, one run per seed
+    #: baseline only: the accuracy of always answering the most common training class, on
+    #: the test split when there is one, else on validation (chance, beside the baseline)
+    majority: float | None = None
 
     @property
     def finished_repeats(self) -> list[Repeat]:

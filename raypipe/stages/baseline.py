@@ -61,6 +61,7 @@ def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[s
     tracking.end_run(run)
     metric = f.sweep.metric
     test = {k: v for k, v in found.items() if k.startswith("test/")}
+    majority = found.get("test/majority_accuracy" if test else "val/majority_accuracy")
     console.line(
         f"[finetune] baseline ({what}) on {len(train.labels)} rows: {metric} "
         f"{found.get(metric, float('nan')):.4f}"
@@ -69,9 +70,10 @@ def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[s
             if test
             else ""
         )
+        + f"; always the most common class: {majority:.4f}"
     )
     return ArmResult(
         arm=arm, best_metric=found.get(metric), best_checkpoint=None, best_trial=arm.label,
         best_params={"model": what}, num_train_rows=len(train.labels),
-        test_metrics=test or None,
+        test_metrics=test or None, majority=majority,
     )  # fmt: skip
