@@ -54,8 +54,10 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
     return {
         "quickstart.yaml": ["data.generate=null", *text, *SMALL_TEXT, *PRETRAIN, *FINETUNE,
                             "finetune.max_len=24"],
-        # Two text sources in one list: the unlabeled text, then the labeled set's text.
+        # Two text sources in one list, mixed half and half: the unlabeled text and the
+        # labeled set's text.
         "masked_lm.yaml": [*text, f"data.unlabeled.path=[{d['unlabeled']}, {d['train']}]",
+                           "data.unlabeled.weights=[1, 1]",
                            *SMALL_TEXT, *PRETRAIN, *FINETUNE],
         "masked_image.yaml": [*images, *SMALL_IMAGE, *PRETRAIN, *FINETUNE, "finetune.epochs=2",
                               "finetune.sweep.perturbation_interval=1",

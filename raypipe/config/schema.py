@@ -71,6 +71,31 @@ class Source(Strict):
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
+class UnlabeledSource(Source):
+    weights: list[PositiveFloat] | None = Field(
+        None,
+        description="One weight per path in `path` (a list): pretraining draws its rows (token "
+        "blocks, for text) from each path in proportion to its weight, reading the smaller ones "
+        "again as often as their share needs (Ray Data's Dataset.mix), instead of each path "
+        "once, one after another. E.g. `[1, 1]`: the task's own text as often as a corpus "
+        "twenty times its size. `max_rows` then applies to each path.",
+    )
+
+    @model_validator(mode="after")
+    def _one_weight_per_path(self):
+        if self.weights is not None and len(self.weights) != len(self.paths):
+            raise ValueError(
+                f"weights: give one weight per path (got {len(self.weights)} for "
+                f"{len(self.paths)} path(s)); list the paths as path: [a, b]"
+            )
+        return self
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """What a pretrain stage's fingerprint covers (no weights key when there are none, so
+        stages fingerprinted before weights existed are still reused)."""
+        return self.model_dump(exclude=None if self.weights is not None else {"weights"})
+
+
 class LabeledSource(Source):
     label_column: str = Field(
         "label", description="Column holding the label (an integer class, or a number)."
@@ -117,7 +142,7 @@ class DataConfig(Strict):
     generate: Literal["quickstart"] | None = Field(
         None, description="Write this built-in synthetic dataset to the paths below when missing."
     )
-    unlabeled: Source | None = Field(
+    unlabeled: UnlabeledSource | None = Field(
         None, description="Unlabeled data for pretraining (text, images or image-text pairs)."
     )
     unlabeled_validation: Source | None = Field(

@@ -29,6 +29,9 @@ MAX_PASSES = 64
 #: object store, in blocks of about BLOCK_BYTES; larger data streams from its shards.
 CACHE_MAX_BYTES = 256 * 2**20
 BLOCK_BYTES = 8 * 2**20
+#: A weighted mix draws whole blocks: small data is read in blocks this small for it, so the
+#: sources take turns every few hundred rows, not every pass.
+MIX_BLOCK_BYTES = 256 * 2**10
 
 
 def data_columns(kind: str, source: Source) -> list[str]:
@@ -58,22 +61,25 @@ def data_footprint(files: list[str], *, kind: str, source: Source) -> Footprint:
 
 
 def passes_per_epoch(
-    footprint: Footprint, *, kind: str, cfg: PretrainConfig, block_size: int, world: int
-) -> int:
+    footprint: Footprint, *, kind: str, cfg: PretrainConfig, block_size: int, world: int,
+    one_pass: Footprint | None = None,
+) -> int:  # fmt: skip
     """Passes over the data that one Ray Data epoch makes: enough for the whole run.
 
     Each epoch of a streaming split starts a new execution (tasks, the first blocks through
     the transforms) behind a barrier, and the trainer waits for it: seconds every epoch, a real
     cost when the data is small and epochs are short. Repeating the data inside one epoch
     removes those waits. Estimated from the Parquet footers, before anything is read.
+    `one_pass`: what one pass reads when that is not the data once (a weighted mix's).
     """
     if not footprint.small:
         return 1  # streamed from the shards: an epoch's start is small beside a pass of them
     needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum_steps * world
+    one_pass = one_pass or footprint
     if kind == "text_blocks":
-        have = footprint.size / (MAX_BYTES_PER_TOKEN * block_size)
+        have = one_pass.size / (MAX_BYTES_PER_TOKEN * block_size)
     else:
-        have = footprint.rows
+        have = one_pass.rows
     return int(min(MAX_PASSES, max(1, math.ceil(needed / max(have, 1)))))
 
 
@@ -144,13 +150,61 @@ def held_out(batch: dict[str, np.ndarray], *, column: str, holdout: Holdout) -> 
     return batch if keep.all() else {k: v[keep] for k, v in batch.items()}
 
 
-def _read_small(files: list[str], columns: list[str], footprint: Footprint, max_rows):
+def _read_small(files: list[str], columns: list[str], footprint: Footprint, max_rows,
+                block_bytes: int = BLOCK_BYTES):  # fmt: skip
     """Small data, read once here into Ray's object store, in order, in blocks of about
-    BLOCK_BYTES. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s (the
+    `block_bytes`. Ray Data's reader took 2-3 s to start for what pyarrow reads in 0.1 s (the
     quickstart's 20,000 rows). Returns the blocks' refs."""
-    per_block = max(1, footprint.rows * BLOCK_BYTES // max(footprint.size, 1))
+    per_block = max(1, footprint.rows * block_bytes // max(footprint.size, 1))
     tables = datafiles.read_blocks(files, columns, rows_per_block=per_block, max_rows=max_rows)
     return [ray.put(t) for t in tables]
+
+
+def _read_streamed(files: list[str], columns: list[str], max_rows: int | None):
+    ds = ray.data.read_parquet(files, columns=columns)
+    return ds.limit(max_rows) if max_rows else ds
+
+
+def _have(footprint: Footprint, kind: str) -> float:
+    """How much data there is, in the unit a mix's weights share out: bytes of text (about
+    tokens) for text blocks, rows for everything else."""
+    return footprint.size if kind == "text_blocks" else footprint.rows
+
+
+def mix_repeats(haves: list[float], weights: list[float]) -> list[int]:
+    """How many times each source is read in one epoch of a weighted mix: the source with the
+    most data per unit of weight once, every other one as often as its share needs."""
+    epoch = max(h / w for h, w in zip(haves, weights, strict=True))
+    return [max(1, math.ceil(epoch * w / max(h, 1))) for h, w in zip(haves, weights, strict=True)]
+
+
+def mix_pass(footprints: list[Footprint], weights: list[float], kind: str) -> Footprint:
+    """What one pass of a weighted mix reads: each source as many times as `mix_repeats` says."""
+    repeats = mix_repeats([_have(f, kind) for f in footprints], weights)
+    return Footprint(rows=sum(r * f.rows for r, f in zip(repeats, footprints, strict=True)),
+                     size=sum(r * f.size for r, f in zip(repeats, footprints, strict=True)))  # fmt: skip
+
+
+def mixed_dataset(
+    groups: list[list[str]], weights: list[float], *, footprints: list[Footprint], passes: int,
+    kind: str, **build,
+) -> ray.data.Dataset:  # fmt: skip
+    """The sources `groups` (each a path's files) mixed by `weights` (Ray Data's Dataset.mix):
+    each built by `build_dataset` and read `mix_repeats` x `passes` times, so the epoch ends
+    when the source with the most data per unit of weight has been read `passes` times. Each
+    output block comes from one source; blocks are drawn so the rows so far follow the
+    weights, in a fixed order (Ray waits for the source that is due). The epoch ends when
+    every source is spent (the repeats make them end together, to a block or so): none is
+    cut short."""
+    from ray.data import MixStoppingCondition
+
+    repeats = mix_repeats([_have(f, kind) for f in footprints], weights)
+    parts = [build_dataset(files, kind=kind, footprint=fp, passes=r * passes,
+                           block_bytes=MIX_BLOCK_BYTES, **build)
+             for files, fp, r in zip(groups, footprints, repeats, strict=True)]  # fmt: skip
+    return parts[0].mix(
+        *parts[1:], weights=list(weights), stopping_condition=MixStoppingCondition.STOP_ON_LONGEST_DROP
+    )
 
 
 def build_dataset(
@@ -167,6 +221,7 @@ def build_dataset(
     footprint: Footprint | None = None,
     passes: int = 1,
     holdout: Holdout | None = None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> ray.data.Dataset:
     """Lazy: read shards -> decode / augment / tokenize on CPU tasks, streamed into the trainer.
 
@@ -181,12 +236,13 @@ def build_dataset(
     enc = described.encode(needs)
     footprint = footprint or data_footprint(files, kind=kind, source=source)
     if footprint.small:
-        refs = _read_small(files, enc.columns, footprint, source.max_rows)
+        refs = _read_small(files, enc.columns, footprint, source.max_rows, block_bytes)
         ds = ray.data.from_arrow_refs(refs)
     else:
-        ds = ray.data.read_parquet(files, columns=enc.columns)
-        if source.max_rows:
-            ds = ds.limit(source.max_rows)
+        ds = _read_streamed(files, enc.columns, source.max_rows)
+        if passes > 1:  # only in a weighted mix (see mixed_dataset): the shards again
+            ds = ds.union(*(_read_streamed(files, enc.columns, source.max_rows)
+                            for _ in range(passes - 1)))  # fmt: skip
     if holdout is not None:
         ds = ds.map_batches(
             held_out, batch_format="numpy", batch_size=enc.batch_size,

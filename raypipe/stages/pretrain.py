@@ -31,6 +31,8 @@ from raypipe.data.pipelines import (
     Tally,
     build_dataset,
     data_footprint,
+    mix_pass,
+    mixed_dataset,
     passes_per_epoch,
 )
 from raypipe.engine.checkpoint import (
@@ -94,7 +96,7 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
         cfg.model.model_dump(),
         cfg.tokenizer.model_dump(),
         cfg.pretrain.fingerprinted(),
-        cfg.data.unlabeled.model_dump(),
+        cfg.data.unlabeled.fingerprinted(),
         cfg.data.bad_images,
         cfg.seed,
         datafiles.manifest_digest(ctx.unlabeled),
@@ -151,6 +153,7 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
         cfg=p,
         model_spec=spec,
         files=ctx.unlabeled,
+        groups=[files for _, files in ctx.sources.get("unlabeled", [])],
         validation=(ctx.unlabeled_validation, cfg.data.unlabeled_validation),
         holdout=cfg.data.unlabeled_holdout,
         source=cfg.data.unlabeled,
@@ -241,20 +244,18 @@ def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str) -> 
     )
 
 
-def _datasets(files, *, source, validation, holdout, seed, tally, footprint, passes, common):
+def _datasets(files, *, source, validation, holdout, seed, tally, footprint, passes, mix, common):
     """{"train": the stream, "validation": held-out rows (a share of the same rows, or other
-    files) when there are any}: each built by `build_dataset` with the `common` arguments."""
-    datasets = {
-        "train": build_dataset(
-            files,
-            source=source,
-            bad_image_tally=tally,
-            footprint=footprint,
-            passes=passes,
-            holdout=Holdout(holdout, seed, keep=False) if holdout else None,
-            **common,
-        )  # fmt: skip
-    }
+    files) when there are any}: each built by `build_dataset` with the `common` arguments;
+    with `mix` (each path's files, their footprints), the stream mixes the paths by weight."""
+    training = {"source": source, "bad_image_tally": tally, "passes": passes,
+                "holdout": Holdout(holdout, seed, keep=False) if holdout else None}  # fmt: skip
+    if mix is not None:
+        groups, footprints = mix
+        stream = mixed_dataset(groups, source.weights, footprints=footprints, **training, **common)
+    else:
+        stream = build_dataset(files, footprint=footprint, **training, **common)
+    datasets = {"train": stream}
     if holdout:  # the held-out share of the same rows, one pass per evaluation
         datasets["validation"] = build_dataset(
             files, source=source, holdout=Holdout(holdout, seed, keep=True), **common
@@ -271,6 +272,7 @@ def train(
     files: list[str],
     source: Source,
     data_kind: str,
+    groups: list[list[str]] | None = None,
     validation: tuple[list[str], Source | None] = ([], None),
     holdout: float | None = None,
     text_extra: int,
@@ -284,7 +286,8 @@ def train(
     local_ray: bool = False,
 ) -> PretrainResult:
     """Train on `files` (less a `holdout` share of their rows, scored on instead of the
-    `validation` files); `local_ray`: Ray is the embedded one this process started, so one CPU
+    `validation` files), mixed by `source.weights` over `groups` (each listed path's files)
+    when it has weights; `local_ray`: Ray is the embedded one this process started, so one CPU
     worker may train right here (`pretrain.scaling.in_process`)."""
     tally = Tally.remote() if skip_undecodable else None
     here = in_process(cfg, local_ray=local_ray)
@@ -292,10 +295,15 @@ def train(
     footprint = data_footprint(files, kind=data_kind, source=source)  # read once: both agree
     block = cfg.seq_len + text_extra
     world = cfg.scaling.num_workers
-    passes = passes_per_epoch(footprint, kind=data_kind, cfg=cfg, block_size=block, world=world)
+    mix = None
+    if groups is not None and getattr(source, "weights", None):
+        mix = (groups, [data_footprint(g, kind=data_kind, source=source) for g in groups])
+    one_pass = mix_pass(mix[1], source.weights, data_kind) if mix else None
+    passes = passes_per_epoch(footprint, kind=data_kind, cfg=cfg, block_size=block, world=world,
+                              one_pass=one_pass)  # fmt: skip
     datasets = _datasets(
         files, source=source, validation=validation, holdout=holdout, seed=seed, tally=tally,
-        footprint=footprint, passes=passes,
+        footprint=footprint, passes=passes, mix=mix,
         common={"kind": data_kind, "tokenizer_json": tokenizer_json, "seq_len": cfg.seq_len,
                 "text_extra": text_extra, "model_config": model_spec["config"],
                 "preprocess": preprocess},
