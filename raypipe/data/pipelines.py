@@ -203,7 +203,9 @@ def mixed_dataset(
                            block_bytes=MIX_BLOCK_BYTES, **build)
              for files, fp, r in zip(groups, footprints, repeats, strict=True)]  # fmt: skip
     return parts[0].mix(
-        *parts[1:], weights=list(weights), stopping_condition=MixStoppingCondition.STOP_ON_LONGEST_DROP
+        *parts[1:],
+        weights=list(weights),
+        stopping_condition=MixStoppingCondition.STOP_ON_LONGEST_DROP,
     )
 
 
