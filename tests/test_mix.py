@@ -97,3 +97,42 @@ def test_weights_are_checked_against_the_paths(unlabeled, fragment):
         return
     with pytest.raises(ConfigError, match=fragment):
         parse_config(raw)
+
+
+@pytest.mark.slow
+def test_a_weighted_mix_pretrains_on_ray_train_workers(ray_session, quickstart_data, tmp_path):
+    # On Ray Train's workers (not in the driver): the mixed stream is split across them.
+    from raypipe.pipeline import run_pipeline
+    from raypipe.summary import format_summary
+
+    raw = {
+        "name": "mix", "storage": str(tmp_path),
+        "data": {"unlabeled": {"path": [quickstart_data["unlabeled"], quickstart_data["train"]],
+                               "weights": [1, 3]}},
+        "tokenizer": {"vocab_size": 300},
+        "model": {"type": "bag", "dim": 16, "max_len": 16},
+        "pretrain": {"objective": "skipgram", "max_steps": 12, "batch_size": 8, "log_every": 4,
+                     "checkpoint_every": 12, "scaling": {"in_process": False}},
+    }  # fmt: skip
+    summary = run_pipeline(parse_config(raw))
+    (stage,) = summary.stages
+    assert stage.name == "pretrain" and stage.metrics["steps"] == 12, format_summary(summary)
+
+
+def test_an_objectives_revision_and_the_weights_enter_the_pretrain_fingerprint(monkeypatch):
+    # A stage cached before skip-gram's defaults changed (revision 0) must not be reused.
+    from raypipe.objectives.skipgram import SkipGram
+    from raypipe.plan import make_plan
+    from raypipe.preflight import RunContext
+    from raypipe.stages.pretrain import fingerprint
+
+    def fp(**unlabeled):
+        cfg = parse_config({"name": "fp", "data": {"unlabeled": {"path": ["a", "b"], **unlabeled}},
+                            "model": {"type": "bag"},
+                            "pretrain": {"objective": "skipgram", "max_steps": 1}})  # fmt: skip
+        return fingerprint(cfg, RunContext("s", "t", "0", make_plan(cfg)))
+
+    now = fp()
+    assert fp(weights=[1, 1]) != now and fp(weights=[1, 1]) != fp(weights=[1, 2])
+    monkeypatch.setattr(SkipGram, "revision", 0)
+    assert fp() != now

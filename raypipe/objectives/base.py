@@ -35,6 +35,9 @@ class Objective(nn.Module):
       raise ValueError for a bad value (a one-line config error, found before Ray starts).
     - Metrics: `forward`'s dict keys are logged as `train/<key>` (and `val/<key>` on held-out
       data); the loss itself is `train/loss`.
+    - `revision`: raise it when the same options come to train something else (a changed
+      default, say): a pretrain stage cached under an older revision then runs again. 0
+      leaves stage fingerprints as they were.
 
     What `self.model` offers: a text backbone (`transformer`) is called as `model(input_ids)`
     -> hidden states (B, T, dim); `model.lm_logits(hidden)` -> vocabulary logits (tied);
@@ -51,6 +54,7 @@ class Objective(nn.Module):
     model_overrides: ClassVar[dict[str, Any]] = {}
     unit: ClassVar[str] = "tokens"
     owns_step: ClassVar[bool] = False
+    revision: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module):
         super().__init__()

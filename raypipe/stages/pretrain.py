@@ -108,6 +108,8 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
             if cfg.data.unlabeled_validation is not None else []
         ),
         *([{"holdout": cfg.data.unlabeled_holdout}] if cfg.data.unlabeled_holdout else []),
+        # An objective whose options came to mean something else (see Objective.revision).
+        *([{"revision": r}] if (r := getattr(ctx.plan.objective, "revision", 0)) else []),
     )  # fmt: skip
 
 
