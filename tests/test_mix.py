@@ -33,6 +33,7 @@ def test_repeats_read_the_source_with_most_data_per_weight_once():
     # (250 per unit of weight: 3 x 100 >= 250).
     assert mix_repeats([100, 1000], [4, 1]) == [40, 1]
     assert mix_repeats([100, 1000], [1, 20]) == [1, 2]
+    assert mix_repeats([1, 10**9], [1, 1]) == [1000, 1]  # capped: MAX_MIX_REPEATS
     fps = [Footprint(rows=10, size=100), Footprint(rows=100, size=1000)]
     assert mix_pass(fps, [1, 1], "text_blocks") == Footprint(rows=200, size=2000)
 

@@ -32,6 +32,8 @@ BLOCK_BYTES = 8 * 2**20
 #: A weighted mix draws whole blocks: small data is read in blocks this small for it, so the
 #: sources take turns every few hundred rows, not every pass.
 MIX_BLOCK_BYTES = 256 * 2**10
+#: A source is read at most this many times in one epoch of a weighted mix.
+MAX_MIX_REPEATS = 1000
 
 
 def data_columns(kind: str, source: Source) -> list[str]:
@@ -173,9 +175,11 @@ def _have(footprint: Footprint, kind: str) -> float:
 
 def mix_repeats(haves: list[float], weights: list[float]) -> list[int]:
     """How many times each source is read in one epoch of a weighted mix: the source with the
-    most data per unit of weight once, every other one as often as its share needs."""
+    most data per unit of weight once, every other one as often as its share needs, at most
+    MAX_MIX_REPEATS times (a source spent early leaves the rest of the epoch to the others)."""
     epoch = max(h / w for h, w in zip(haves, weights, strict=True))
-    return [max(1, math.ceil(epoch * w / max(h, 1))) for h, w in zip(haves, weights, strict=True)]
+    return [min(MAX_MIX_REPEATS, max(1, math.ceil(epoch * w / max(h, 1))))
+            for h, w in zip(haves, weights, strict=True)]  # fmt: skip
 
 
 def mix_pass(footprints: list[Footprint], weights: list[float], kind: str) -> Footprint:
