@@ -76,8 +76,8 @@ class UnlabeledSource(Source):
         None,
         description="One weight per path in `path` (a list): pretraining draws its rows (token "
         "blocks, for text) from each path in proportion to its weight, reading the smaller ones "
-        "again as often as their share needs (Ray Data's Dataset.mix), instead of each path "
-        "once, one after another. E.g. `[1, 1]`: the task's own text as often as a corpus "
+        "again as often as their share needs (Ray Data's Dataset.mix; a path too big to hold in "
+        "memory is read once an epoch), instead of each path once, one after another. E.g. `[1, 1]`: the task's own text as often as a corpus "
         "twenty times its size. `max_rows` then applies to each path.",
     )
 

@@ -162,11 +162,6 @@ def _read_small(files: list[str], columns: list[str], footprint: Footprint, max_
     return [ray.put(t) for t in tables]
 
 
-def _read_streamed(files: list[str], columns: list[str], max_rows: int | None):
-    ds = ray.data.read_parquet(files, columns=columns)
-    return ds.limit(max_rows) if max_rows else ds
-
-
 def _have(footprint: Footprint, kind: str) -> float:
     """How much data there is, in the unit a mix's weights share out: bytes of text (about
     tokens) for text blocks, rows for everything else."""
@@ -199,7 +194,9 @@ def mixed_dataset(
     output block comes from one source; blocks are drawn so the rows so far follow the
     weights, in a fixed order (Ray waits for the source that is due). The epoch ends when
     every source is spent (the repeats make them end together, to a block or so): none is
-    cut short."""
+    cut short. A source too big to hold in memory (streamed from its shards) is read once an
+    epoch all the same (a union of it with itself would repeat each block in a row): spent
+    early, it leaves the rest of the epoch to the others."""
     from ray.data import MixStoppingCondition
 
     repeats = mix_repeats([_have(f, kind) for f in footprints], weights)
@@ -245,10 +242,9 @@ def build_dataset(
         refs = _read_small(files, enc.columns, footprint, source.max_rows, block_bytes)
         ds = ray.data.from_arrow_refs(refs)
     else:
-        ds = _read_streamed(files, enc.columns, source.max_rows)
-        if passes > 1:  # only in a weighted mix (see mixed_dataset): the shards again
-            ds = ds.union(*(_read_streamed(files, enc.columns, source.max_rows)
-                            for _ in range(passes - 1)))  # fmt: skip
+        ds = ray.data.read_parquet(files, columns=enc.columns)
+        if source.max_rows:
+            ds = ds.limit(source.max_rows)
     if holdout is not None:
         ds = ds.map_batches(
             held_out, batch_format="numpy", batch_size=enc.batch_size,
