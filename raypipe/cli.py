@@ -147,9 +147,12 @@ def _main(args: argparse.Namespace) -> int:
 
             plan, sources = check_offline(cfg)
             if args.plan:
+                from raypipe.config.tasks import task_views
                 from raypipe.sizing import plan_run
 
-                print(plan_run(cfg, plan, sources))
+                views = task_views(cfg)
+                # With several named tasks: pretraining and the first task's sweep.
+                print(plan_run(views[0].cfg if views else cfg, plan, sources))
             else:
                 print(redact(to_yaml(cfg)), end="")
             print(f"raypipe: {args.pipeline} is valid", file=sys.stderr)

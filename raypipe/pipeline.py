@@ -9,9 +9,11 @@ starts only when a stage has work to do (stages/connect.py). Each stage owns its
 from __future__ import annotations
 
 import time
+from dataclasses import astuple
 
 from raypipe import progress, timing, tracking
 from raypipe.config import PipelineConfig, to_yaml
+from raypipe.config.tasks import TaskView, has_tasks, task_views, without_tasks
 from raypipe.errors import find_user_error
 from raypipe.preflight import (
     Checked,
@@ -21,47 +23,77 @@ from raypipe.preflight import (
     preflight,
     tokenizer_json,
 )
-from raypipe.stages import cache, finetune, pretrain, publish
+from raypipe.stages import cache, finetune, pretrain, probing, publish
 from raypipe.stages.connect import RayConnection
 from raypipe.summary import ARTIFACT as SUMMARY_ARTIFACT
-from raypipe.summary import Summary
+from raypipe.summary import Summary, TaskResult
 from raypipe.summary import to_json as summary_to_json
 
 
 def _log_pipeline_inputs(cfg: PipelineConfig, ctx: RunContext, parent: tracking.RunRef) -> None:
     tracking.log_text(parent, to_yaml(cfg), "config/pipeline.yaml")
     tracking.RunLogger(parent).log_params(cfg.model_dump(mode="json"))
-    tracking.log_datasets(parent, dataset_inputs(cfg, ctx))
+    if not has_tasks(cfg):
+        tracking.log_datasets(parent, dataset_inputs(cfg, ctx))
+        return
+    inputs = dataset_inputs(cfg, ctx, only=("pretrain", "pretrain-validation"))
+    for view in task_views(cfg):
+        inputs += dataset_inputs(view.cfg, ctx.task(view.name), prefix=f"{cfg.name}-{view.name}",
+                                 only=("train", "validation", "test"))  # fmt: skip
+    tracking.log_datasets(parent, inputs)
 
 
-def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> None:
-    """Pretraining (if any), then fine-tuning from it (if any), each cached."""
-    init_ckpt, upstream = None, None
-    if cfg.pretrain is not None:
-        pre, outcome = pretrain.run_stage(cfg, ctx, parent, ray_conn)
-        summary.stages.append(outcome)
-        tokenizer, spec = pre.tokenizer_json, pre.model_spec
-        init_ckpt, upstream = pre.checkpoint, pre.fingerprint
+def _milestones(cfg: PipelineConfig) -> tuple[int, ...]:
+    """The pretraining steps some task fine-tunes from (finetune.init_steps), ascending."""
+    steps = {s for v in task_views(cfg) for s in v.cfg.finetune.pretrain_steps if s is not None}
+    return tuple(sorted(steps))
+
+
+def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_conn, summary):
+    """One fine-tuning task from the pretraining `pre` (None: none in this pipeline)."""
+    cfg, f = view.cfg, view.cfg.finetune
+    if pre is not None:
+        tokenizer, spec, upstream = pre.tokenizer_json, pre.model_spec, pre.fingerprint
     else:
         tokenizer = tokenizer_json(cfg, ctx)
-        spec = model_spec_for(cfg, ctx, tokenizer)
-    if cfg.finetune is None:
-        return
-    f = cfg.finetune
+        spec, upstream = model_spec_for(cfg, ctx, tokenizer), None
     if f.init == "scratch":
-        init_ckpt = None
+        init_ckpts = ()
     elif f.init_directory is not None:
-        init_ckpt = f.init_directory
+        init_ckpts = ((None, f.init_directory),)
+    else:
+        key = view.rekey("finetune.init_steps")
+        init_ckpts = tuple((s, pre.start_from(s, key)) for s in f.pretrain_steps)
     result, outcome = finetune.run_stage(
-        cfg, ctx, parent, ray_conn,
-        tokenizer_json=tokenizer, spec=spec, init_ckpt=init_ckpt,
+        view, ctx, parent, ray_conn,
+        tokenizer_json=tokenizer, spec=spec, init_ckpts=init_ckpts,
         upstream=upstream or f.init, pipeline_fp=pipeline_fp,
     )  # fmt: skip
     rows = {a.arm.label: a.to_dict() for a in result.arms}
-    summary.metric, summary.arms, summary.model = f.sweep.metric, rows, result.model.to_dict()
-    summary.mode = f.sweep.mode
-    publish.log_label_efficiency(cfg, parent, rows)
+    task = TaskResult(f.sweep.metric, f.sweep.mode, rows, result.model.to_dict())
+    if view.several:
+        summary.tasks[view.name] = task
+    else:
+        summary.metric, summary.mode, summary.arms, summary.model = astuple(task)
+    publish.log_label_efficiency(cfg, parent, rows, task=view.name if view.several else None)
     summary.stages.append(outcome)
+
+
+def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> None:
+    """Pretraining (if any), then each fine-tuning task from it (if any), each cached."""
+    pre = None
+    if cfg.pretrain is not None:
+        probes = [probing.ProbeTask(v.name, v.cfg, c.train, c.validation)
+                  for v in task_views(cfg) for c in [ctx.task(v.name)]]  # fmt: skip
+        pre, outcome = pretrain.run_stage(
+            without_tasks(cfg), ctx, parent, ray_conn, milestones=_milestones(cfg),
+            probe_tasks=probes if cfg.pretrain.probe is not None else [],
+        )  # fmt: skip
+        summary.stages.append(outcome)
+    for view in task_views(cfg):
+        _run_task(view, ctx.task(view.name), pre, parent, pipeline_fp, ray_conn, summary)
+    if has_tasks(cfg):
+        publish.log_scoreboard(cfg, parent, summary)
 
 
 def run_pipeline(

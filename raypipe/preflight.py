@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from raypipe import plugins, storage, tracking
 from raypipe.config import PipelineConfig
+from raypipe.config.tasks import has_tasks, rekeyed, task_views
 from raypipe.data import files as datafiles
 from raypipe.data.synthetic import generate_quickstart
 from raypipe.data.text import check_tokenizer, load_tokenizer, train_tokenizer
@@ -39,6 +40,20 @@ class RunContext:
     experiment_id: str
     plan: Plan
     sources: Sources = field(default_factory=dict)
+    #: with several named fine-tuning tasks, each task's own context (its plan, its labeled
+    #: files); this context is then the first task's
+    tasks: dict[str, RunContext] = field(default_factory=dict)
+
+    def task(self, name: str) -> RunContext:
+        """The context of fine-tuning task `name` (this one in the single-section form)."""
+        return self.tasks.get(name, self)
+
+    @property
+    def every_file(self) -> list[str]:
+        """Every data file the pipeline reads, each task's labeled files included."""
+        labeled = [f for c in (self.tasks.values() or [self]) for f in c.train + c.validation
+                   + c.test]  # fmt: skip
+        return self.unlabeled + labeled
 
     @property
     def unlabeled(self) -> list[str]:
@@ -63,9 +78,24 @@ class RunContext:
         return datafiles.all_files(self.sources.get("test", []))
 
 
+def _each_task(cfg: PipelineConfig, check):
+    """`check(view's config)` for each named fine-tuning task, its errors in the task's keys:
+    {task: result}."""
+    out = {}
+    for view in task_views(cfg):
+        try:
+            out[view.name] = check(view.cfg)
+        except UserError as e:
+            raise rekeyed(view, e) from None
+    return out
+
+
 def check_offline(cfg: PipelineConfig) -> tuple[Plan, Sources]:
     """`raypipe validate`: check the data without writing anything (generated data may be
-    absent: then no sources). Returns the plan and the data's sources."""
+    absent: then no sources). Returns the plan and the data's sources (with several named
+    tasks, each is checked, and the first task's are returned)."""
+    if has_tasks(cfg):
+        return next(iter(_each_task(cfg, check_offline).values()))
     plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
     sources: Sources = {}
@@ -86,12 +116,17 @@ class Checked:
     default_store: bool  # MLflow's store is the local one inside storage
     plan: Plan
     sources: Sources
+    tasks: dict[str, Checked] = field(default_factory=dict)  # each named task's (see RunContext)
 
 
 def check_inputs(cfg: PipelineConfig, *, address: str | None = None) -> Checked:
     """Every check of the config, the data, the storage and the tracking store that can be
     made without opening it, as `raypipe run` makes them before it starts the embedded Ray.
-    Nothing is written but the storage probe (and missing quickstart data)."""
+    Nothing is written but the storage probe (and missing quickstart data). With several
+    named tasks, each task's pipeline is checked."""
+    if has_tasks(cfg):
+        each = _each_task(cfg, lambda one: check_inputs(one, address=address))
+        return replace(next(iter(each.values())), tasks=each)
     plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
     _generate_if_missing(cfg)
@@ -123,7 +158,9 @@ def preflight(
         cfg.tracking.experiment,
         artifact_root=storage.join(c.storage, "mlartifacts") if c.default_store else None,
     )
-    return RunContext(c.storage, c.tracking_uri, experiment_id, c.plan, c.sources)
+    tasks = {name: RunContext(t.storage, t.tracking_uri, experiment_id, t.plan, t.sources)
+             for name, t in c.tasks.items()}  # fmt: skip
+    return RunContext(c.storage, c.tracking_uri, experiment_id, c.plan, c.sources, tasks)
 
 
 def generated_paths(cfg: PipelineConfig) -> list[str]:
@@ -371,10 +408,11 @@ def model_spec_for(cfg: PipelineConfig, ctx: RunContext, tokenizer_json: str | N
 
 
 def dataset_inputs(
-    cfg: PipelineConfig, ctx: RunContext, *, only=None
+    cfg: PipelineConfig, ctx: RunContext, *, only=None, prefix: str | None = None
 ) -> list[tuple[str, str, str, str]]:
     """The pipeline's data as MLflow dataset inputs: (name, location, digest, context); a
-    list of locations gives one input each (NAME-pretrain-1, -2, ...)."""
+    list of locations gives one input each (NAME-pretrain-1, -2, ...); `prefix` in place of
+    NAME (a named task's `<pipeline>-<task>`)."""
     out = []
     for context, split in (("pretrain", "unlabeled"),
                            ("pretrain-validation", "unlabeled_validation"), ("train", "train"),
@@ -383,7 +421,7 @@ def dataset_inputs(
             continue
         found = ctx.sources.get(split, [])
         for i, (location, files) in enumerate(found):
-            name = f"{cfg.name}-{context}" + (f"-{i + 1}" if len(found) > 1 else "")
+            name = f"{prefix or cfg.name}-{context}" + (f"-{i + 1}" if len(found) > 1 else "")
             digest = datafiles.manifest_digest(files)
             out.append((name, storage.normalize(location), digest, context))
     return out

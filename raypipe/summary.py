@@ -19,6 +19,16 @@ class StageOutcome:
 
 
 @dataclass
+class TaskResult:
+    """One fine-tuning task's outcome: its sweep metric and mode, its arms, its model."""
+
+    metric: str | None
+    mode: str | None
+    arms: dict[str, dict[str, Any]]
+    model: dict[str, Any]
+
+
+@dataclass
 class Summary:
     name: str
     run_id: str
@@ -30,6 +40,8 @@ class Summary:
     mode: str | None = None  # the sweep's: "max" (higher is better) or "min"
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    #: with several named tasks: each task's outcome (the fields above stay empty)
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
 
 
 #: Where a finished pipeline run keeps its summary in MLflow (`raypipe report` reads it).
@@ -43,6 +55,7 @@ def to_json(s: Summary) -> str:
 def from_json(text: str) -> Summary:
     raw = json.loads(text)
     raw["stages"] = [StageOutcome(**st) for st in raw.get("stages", [])]
+    raw["tasks"] = {k: TaskResult(**v) for k, v in (raw.get("tasks") or {}).items()}
     return Summary(**raw)
 
 
@@ -84,18 +97,40 @@ def gap_interval(pre: dict, scr: dict, metric: str, test: bool) -> stats.Interva
     return stats.paired_interval([ours[k] for k in seeds], [theirs[k] for k in seeds])
 
 
+def headline(arms: dict[str, dict[str, Any]], base: str, fraction: float) -> dict | None:
+    """The arm of `base` on `fraction` of the labels that stands for it in the tables: with
+    several pretraining checkpoints (finetune.init_steps), the one from the stage's own
+    checkpoint, else the latest step's."""
+    found = [a for a in arms.values()
+             if a["base_arm"] == base and a.get("label_fraction", 1.0) == fraction]  # fmt: skip
+    if not found:
+        return None
+    return max(found, key=lambda a: (a.get("init_step") is None, a.get("init_step") or 0))
+
+
+def _headlines(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    bases = {(a["base_arm"], a.get("label_fraction", 1.0)) for a in arms.values()}
+    return [headline(arms, base, fraction) for base, fraction in sorted(bases)]
+
+
 def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[str, Any]]:
-    """The reported metric (test when there is a test split, else validation; the mean over
-    repeats) per label fraction and arm: [{"fraction", "pretrained", "scratch", "baseline",
-    "rows", "majority" (chance: always the most common training class), and with repeats
-    "pretrained_sd", "scratch_sd", "gap_low", "gap_high"}], smallest fraction first; empty
-    unless a sweep ran on a fraction below 1."""
+    """`by_fraction`, empty unless a sweep ran on a fraction below 1."""
     if all(a.get("label_fraction", 1.0) == 1.0 for a in arms.values()):
         return []
+    return by_fraction(arms, metric)
+
+
+def by_fraction(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[str, Any]]:
+    """The reported metric (test when there is a test split, else validation; the mean over
+    repeats) per label fraction and arm (the headline arm of each base): [{"fraction",
+    "pretrained", "scratch", "baseline", "rows", "majority" (chance: always the most common
+    training class), and with repeats "pretrained_sd", "scratch_sd", "gap_low",
+    "gap_high"}], smallest fraction first."""
     test = on_test(arms)
     accuracy = metric.endswith("accuracy")  # chance beside accuracy only
     rows: dict[float, dict[str, Any]] = {}
-    for a in arms.values():
+    shown = _headlines(arms)
+    for a in shown:
         row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
         row[a["base_arm"]] = reported(a, metric, test)
         row["rows"] = a.get("num_train_rows")
@@ -104,15 +139,43 @@ def label_efficiency(arms: dict[str, dict[str, Any]], metric: str = "") -> list[
         values = list(by_seed(a, metric, test).values())
         if len(values) > 1:
             row[f"{a['base_arm']}_sd"] = stats.mean_sd(values)[1]
-    for a in arms.values():
+    for a in shown:
         if a["base_arm"] != "pretrained":
             continue
-        scr = next((b for b in arms.values() if b["base_arm"] == "scratch"
-                    and b["label_fraction"] == a["label_fraction"]), None)  # fmt: skip
+        scr = headline(arms, "scratch", a["label_fraction"])
         interval = gap_interval(a, scr, metric, test) if scr else None
         if interval is not None:
             rows[a["label_fraction"]].update(gap_low=interval.low, gap_high=interval.high)
     return [rows[k] for k in sorted(rows)]
+
+
+def checkpoint_curve(arms: dict[str, dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """With several pretraining checkpoints (finetune.init_steps): the reported metric per
+    label fraction against the pretraining step each pretrained arm started from, scratch at
+    step 0: [{"fraction", "step", "arm", "value", "sd", "gap", "gap_low", "gap_high"}] (gap:
+    against scratch on the same fraction, the interval with repeats); empty otherwise."""
+    if not any(a.get("init_step") is not None for a in arms.values()):
+        return []
+    test, out = on_test(arms), []
+    for a in sorted(
+        arms.values(), key=lambda a: (a["label_fraction"], a.get("pretrain_step") or 0)
+    ):
+        if a["base_arm"] not in ("pretrained", "scratch"):
+            continue
+        values = list(by_seed(a, metric, test).values())
+        if not values:
+            continue
+        mean, sd = stats.mean_sd(values)
+        point = {"fraction": a["label_fraction"], "arm": a["arm"], "value": mean, "sd": sd,
+                 "step": 0 if a["base_arm"] == "scratch" else a.get("pretrain_step")}  # fmt: skip
+        scr = headline(arms, "scratch", a["label_fraction"])
+        if a["base_arm"] == "pretrained" and scr is not None:
+            theirs = reported(scr, metric, test)
+            point["gap"] = None if theirs is None else mean - theirs
+            if (interval := gap_interval(a, scr, metric, test)) is not None:
+                point.update(gap_low=interval.low, gap_high=interval.high)
+        out.append(point)
+    return out
 
 
 def _short(value: Any) -> str:
@@ -169,7 +232,7 @@ def _arm_lines(s: Summary) -> list[str]:
         if a.get("best_epoch") is not None:
             where += f" epoch {a['best_epoch']}"
         lines.append(f"    {arm:<{width}} {value}  ({where}" + (f": {params})" if params else ")"))
-    pre, scr, base = (s.arms.get(k) for k in ("pretrained", "scratch", "baseline"))
+    pre, scr, base = (headline(s.arms, k, 1.0) for k in ("pretrained", "scratch", "baseline"))
     if pre and scr and (gap := _gap_text(pre, scr, s.metric, test)):
         lines.append(f"    {'gap':<{width}} {gap} (pretrained - scratch{_sign(s, 'pretrained')})")
     neural, name = (pre, "pretrained") if pre else (scr, "scratch")
@@ -214,24 +277,103 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
     return lines
 
 
+def _curve_lines(t) -> list[str]:
+    curve = checkpoint_curve(t.arms, t.metric or "")
+    if not curve:
+        return []
+    shown = test_key(t.metric) if on_test(t.arms) else t.metric
+    ci = any("gap_low" in p for p in curve)
+    lines = [f"  checkpoint curve: {shown} by the pretraining step fine-tuning started from "
+             "(step 0: from scratch; gap = pretrained - scratch)",
+             f"    {'fraction':>8} {'step':>7} {'value':>10} {'gap':>8}"
+             + (f" {'gap 95% CI':>19}" if ci else "")]  # fmt: skip
+    for p in curve:
+        gap = f"{p['gap']:+.4f}" if p.get("gap") is not None else "-"
+        interval = f"[{p['gap_low']:+.4f}, {p['gap_high']:+.4f}]" if "gap_low" in p else "-"
+        lines.append(f"    {p['fraction']:>8g} {p['step']:>7} {p['value']:>10.4f} {gap:>8}"
+                     + (f" {interval:>19}" if ci else ""))  # fmt: skip
+    return lines
+
+
+def _model_lines(model: dict[str, Any], indent: str = "  ") -> list[str]:
+    if not model:
+        return []
+    lines = [f"{indent}model     registered '{model['name']}' version {model['version']} "
+             f"({model['arm']} arm, {model['trial']})"]  # fmt: skip
+    if model.get("champion"):
+        lines.append(
+            f"{indent}          alias '{tracking.CHAMPION}' -> version {model['champion']} "
+            f"(models:/{model['name']}@{tracking.CHAMPION})"
+        )
+    return lines
+
+
+def _task_lines(t) -> list[str]:
+    """One task's part of the summary: its arms, label efficiency, checkpoint curve, model."""
+    lines = _arm_lines(t) if t.arms else []
+    return lines + _label_efficiency_lines(t) + _curve_lines(t) + _model_lines(t.model)
+
+
+def scoreboard(s: Summary) -> dict[str, Any]:
+    """Several tasks side by side: {"rows": one per task and label fraction (its reported
+    metric, pretrained, scratch, baseline, and the gain: pretrained - scratch signed so that +
+    means pretraining wins, with its interval), "mean_gain": {fraction: {"gain", "tasks"}}
+    (the mean gain over the tasks with both arms there)}."""
+    rows, gains = [], {}
+    for name, t in s.tasks.items():
+        sign = -1 if t.mode == "min" else 1
+        shown = test_key(t.metric) if on_test(t.arms) else t.metric
+        for row in by_fraction(t.arms, t.metric or ""):
+            out = {"task": name, "metric": shown, **row}
+            pre, scr = row.get("pretrained"), row.get("scratch")
+            if pre is not None and scr is not None:
+                out["gain"] = sign * (pre - scr)
+                gains.setdefault(row["fraction"], []).append(out["gain"])
+                if "gap_low" in row:
+                    low, high = sorted((sign * row["gap_low"], sign * row["gap_high"]))
+                    out.update(gain_low=low, gain_high=high)
+            rows.append(out)
+    mean = {f: {"gain": sum(g) / len(g), "tasks": len(g)} for f, g in sorted(gains.items())}
+    return {"rows": rows, "mean_gain": mean}
+
+
+def _scoreboard_lines(s: Summary) -> list[str]:
+    board = scoreboard(s)
+    if not board["rows"]:
+        return []
+    width = max(6, *(len(r["task"]) for r in board["rows"]))
+    mwidth = max(6, *(len(r["metric"]) for r in board["rows"]))
+
+    def cell(value: float | None, form: str = ".4f") -> str:
+        return "-" if value is None else format(value, form)
+
+    lines = ["  scoreboard: each task's reported metric by label fraction (gain = pretrained - "
+             "scratch, signed so that + means pretraining wins)",
+             f"    {'task':<{width}} {'metric':<{mwidth}} {'fraction':>8} {'pretrained':>10} "
+             f"{'scratch':>10} {'gain':>8} {'gain 95% CI':>19} {'baseline':>10}"]  # fmt: skip
+    for r in board["rows"]:
+        ci = f"[{r['gain_low']:+.4f}, {r['gain_high']:+.4f}]" if "gain_low" in r else "-"
+        lines.append(
+            f"    {r['task']:<{width}} {r['metric']:<{mwidth}} {r['fraction']:>8g} "
+            f"{cell(r.get('pretrained')):>10} {cell(r.get('scratch')):>10} "
+            f"{cell(r.get('gain'), '+.4f'):>8} {ci:>19} {cell(r.get('baseline')):>10}"
+        )
+    for fraction, m in board["mean_gain"].items():
+        lines.append(f"    mean gain over {m['tasks']} task(s) at fraction {fraction:g}: "
+                     f"{m['gain']:+.4f} (the tasks' metrics differ in scale)")  # fmt: skip
+    return lines
+
+
 def format_summary(s: Summary) -> str:
     lines = [f"raypipe: pipeline '{s.name}' finished in {s.seconds:.0f}s"]
+    width = max(9, *(len(st.name) for st in s.stages)) if s.stages else 9
     for st in s.stages:
         details = ", ".join(f"{k} {v}" for k, v in st.metrics.items())
-        lines.append(f"  {st.name:<9} {st.status:<7} {st.seconds:6.0f}s  {details}")
-    if s.arms:
-        lines += _arm_lines(s)
-    lines += _label_efficiency_lines(s)
-    if s.model:
-        lines.append(
-            f"  model     registered '{s.model['name']}' version {s.model['version']} "
-            f"({s.model['arm']} arm, {s.model['trial']})"
-        )
-        if s.model.get("champion"):
-            lines.append(
-                f"            alias '{tracking.CHAMPION}' -> version {s.model['champion']} "
-                f"(models:/{s.model['name']}@{tracking.CHAMPION})"
-            )
+        lines.append(f"  {st.name:<{width}} {st.status:<7} {st.seconds:6.0f}s  {details}")
+    lines += _task_lines(s)
+    for name, t in s.tasks.items():
+        lines += [f"  task '{name}'"] + ["  " + line for line in _task_lines(t)]
+    lines += _scoreboard_lines(s)
     lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
     lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
     return tracking.redact("\n".join(lines))

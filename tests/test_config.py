@@ -361,3 +361,14 @@ def test_own_objective_task_and_model_plug_in_by_reference():
     assert plan.objective is MaskedLM and plan.task is Regression
     bad = _with(pretrain__objective="raypipe.objectives.lm:NoSuchThing")
     assert "cannot load objective" in _plan_error(bad)
+
+
+def test_yaml_merge_keys_share_settings_and_own_keys_win():
+    """`<<: *common` as in YAML (shipped several-task pipelines use it); a key given twice in
+    the mapping itself is still refused."""
+    from raypipe.config.yaml_file import parse_yaml
+
+    text = "a: &c {x: 1, y: 2}\nb:\n  <<: *c\n  y: 3\n  z: 4\n"
+    assert parse_yaml(text) == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 3, "z": 4}}
+    with pytest.raises(UserError, match="key 'y' is given twice"):
+        parse_yaml("a: &c {x: 1}\nb:\n  <<: *c\n  y: 3\n  y: 4\n")

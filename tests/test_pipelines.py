@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from raypipe.config import load_config
+from raypipe.config.tasks import has_tasks, task_views
 from raypipe.plan import make_plan
+from raypipe.summary import headline
 
 ROOT = Path(__file__).parent.parent
 PIPELINES = sorted(p.name for p in (ROOT / "pipelines").glob("*.yaml"))
@@ -46,6 +48,21 @@ def _held_out(d: dict[str, str], split: str) -> list[str]:
             "finetune.repeats=2"]  # fmt: skip
 
 
+def _task(name: str, d: dict[str, str], train: str, val: str, *, first: bool) -> list[str]:
+    """One named task of a several-task pipeline at smoke size: its data, one trial per arm
+    on half its labels; the first task from the checkpoint of step 2 and the last one, with
+    scratch and the baseline, the others from the last only (tests/test_tasks_e2e.py runs
+    every form at length)."""
+    arms = ["init_steps=[2, last]"] if first else ["init_steps=null", "compare_scratch=false",
+                                                   "baseline=none"]  # fmt: skip
+    return [f"finetune.{name}.{k}" for k in (
+        f"data.train.path={d[train]}", f"data.validation.path={d[val]}",
+        f"data.test.path={d[val]}", "epochs=1", "batch_size=16", "repeats=1",
+        "label_fractions=[0.5]", "min_epoch_rows=32", "sweep.space={lr: {grid: [1.0e-3]}}",
+        *arms,
+    )]  # fmt: skip
+
+
 def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
     """Point a shipped pipeline at generated data and shrink it to smoke size."""
     d = {**q, **m}
@@ -78,6 +95,19 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
                                        "tokenizer.vocab_size=300", *PRETRAIN, *FINETUNE,
                                        *FRACTIONS, f"data.labeled.test.path={d['validation']}",
                                        "finetune.repeats=2"],
+        "text_tasks.yaml": [f"data.unlabeled.path=[{d['unlabeled']}, {d['train']}]",
+                            "model.dim=32", "model.max_len=32", "tokenizer.vocab_size=300",
+                            *PRETRAIN, "pretrain.checkpoint_every=2",
+                            *_task("sst2", d, "train", "validation", first=True),
+                            *[o for t in ("mr", "subj")
+                              for o in _task(t, d, "train", "validation", first=False)],
+                            *_task("sst5", d, "reg_train", "reg_val", first=False)],
+        "image_tasks.yaml": [f"data.unlabeled.path={d['shapes_train']}",
+                             f"data.unlabeled_validation.path={d['shapes_val']}", *SMALL_CNN,
+                             *PRETRAIN, "pretrain.checkpoint_every=2",
+                             "finetune.cifar10.num_classes=4", "finetune.vehicles.num_classes=4",
+                             *_task("cifar10", d, "shapes_train", "shapes_val", first=True),
+                             *_task("vehicles", d, "shapes_train", "shapes_val", first=False)],
         "cifar10_label_efficiency.yaml": [*images, *SMALL_CNN, *PRETRAIN, *FINETUNE, *FRACTIONS,
                                           "finetune.num_classes=4", *_held_out(d, "shapes_val")],
     }[name]  # fmt: skip
@@ -86,7 +116,7 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
 def test_every_pipeline_has_a_smoke_run():
     assert len(PIPELINES) >= 8
     fake = {k: k for k in ("unlabeled", "train", "validation", "shapes_train", "shapes_val",
-                           "pairs_train", "pairs_val")}  # fmt: skip
+                           "pairs_train", "pairs_val", "reg_train", "reg_val")}  # fmt: skip
     for name in PIPELINES:
         assert overrides(name, fake, {})  # a KeyError names a pipeline without one
 
@@ -94,9 +124,10 @@ def test_every_pipeline_has_a_smoke_run():
 @pytest.mark.parametrize("name", PIPELINES)
 def test_pipeline_validates(name):
     cfg = load_config(ROOT / "pipelines" / name)
-    plan = make_plan(cfg)
     assert cfg.pretrain is not None or cfg.finetune is not None
-    assert plan.objective is not None or plan.task is not None
+    for one in [v.cfg for v in task_views(cfg)] or [cfg]:  # each named task's pipeline
+        plan = make_plan(one)
+        assert plan.objective is not None or plan.task is not None
 
 
 @pytest.mark.slow
@@ -116,10 +147,22 @@ def test_pipeline_runs_at_smoke_size(name, ray_session, quickstart_data, media_d
         assert stages["pretrain"].metrics["steps"] == 4
         loss = stages["pretrain"].metrics["final loss"]
         assert loss == loss and loss < 1e6  # finite
-    if cfg.finetune is not None:
-        metric = summary.arms["pretrained"]["best_metric"]
-        assert metric is not None and metric == metric
-        assert summary.model["version"]
+    for task in summary.tasks.values() or [summary]:
+        best = headline(
+            task.arms, "pretrained", min(a["label_fraction"] for a in task.arms.values())
+        )
+        assert best["best_metric"] is not None and best["best_metric"] == best["best_metric"]
+        assert task.model["version"]
+    if cfg.pretrain is not None and cfg.pretrain.probe is not None:  # probed at the last step
+        assert stages["pretrain"].metrics["probe"]
+    if has_tasks(cfg):  # every task from the checkpoint of step 2 and the last
+        assert {s.name for s in summary.stages} == {"pretrain"} | {
+            f"finetune-{t}" for t in cfg.finetune
+        }
+        steps = {name: {a["pretrain_step"] for a in t.arms.values() if a["base_arm"] == "pretrained"}
+                 for name, t in summary.tasks.items()}  # fmt: skip
+        first, *others = cfg.finetune
+        assert steps == {first: {2, 4}, **{name: {4} for name in others}}
     if isinstance(cfg.data.unlabeled.path, list):  # each source is an input of its own
         from mlflow.tracking import MlflowClient
 
@@ -136,7 +179,7 @@ def test_pipeline_runs_at_smoke_size(name, ray_session, quickstart_data, media_d
             for i, path in enumerate(cfg.data.unlabeled.path)
         }
         assert len(expected) == 2 and got == expected
-    if cfg.finetune is not None and cfg.finetune.sweep.scheduler == "pbt":
+    if not has_tasks(cfg) and cfg.finetune is not None and cfg.finetune.sweep.scheduler == "pbt":
         # PBT trains in segments of perturbation_interval epochs, each continuing the last.
         runs = sorted(p.name for p in tmp_path.glob(f"{cfg.name}/finetune-*/trials/*"))
         assert runs == [

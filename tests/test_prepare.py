@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import subprocess
 import sys
 import zipfile
@@ -95,6 +96,26 @@ def test_image_folder_tree_or_zip(tmp_path, as_zip):
     assert rows["path"] == ["train/cat/1.png", "train/cat/4.png", "train/dog/2.png"]
     assert Image.open(io.BytesIO(rows["image"][2])).getpixel((0, 0)) == (0, 0, 200)
     assert len(rep.skipped) == 1 and "3.png" in rep.skipped[0]
+
+
+def test_image_classes_by_a_label_map(tmp_path):
+    """--label-map on images: class folders -> ids (two folders sharing one), a folder the map
+    leaves out skipped and named, the map written beside the shards; 'shift' refused."""
+    src = tmp_path / "imgs"
+    for name in ("car/1.png", "truck/2.png", "cat/3.png", "bird/4.png"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(png())
+    rep = prepare("images", [str(src)], out=str(tmp_path / "out"),
+                  options={"shuffle": False, "label_map": "car:1,truck:1,cat:0"})  # fmt: skip
+    rows = read(tmp_path / "out")
+    assert dict(zip(rows["path"], rows["label"], strict=True)) == {
+        "car/1.png": 1, "truck/2.png": 1, "cat/3.png": 0
+    }  # fmt: skip
+    assert rep.labels == ["cat", "car|truck"]
+    assert len(rep.skipped) == 1 and "bird" in rep.skipped[0]
+    assert json.loads((tmp_path / "out" / "labels.json").read_text())["ids"]["truck"] == 1
+    with pytest.raises(UserError, match="folder names"):
+        prepare("images", [str(src)], out=str(tmp_path / "s"), options={"label_map": "shift"})
 
 
 def test_captions_csv_and_flickr_format_with_holdout_by_image(tmp_path):

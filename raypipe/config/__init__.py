@@ -19,6 +19,7 @@ from raypipe.config.schema import (
     PipelineConfig,
     PreprocessConfig,
     PretrainConfig,
+    ProbeConfig,
     ScalingConfig,
     Source,
     SweepConfig,
@@ -30,7 +31,7 @@ from raypipe.config.schema import (
 __all__ = [
     "RUN_ONLY", "TUNABLE", "ConfigError", "DataConfig", "Distribution", "FinetuneConfig",
     "LabeledData", "LabeledSource", "ModelConfig", "PipelineConfig", "PreprocessConfig",
-    "PretrainConfig", "ScalingConfig", "Source", "SweepConfig", "TokenizerConfig",
+    "PretrainConfig", "ProbeConfig", "ScalingConfig", "Source", "SweepConfig", "TokenizerConfig",
     "TrackingConfig", "apply_overrides", "load_config", "parse_config", "run_only_exclusions",
     "to_yaml",
 ]  # fmt: skip

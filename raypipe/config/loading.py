@@ -14,7 +14,8 @@ from pydantic import BaseModel, ValidationError
 
 from raypipe import registry
 from raypipe.config.rules import cross_checks
-from raypipe.config.schema import ConfigError, PipelineConfig
+from raypipe.config.schema import ConfigError, FinetuneTask, PipelineConfig
+from raypipe.config.tasks import all_tasks
 from raypipe.config.yaml_file import parse_yaml, read_yaml_file, value_problems
 from raypipe.errors import UserError
 
@@ -40,11 +41,25 @@ def _fields_at(loc: tuple) -> list[str]:
     return []
 
 
+def _without_form(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """`loc` less the tag pydantic adds for the form of `finetune` (one section, or named
+    tasks), and the class of a named task's section when the error is inside one."""
+    if len(loc) > 1 and loc[0] == "finetune" and loc[1] in ("one", "tasks"):
+        task = FinetuneTask if loc[1] == "tasks" else None
+        return (loc[0], *loc[2:]), task
+    return loc, None
+
+
 def _format_error(err: dict) -> str:
-    loc = tuple(err["loc"])
+    loc, task = _without_form(tuple(err["loc"]))
     path = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        known = _fields_at(loc[:-1])
+        if task is not None and len(loc) == 3:  # a key of a named task's own section
+            known = list(task.model_fields)
+        elif task is not None and len(loc) > 3:
+            known = _fields_at(("finetune", *loc[2:-1]))
+        else:
+            known = _fields_at(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {known}"
         return f"{path}: unknown key; {hint}"
@@ -92,7 +107,7 @@ def parse_config(raw: Any, *, source: str = "config") -> PipelineConfig:
         raise ConfigError(source, problems)
     # The plugins this file names are the user's own choice: a checkpoint may name them too.
     registry.trust(cfg.model.type, cfg.pretrain.objective if cfg.pretrain else None,
-                   cfg.finetune.task if cfg.finetune else None)  # fmt: skip
+                   *(f.task for f in all_tasks(cfg)))  # fmt: skip
     return cfg
 
 

@@ -16,6 +16,7 @@ from raypipe.config.schema import (
     FinetuneOptimizer,
     PipelineConfig,
 )
+from raypipe.config.tasks import has_tasks, task_views
 
 
 def cross_checks(cfg: PipelineConfig) -> list[str]:
@@ -30,10 +31,79 @@ def cross_checks(cfg: PipelineConfig) -> list[str]:
         problems.append("pretrain, finetune: give at least one stage")
     if cfg.pretrain is not None:
         problems.extend(_pretrain_checks(cfg))
-    if cfg.finetune is not None:
+    if has_tasks(cfg):
+        problems.extend(_tasks_checks(cfg))
+    elif cfg.finetune is not None:
         problems.extend(_finetune_checks(cfg))
     cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
     cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
+    return problems
+
+
+def _probe_checks(cfg: PipelineConfig) -> list[str]:
+    p = cfg.pretrain
+    problems = []
+    if p.probe.every % p.checkpoint_every:
+        problems.append(
+            f"pretrain.probe.every: {p.probe.every} is not a multiple of "
+            f"pretrain.checkpoint_every ({p.checkpoint_every}); each probe reads that step's "
+            "checkpoint"
+        )
+    if cfg.finetune is None:
+        problems.append("pretrain.probe: estimates the fine-tuning tasks; add a finetune section")
+    return problems
+
+
+def _tasks_checks(cfg: PipelineConfig) -> list[str]:
+    """Several named tasks: each task's own checks, in its keys; distinct registered names."""
+    problems: list[str] = []
+    if cfg.data.labeled is not None:
+        problems.append(
+            "data.labeled: with several finetune tasks, each task has its own labeled data; "
+            f"move it to finetune.<task>.data (tasks: {list(cfg.finetune)})"
+        )
+    names: dict[str, str] = {}
+    for view in task_views(cfg):
+        problems.extend(view.rekey(p) for p in _finetune_checks(view.cfg))
+        registered = view.cfg.tracking.registered_model
+        view.cfg.finetune.registered_model = registered
+        if registered in names:
+            problems.append(
+                f"finetune.{view.name}.registered_model: '{registered}' is also task "
+                f"'{names[registered]}'s; give each task its own registered model"
+            )
+        names[registered] = view.name
+    return problems
+
+
+def _init_steps_checks(cfg: PipelineConfig) -> list[str]:
+    """finetune.init_steps: each a pretraining checkpoint that will exist."""
+    f, p = cfg.finetune, cfg.pretrain
+    if f.init_steps is None:
+        return []
+    if f.init != "pretrain" or p is None:
+        return ["finetune.init_steps: picks checkpoints of this pipeline's pretraining; it needs "
+                "init: pretrain and a pretrain section"]  # fmt: skip
+    problems = []
+    for step in (s for s in f.init_steps if s != "last"):
+        if step > p.max_steps:
+            problems.append(
+                f"finetune.init_steps: step {step} is beyond pretrain.max_steps ({p.max_steps}); "
+                "no checkpoint will exist there"
+            )
+        elif step % p.checkpoint_every and step != p.max_steps:
+            below = step - step % p.checkpoint_every
+            near = [n for n in (below, below + p.checkpoint_every) if 0 < n <= p.max_steps]
+            problems.append(
+                f"finetune.init_steps: no checkpoint is written at step {step} (checkpoints "
+                f"come every pretrain.checkpoint_every = {p.checkpoint_every} steps); use "
+                + " or ".join(str(n) for n in near)
+            )
+        elif step == p.max_steps and "last" in f.init_steps and p.keep == "last":
+            problems.append(
+                f"finetune.init_steps: step {step} is the last checkpoint, listed as 'last' too; "
+                "remove one"
+            )
     return problems
 
 
@@ -64,6 +134,8 @@ def _pretrain_checks(cfg: PipelineConfig) -> list[str]:
             f"pretrain.eval_every: {p.eval_every} is beyond pretrain.max_steps "
             f"({p.max_steps}); lower it"
         )
+    if p.probe is not None:
+        problems.extend(_probe_checks(cfg))
     if has_validation and p.eval_every is None:
         p.eval_every = min(p.checkpoint_every, p.max_steps)
     p.seq_len = p.seq_len or m.max_len
@@ -111,6 +183,7 @@ def _finetune_checks(cfg: PipelineConfig) -> list[str]:
             f"finetune.max_len: must be <= model.max_len ({m.max_len}), got {f.max_len}"
         )
     problems.extend(_sweep_checks(f))
+    problems.extend(_init_steps_checks(cfg))
     if f.resample_labels and (f.repeats == 1 or min(f.label_fractions) == 1):
         problems.append(
             "finetune.resample_labels: has no effect without finetune.repeats above 1 and a "

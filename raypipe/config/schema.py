@@ -10,7 +10,15 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from raypipe.errors import UserError
 
@@ -259,6 +267,25 @@ class PretrainScaling(ScalingConfig):
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+class ProbeConfig(Strict):
+    every: PositiveInt = Field(
+        description="Probe every this many steps (a multiple of pretrain.checkpoint_every: each "
+        "probe reads that step's checkpoint), and at the last step."
+    )
+    method: Literal["linear", "knn"] = Field(
+        "linear",
+        description="linear: logistic regression on standardized frozen features (ridge "
+        "regression for a regression task); knn: k nearest neighbours by cosine similarity.",
+    )
+    train_rows: PositiveInt = Field(
+        1000, le=100_000, description="Each task's first training rows the probe fits on."
+    )
+    eval_rows: PositiveInt = Field(
+        1000, le=100_000, description="Each task's first validation rows the probe scores."
+    )
+    k: PositiveInt = Field(10, description="knn: the neighbours that vote.")
+
+
 class PretrainConfig(Strict):
     objective: str = Field("causal_lm", description="Registered objective or 'pkg.module:Class'.")
     options: dict[str, Any] = Field(
@@ -316,6 +343,13 @@ class PretrainConfig(Strict):
         "last",
         description="The checkpoint fine-tuning starts from: the last, or the one with the lowest "
         "validation loss (needs data.unlabeled_validation).",
+    )
+    probe: ProbeConfig | None = Field(
+        None,
+        description="While pretraining runs: a cheap downstream estimate of each fine-tuning "
+        "task (frozen features of a small labeled sample, a linear probe or k-NN), computed off "
+        "the training workers and logged as probe/<task>/accuracy (or mse) on the pretrain run.",
+        json_schema_extra=RUN_ONLY,
     )
 
     def fingerprinted(self) -> dict[str, Any]:
@@ -411,6 +445,13 @@ class FinetuneConfig(Strict):
     init: str = Field(
         "pretrain", description="'pretrain' (this run's), 'scratch', or a checkpoint directory."
     )
+    init_steps: list[Annotated[int, Field(gt=0)] | Literal["last"]] | None = Field(
+        None,
+        description="With init: pretrain, fine-tune from each of these pretraining checkpoints "
+        "(steps, multiples of pretrain.checkpoint_every; 'last' is the one fine-tuning starts "
+        "from by default), each its own arm: the summary shows the downstream metric against "
+        "pretraining steps. E.g. [250, 500, last].",
+    )
     compare_scratch: bool | None = Field(
         None, description="Run every trial from random init too (default: on, unless init=scratch)."
     )
@@ -478,7 +519,22 @@ class FinetuneConfig(Strict):
             raise ValueError("label_fractions needs at least one fraction, e.g. [1.0]")
         if len(set(self.label_fractions)) != len(self.label_fractions):
             raise ValueError(f"label_fractions lists a fraction twice: {self.label_fractions}")
+        if self.init_steps is not None:
+            if not self.init_steps:
+                raise ValueError("init_steps needs at least one step, e.g. [500, last]")
+            if len(set(self.init_steps)) != len(self.init_steps):
+                raise ValueError(f"init_steps lists a step twice: {self.init_steps}")
         return self
+
+    @property
+    def pretrain_steps(self) -> list[int | None]:
+        """The pretraining checkpoints the pretrained arms start from: a step, or None for the
+        stage's own (the last, or with keep: best the best); [None] without init_steps."""
+        if self.init_steps is None:
+            return [None]
+        return sorted((s for s in self.init_steps if s != "last"), key=int) + (
+            [None] if "last" in self.init_steps else []
+        )
 
     # --- top level ----------------------------------------------------------------------------------
 
@@ -497,6 +553,37 @@ class TrackingConfig(Strict):
     registered_model: str | None = Field(
         None, description="Registry name of the best model; default the name."
     )
+
+
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+
+
+class FinetuneTask(FinetuneConfig):
+    """One of several named fine-tuning tasks (`finetune: {sst2: {...}, mr: {...}}`): the
+    fine-tuning settings, plus the task's own labeled data and registered model."""
+
+    data: LabeledData = Field(description="This task's labeled data (train, validation, test).")
+    registered_model: str | None = Field(
+        None, description="Registry name of this task's best model; default <pipeline>-<task>."
+    )
+
+
+def _finetune_form(value: Any) -> str:
+    """'tasks' for a mapping of named tasks (no key of its own is a fine-tuning setting),
+    'one' for the single-section form."""
+    if isinstance(value, FinetuneConfig):
+        return "one"
+    if isinstance(value, dict) and value and all(isinstance(v, (dict, FinetuneTask))
+                                                 for v in value.values()):  # fmt: skip
+        if not set(value) & set(FinetuneConfig.model_fields):
+            return "tasks"
+    return "one"
+
+
+FinetuneSection = Annotated[
+    Annotated[FinetuneConfig, Tag("one")] | Annotated[dict[TaskName, FinetuneTask], Tag("tasks")],
+    Discriminator(_finetune_form),
+]
 
 
 class PipelineConfig(Strict):
@@ -519,7 +606,11 @@ class PipelineConfig(Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig | None = None
-    finetune: FinetuneConfig | None = None
+    finetune: FinetuneSection | None = Field(
+        None,
+        description="The fine-tuning stage; or a mapping of named tasks, each with its own "
+        "`data` (labeled splits), all fine-tuned from the same pretraining.",
+    )
 
 
 def _config_class(annotation: Any) -> type[BaseModel] | None:

@@ -24,11 +24,14 @@ _STORE_CREDENTIALS = re.compile(r"(s3|s3a|gs|gcs|abfss?|az|hdfs)://[^/?#\s]*@", 
 
 class _Loader(yaml.SafeLoader):
     """safe_load's loader, refusing a key given twice in one mapping (the second would
-    silently replace the first: a second `pretrain:` section, say)."""
+    silently replace the first: a second `pretrain:` section, say). Merge keys (`<<: *common`)
+    work as in YAML: the mapping's own keys win over merged ones."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.setdefault(key, key_node.start_mark.line + 1)
@@ -39,6 +42,8 @@ class _Loader(yaml.SafeLoader):
                     None, None, f"key '{key}' is given twice (first at line {first})",
                     key_node.start_mark,
                 )  # fmt: skip
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
         return super().construct_mapping(node, deep=deep)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -313,3 +314,28 @@ def labeled_dataset(
     ds.context.execution_options.preserve_order = True  # the same rows in the same order
     ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
     return ds.materialize()
+
+
+def encoded_rows(
+    files: list[str],
+    *,
+    source: LabeledSource,
+    rows: int,
+    kind: str,
+    input: str,
+    label_dtype: str,
+    tokenizer_json: str | None,
+    max_len: int,
+    model_config: dict[str, Any],
+    truncation: str = "head",
+) -> dict[str, np.ndarray]:
+    """The first `rows` labeled rows of `files`, encoded as `labeled_dataset` encodes them,
+    here in this process without Ray Data (a small sample: the pretraining probe's)."""
+    described = labeled_kind(kind, input)
+    needs = Needs(source, model_config, tokenizer_json, length=max_len, label_dtype=label_dtype,
+                  truncation=truncation)  # fmt: skip
+    enc = described.encode(needs)
+    tables = datafiles.read_blocks(files, enc.columns, rows_per_block=rows, max_rows=rows)
+    table = pa.concat_tables(tables)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in enc.columns}
+    return enc.transform(batch, **enc.kwargs)

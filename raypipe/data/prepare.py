@@ -250,9 +250,13 @@ def _image_problem(data: bytes | str) -> str | None:
     return data if isinstance(data, str) else _check_image(data)
 
 
-def read_images(source: Path, outcome: PrepareOutcome) -> dict[str, list]:
+def read_images(
+    source: Path, outcome: PrepareOutcome, given: LabelMap | None = None
+) -> dict[str, list]:
+    """Each image under a class folder, labelled by its folder: classes numbered by sorted
+    name, or by `given` (`--label-map`/`--labels`: several folders may share an id; an image
+    in a folder the map does not name is skipped)."""
     rows: dict[str, list] = {"image": [], "label": [], "path": []}
-    classes: list[str] = []
     for rel, data in _image_entries(source):
         problem = _image_problem(data)
         if problem:
@@ -262,9 +266,16 @@ def read_images(source: Path, outcome: PrepareOutcome) -> dict[str, list]:
         if len(parts) < 2:
             outcome.skipped.append(f"{rel} (not inside a class folder)")
             continue
+        if given is not None and given.id_of(parts[-2]) is None:
+            outcome.skipped.append(f"{rel} (class '{parts[-2]}' is not in the label map)")
+            continue
         rows["image"].append(data)
         rows["label"].append(parts[-2])
         rows["path"].append(rel)
+    if given is not None:
+        rows["label"] = [given.id_of(c) for c in rows["label"]]
+        outcome.label_map, outcome.labels = given, given.names()
+        return rows
     classes = sorted(set(rows["label"]))
     index = {c: i for i, c in enumerate(classes)}
     rows["label"] = [index[c] for c in rows["label"]]
@@ -372,7 +383,11 @@ def prepare(kind: str, inputs: list[str], *, out: str, options: dict) -> Prepare
     elif kind == "images":
         if len(paths) != 1:
             raise UserError("prepare images: give one folder or zip")
-        rows = read_images(paths[0], outcome)
+        given = _given_labels(options)
+        if given == "shift":
+            raise UserError("prepare images: classes are folder names; --label-map shift "
+                            "numbers whole numbers, give RAW:ID pairs")  # fmt: skip
+        rows = read_images(paths[0], outcome, given)
     elif kind == "captions":
         if len(paths) != 2 or not paths[0].is_dir():
             raise UserError("prepare captions: give IMAGES_FOLDER CAPTIONS_FILE")

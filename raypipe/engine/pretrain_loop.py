@@ -70,6 +70,14 @@ class PretrainJob:
     passes: int = 1  # passes over the data in one epoch of the dataset
     startup: dict[str, float] = field(default_factory=dict)  # driver's cold-start marks
     faults: str = ""  # RAYPIPE_FAULTS, read on the driver
+    #: steps whose checkpoints are kept for good in `milestone_dir` (fine-tuning starts from
+    #: them: finetune.init_steps), besides the newest few that a resume needs
+    milestones: tuple[int, ...] = ()
+    milestone_dir: str | None = None
+    #: pretrain.probe: every `probe_every` steps (and the last) a copy of the checkpoint goes
+    #: to `probe_dir`, where the probe reads it (and deletes it once probed)
+    probe_every: int | None = None
+    probe_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -415,12 +423,26 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
             # after (so a driver killed in between loses none); no wait while it is away.
             session.logger.flush(timeout=10)
             save = _saver(job, session, objective, optimizers, schedulers, state)
+            _keep_copies(job, step, save, last=last, rank=rank)
             done = {"step": step, "loss": state.final_loss}
             session.record(done, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
             state.last_saved = step
     return PretrainOutcome(
         steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped
     )
+
+
+def _keep_copies(job: PretrainJob, step: int, save, *, last: bool, rank: int) -> None:
+    """Copies of this step's checkpoint that outlive the newest few a resume needs: for a
+    fine-tuning arm (milestones) and for the probe. Written before the checkpoint a resume
+    starts after, so a crash between them redoes them."""
+    if rank != 0:
+        return
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
+    if step in job.milestones and job.milestone_dir:
+        save_into(job.milestone_dir, name, save, num_to_keep=None)
+    if job.probe_dir and job.probe_every and (step % job.probe_every == 0 or last):
+        save_into(job.probe_dir, name, save, num_to_keep=None)
 
 
 def _status(cfg: PretrainConfig, unit: str, state: _State, metrics: dict) -> None:

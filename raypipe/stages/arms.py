@@ -15,16 +15,20 @@ PRETRAINED, SCRATCH, BASELINE = "pretrained", "scratch", "baseline"
 
 @dataclass(frozen=True)
 class Arm:
-    """One sweep: `base` ("pretrained" or "scratch") on `label_fraction` of the labeled rows.
-    Room for a task and a seed later."""
+    """One sweep: `base` ("pretrained" or "scratch") on `label_fraction` of the labeled rows;
+    a pretrained arm starts from pretraining's checkpoint at `init_step` (None: the stage's
+    own, the last or the best: finetune.init_steps)."""
 
     base: str
     label_fraction: float = 1.0
+    init_step: int | None = None
 
     @property
     def label(self) -> str:
-        """`pretrained`, or `pretrained_0.01` on a fraction of the labels."""
-        return self.base if self.label_fraction == 1 else f"{self.base}_{self.label_fraction:g}"
+        """`pretrained`, `pretrained_0.01` on a fraction of the labels, `pretrained-step500_0.01`
+        from the checkpoint of pretraining step 500."""
+        name = self.base if self.init_step is None else f"{self.base}-step{self.init_step}"
+        return name if self.label_fraction == 1 else f"{name}_{self.label_fraction:g}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class ArmResult:
     #: baseline only: the accuracy of always answering the most common training class, on
     #: the test split when there is one, else on validation (chance, beside the baseline)
     majority: float | None = None
+    #: a pretrained arm: the pretraining step of the checkpoint it started from
+    pretrain_step: int | None = None
 
     @property
     def finished_repeats(self) -> list[Repeat]:
@@ -77,10 +83,13 @@ class ArmResult:
         out = asdict(self)
         out["arm"] = self.arm.label
         out["base_arm"], out["label_fraction"] = self.arm.base, self.arm.label_fraction
+        out["init_step"] = self.arm.init_step
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ArmResult:
-        values = {k: v for k, v in raw.items() if k not in ("arm", "base_arm", "label_fraction")}
+        own = ("arm", "base_arm", "label_fraction", "init_step")
+        values = {k: v for k, v in raw.items() if k not in own}
         values["repeats"] = tuple(Repeat(**r) for r in raw.get("repeats", ()))
-        return cls(arm=Arm(raw["base_arm"], raw.get("label_fraction", 1.0)), **values)
+        arm = Arm(raw["base_arm"], raw.get("label_fraction", 1.0), raw.get("init_step"))
+        return cls(arm=arm, **values)

@@ -120,7 +120,7 @@ def pipeline_run(cfg: PipelineConfig, ctx: RunContext) -> tuple[tracking.RunRef,
     fp = fingerprint(
         "pipeline",
         cfg.model_dump(mode="json"),
-        datafiles.manifest_digest(ctx.unlabeled + ctx.train + ctx.validation + ctx.test),
+        datafiles.manifest_digest(ctx.every_file),
     )
     run, status = tracking.find_or_start_run(
         tracking_uri=ctx.tracking_uri,

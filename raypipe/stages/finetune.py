@@ -16,6 +16,7 @@ import torch
 
 from raypipe import faults, storage, tracking
 from raypipe.config import FinetuneConfig, PipelineConfig, run_only_exclusions
+from raypipe.config.tasks import TaskView
 from raypipe.data import files as datafiles
 from raypipe.data.pipelines import Tally, labeled_dataset
 from raypipe.data.text import length_profile
@@ -88,33 +89,36 @@ def lineage(init_ckpt: str | None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _Start:
     """Where every arm of the stage starts: the model, its tokenizer, the pretrained weights
-    (None: every arm from scratch), and the stage's fingerprint."""
+    (pretraining step, or None for the stage's own checkpoint -> checkpoint; empty: every arm
+    from scratch), and the stage's fingerprint."""
 
     spec: dict[str, Any]
     tokenizer_json: str | None
-    init_ckpt: str | None
+    init_ckpts: tuple[tuple[int | None, str], ...]
     fingerprint: str
 
 
 def run_stage(
-    cfg: PipelineConfig,
+    view: TaskView,
     ctx: RunContext,
     parent: RunRef,
     ray_conn: RayConnection,
     *,
     tokenizer_json: str | None,
     spec: dict[str, Any],
-    init_ckpt: str | None,
+    init_ckpts: tuple[tuple[int | None, str], ...],
     upstream: str | None,
     pipeline_fp: str,
 ) -> tuple[FinetuneResult, StageOutcome]:
-    """Sweep every arm and label fraction and register the best model, or reuse the
-    completed stage with the same fingerprint."""
+    """Sweep every arm and label fraction of one task and register its best model, or reuse
+    the completed stage with the same fingerprint."""
+    cfg, name = view.cfg, view.stage
     spec = with_task_overrides(spec, ctx.plan.task)
     fp = fingerprint(cfg, ctx, spec, upstream)
-    with cache.open_stage(cfg, ctx, parent, "finetune", fp, before_work=ray_conn.ensure) as stage:
+    prefix = f"{cfg.name}-{view.name}" if view.several else None
+    with cache.open_stage(cfg, ctx, parent, name, fp, before_work=ray_conn.ensure) as stage:
         if stage.marker is None:
-            inputs = _Start(spec, tokenizer_json, init_ckpt, fp)
+            inputs = _Start(spec, tokenizer_json, init_ckpts, fp)
             result = _sweep_and_register(cfg, ctx, stage, inputs, parent, pipeline_fp)
             stage.complete(result.to_marker())
         else:
@@ -127,7 +131,8 @@ def run_stage(
         tracking.RunLogger(stage.run).log_metrics(best, 0)
         tracking.RunLogger(stage.run).set_tags({Tag.BEST_CHECKPOINT: result.model.checkpoint})
         tracking.log_datasets(
-            stage.run, dataset_inputs(cfg, ctx, only=("train", "validation", "test"))
+            stage.run,
+            dataset_inputs(cfg, ctx, only=("train", "validation", "test"), prefix=prefix),
         )
         publish.plot_finetuning(cfg, stage, list(result.arms))
         lengths = _text_lengths(cfg, ctx, tokenizer_json, stage.run)
@@ -295,10 +300,10 @@ def _run_repeats(spec: ArmSweep, result: ArmResult, data: _Data, rows: _Rows, se
     return tuple(repeats)
 
 
-def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt, tags,
+def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt,
              seeded=None):  # fmt: skip
     """One arm on one fraction's rows: its sweep, its best checkpoint on test, its repeats."""
-    f = cfg.finetune
+    f, tags = cfg.finetune, lineage(ckpt)
     console.line(
         f"[finetune] sweeping the {arm.label} arm: {num_trials(f.sweep)} trial(s) "
         f"on {rows.num_rows} labeled rows ({arm.label_fraction:.0%})"
@@ -314,7 +319,10 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
     )  # fmt: skip
     datasets = {"train_ds": rows.dataset, "val_ds": data.validation}
     result = run_sweep(spec, stage_dir=rows.where, **datasets)
-    result = _on_test(replace(result, num_train_rows=rows.num_rows), data.test, stage.run)
+    step = tags.get(Tag.PRETRAIN_STEP)
+    result = replace(result, num_train_rows=rows.num_rows,
+                     pretrain_step=int(step) if step is not None else None)  # fmt: skip
+    result = _on_test(result, data.test, stage.run)
     if f.repeats > 1 and result.best_checkpoint is not None:
         again = (f"{f.repeats - 1} more seed(s) (its one sweep trial is the first of "
                  f"{f.repeats})" if sweep_is_a_repeat(f) else f"{f.repeats} seeds")  # fmt: skip
@@ -331,10 +339,8 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
          "sweep": f.sweep.model_dump()}
     )  # fmt: skip
     data = _data(cfg, ctx, stage, inputs)
-    bases = ([(PRETRAINED, inputs.init_ckpt)] if inputs.init_ckpt else []) + (
-        [(SCRATCH, None)] if f.compare_scratch or not inputs.init_ckpt else []
-    )
-    tags = lineage(inputs.init_ckpt)
+    pretrained = [(PRETRAINED, step, ckpt) for step, ckpt in inputs.init_ckpts]
+    bases = pretrained + ([(SCRATCH, None, None)] if f.compare_scratch or not pretrained else [])
     evals = evaluations(cfg, ctx, inputs.spec) if f.baseline == "linear" else None
     arms = []
     for fraction in sorted(f.label_fractions, reverse=True):
@@ -346,9 +352,9 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
                 for s in repeat_seeds(cfg.seed, f)
                 if s != cfg.seed  # the sweep's own rows: its trial is that seed's repeat
             }
-        for base, ckpt in bases:
-            arm = Arm(base, fraction)
-            arms.append(_run_arm(cfg, ctx, stage, inputs, data, rows, arm, ckpt, tags, seeded))
+        for base, step, ckpt in bases:
+            arm = Arm(base, fraction, step)
+            arms.append(_run_arm(cfg, ctx, stage, inputs, data, rows, arm, ckpt, seeded))
         if evals is not None:
             arms.append(run_baseline(cfg, stage.run, evals, rows.files, fraction=fraction,
                                      max_rows=rows.max_rows, spec=inputs.spec))  # fmt: skip
@@ -359,6 +365,6 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
             Tag.PIPELINE_RUN_ID: parent.run_id,
             Tag.VALIDATION_DIGEST: datafiles.manifest_digest(ctx.validation),
         },
-        lineage=tags,
+        lineage={ckpt: lineage(ckpt) for _, ckpt in inputs.init_ckpts},
     )  # fmt: skip
     return FinetuneResult(tuple(arms), model)

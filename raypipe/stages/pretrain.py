@@ -8,7 +8,7 @@ plain-PyTorch loop of engine/pretrain_loop.py over a `TrainSession`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -23,6 +23,7 @@ from raypipe.config import (
     PipelineConfig,
     PreprocessConfig,
     PretrainConfig,
+    ProbeConfig,
     Source,
 )
 from raypipe.data import files as datafiles
@@ -47,7 +48,7 @@ from raypipe.engine.pretrain_loop import CHECKPOINT_PREFIX, PretrainJob, pretrai
 from raypipe.errors import UserError, find_user_error
 from raypipe.preflight import RunContext, dataset_inputs, model_spec_for, tokenizer_json
 from raypipe.progress import progress
-from raypipe.stages import cache, publish
+from raypipe.stages import cache, probing, publish
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.sessions import TrainSession, scaling_config
 from raypipe.summary import StageOutcome
@@ -63,11 +64,17 @@ class PretrainResult:
     skipped_images: int | None = None  # None: not skipping (data.bad_images: fail)
     checkpoint_step: int | None = None  # the step of `checkpoint`
     best_val_loss: float | None = None  # the lowest validation loss (None: no validation data)
+    #: step -> checkpoint kept for fine-tuning to start from (finetune.init_steps)
+    milestones: dict[int, str] = field(default_factory=dict)
+    #: the probe's figures at the last step it probed ("probe/<task>/accuracy" -> value)
+    probe: dict[str, float] = field(default_factory=dict)
 
     def to_marker(self) -> dict[str, Any]:
         out = {"checkpoint": self.checkpoint, "steps": self.steps, "final_loss": self.final_loss}
         optional = {"skipped_images": self.skipped_images, "checkpoint_step": self.checkpoint_step,
-                    "best_val_loss": self.best_val_loss}  # fmt: skip
+                    "best_val_loss": self.best_val_loss,
+                    "milestones": {str(k): v for k, v in self.milestones.items()} or None,
+                    "probe": self.probe or None}  # fmt: skip
         return out | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
@@ -76,7 +83,23 @@ class PretrainResult:
             marker["checkpoint"], marker["steps"], marker["final_loss"], fingerprint,
             marker.get("skipped_images"), marker.get("checkpoint_step"),
             marker.get("best_val_loss"),
+            {int(k): v for k, v in (marker.get("milestones") or {}).items()},
+            marker.get("probe") or {},
         )  # fmt: skip
+
+    def start_from(self, step: int | None, key: str) -> str:
+        """The checkpoint of pretraining step `step` (None: the one fine-tuning starts from by
+        default); `key` names the setting that asked for it."""
+        if step is None:
+            return self.checkpoint
+        if step not in self.milestones:
+            kept = sorted(self.milestones) or "none"
+            raise UserError(
+                f"{key}: the completed pretraining stage kept no checkpoint at step {step} (it "
+                f"keeps the steps asked for when it runs; it kept {kept}); ask for those, or "
+                "remove its directory to pretrain again"
+            )
+        return self.milestones[step]
 
     @property
     def tokenizer_json(self) -> str | None:
@@ -114,13 +137,22 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
 
 
 def run_stage(
-    cfg: PipelineConfig, ctx: RunContext, parent: RunRef, ray_conn: RayConnection
+    cfg: PipelineConfig,
+    ctx: RunContext,
+    parent: RunRef,
+    ray_conn: RayConnection,
+    *,
+    milestones: tuple[int, ...] = (),
+    probe_tasks: list[probing.ProbeTask] = (),
 ) -> tuple[PretrainResult, StageOutcome]:
-    """Pretrain, or reuse the completed stage with the same fingerprint."""
+    """Pretrain, or reuse the completed stage with the same fingerprint; `milestones`: the
+    steps whose checkpoints fine-tuning starts from, kept for good (they change what is kept,
+    not what is computed: not in the fingerprint)."""
     fp = fingerprint(cfg, ctx)
     with cache.open_stage(cfg, ctx, parent, "pretrain", fp, before_work=ray_conn.ensure) as stage:
         if stage.marker is None:
-            result = _train_stage(cfg, ctx, stage, local_ray=ray_conn.local)
+            result = _train_stage(cfg, ctx, stage, local_ray=ray_conn.local,
+                                  milestones=milestones, probe_tasks=list(probe_tasks))  # fmt: skip
             stage.complete(result.to_marker())
         else:
             result = PretrainResult.from_marker(stage.marker, fp)
@@ -135,7 +167,12 @@ def run_stage(
             stage.run, dataset_inputs(cfg, ctx, only=("pretrain", "pretrain-validation"))
         )
         publish.plot_pretraining(cfg, stage)
+        publish.plot_probe(cfg, stage)
     metrics = {"steps": result.steps, "final loss": round(result.final_loss, 4)}
+    if result.probe:
+        metrics["probe"] = ", ".join(
+            f"{k.removeprefix('probe/')} {v:.4f}" for k, v in result.probe.items()
+        )
     if result.best_val_loss is not None:
         metrics["best val/loss"] = round(result.best_val_loss, 4)
         metrics["kept step"] = result.checkpoint_step
@@ -144,10 +181,16 @@ def run_stage(
     return result, stage.outcome(metrics)
 
 
-def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, local_ray: bool):
+def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, local_ray: bool,
+                 milestones: tuple[int, ...], probe_tasks: list[probing.ProbeTask]):  # fmt: skip
     p = cfg.pretrain
     tokenizer = tokenizer_json(cfg, ctx)
     spec = model_spec_for(cfg, ctx, tokenizer)
+    probe = None
+    if p.probe is not None and probe_tasks:
+        found = probing.samples(probe_tasks, p.probe, tokenizer_json=tokenizer,
+                                model_config=spec["config"])  # fmt: skip
+        probe = (p.probe, found) if found else None
     tracking.RunLogger(stage.run).log_params(
         {"fingerprint": stage.fingerprint, "model": spec["config"], **p.model_dump()}
     )
@@ -169,6 +212,8 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
         preprocess=cfg.data.preprocess,
         skip_undecodable=cfg.data.bad_images == "skip",
         local_ray=local_ray,
+        milestones=milestones,
+        probe=probe,
     )
 
 
@@ -286,6 +331,8 @@ def train(
     preprocess: PreprocessConfig | None = None,
     skip_undecodable: bool = False,
     local_ray: bool = False,
+    milestones: tuple[int, ...] = (),
+    probe: tuple[ProbeConfig, list] | None = None,
 ) -> PretrainResult:
     """Train on `files` (less a `holdout` share of their rows, scored on instead of the
     `validation` files), mixed by `source.weights` over `groups` (each listed path's files)
@@ -322,9 +369,18 @@ def train(
         # Driver milestones, when this process is `raypipe run` (see raypipe/timing.py).
         startup={"start": timing.process_start(), **timing.MARKS} if "imports" in timing.MARKS else {},
         faults=os.environ.get(faults.ENV, ""),
+        milestones=tuple(milestones), milestone_dir=storage.join(stage_dir, "milestones"),
+        probe_every=probe[0].every if probe else None, probe_dir=storage.join(stage_dir, "probe"),
     )  # fmt: skip
     trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir)
-    result = _fit_in_process(trainer, cfg) if here else trainer.fit()
+    watcher = None
+    if probe is not None:  # beside training, on checkpoints as they appear
+        watcher = probing.Watcher(job.probe_dir, CHECKPOINT_PREFIX, probe[0], probe[1], run,
+                                  seed).start()  # fmt: skip
+    try:
+        result = _fit_in_process(trainer, cfg) if here else trainer.fit()
+    finally:
+        probes = watcher.finish() if watcher is not None else {}
     outcome = result.return_value
     if outcome is not None and outcome.error:
         raise UserError(outcome.error)
@@ -346,4 +402,17 @@ def train(
         skipped_images=ray.get(tally.get.remote()) if tally is not None else None,
         checkpoint_step=int(read_meta(chosen)["step"]),
         best_val_loss=meta.get("best_val_loss"),
+        milestones=_milestones(job.milestone_dir, milestones, like=stage_dir),
+        probe=next((v for v in reversed(probes.values()) if v), {}),
     )
+
+
+def _milestones(directory: str, steps: tuple[int, ...], *, like: str) -> dict[int, str]:
+    """{step: its kept checkpoint} for each of `steps`, all of which must be there."""
+    out = {}
+    for step in steps:
+        path = storage.join(directory, f"{CHECKPOINT_PREFIX}{step:08d}")
+        if read_meta(path)["step"] != step:
+            raise RuntimeError(f"the checkpoint kept at {path} is not of step {step}")
+        out[step] = storage.qualify(path, like=like)
+    return out

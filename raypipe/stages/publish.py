@@ -17,7 +17,7 @@ from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
 from raypipe.progress import console
 from raypipe.stages.arms import ArmResult
 from raypipe.stages.cache import Stage
-from raypipe.summary import label_efficiency, on_test, test_key
+from raypipe.summary import checkpoint_curve, label_efficiency, on_test, scoreboard, test_key
 from raypipe.tracking import Tag
 
 
@@ -45,8 +45,9 @@ def register_best(
     lineage: dict,
 ) -> RegisteredModel:
     """Log the best trial's model (pt2, no pickled code) into the finetune run, register it with
-    its lineage (`tags`; the pretraining it started from when it is the pretrained arm's), and
-    move the champion alias to it if it beats the champion on the same validation data."""
+    `tags` and its lineage (`lineage`: init checkpoint -> the tags of the pretraining it came
+    from, when it is a pretrained arm's), and move the champion alias to it if it beats the
+    champion on the same validation data."""
     f = cfg.finetune
     sign = 1 if f.sweep.mode == "max" else -1
     candidates = [a for a in arms if a.best_checkpoint]
@@ -84,7 +85,7 @@ def register_best(
                 **({Tag.BEST_EPOCH: epoch} if epoch is not None else {}),
                 **({Tag.SEED: repeat.seed} if repeat else {}),
                 **tags,
-                **(lineage if meta.get("init_checkpoint") else {}),
+                **lineage.get(meta.get("init_checkpoint") or "", {}),
             },
         )
     champion, why = tracking.promote_champion(
@@ -138,14 +139,19 @@ def log_test_metrics(stage_run: tracking.RunRef, result: ArmResult) -> None:
     tracking.RunLogger(stage_run).log_metrics(best, 0)
 
 
-def log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, rows: dict) -> None:
+def log_label_efficiency(
+    cfg: PipelineConfig, parent: tracking.RunRef, rows: dict, *, task: str | None = None
+) -> None:
     """On the pipeline run: label_efficiency.json (the summary's table) and its plot, the best
-    metric against the fraction of labeled rows, one curve per arm."""
+    metric against the fraction of labeled rows, one curve per arm; with several pretraining
+    checkpoints, checkpoint_curve.json and its plot too. A named task's files end `-<task>`."""
     metric = cfg.finetune.sweep.metric
+    suffix, title = (f"-{task}", f"{cfg.name} {task}") if task else ("", cfg.name)
+    _log_checkpoint_curve(parent, rows, metric, suffix=suffix, title=title)
     table = label_efficiency(rows, metric)
     if not table:
         return
-    tracking.log_text(parent, json.dumps(table, indent=2), "label_efficiency.json")
+    tracking.log_text(parent, json.dumps(table, indent=2), f"label_efficiency{suffix}.json")
     if on_test(rows):
         metric = test_key(metric)
     series = {
@@ -159,13 +165,67 @@ def log_label_efficiency(cfg: PipelineConfig, parent: tracking.RunRef, rows: dic
     }  # fmt: skip
     tracking.log_plot(
         parent,
-        "label_efficiency.png",
+        f"label_efficiency{suffix}.png",
         series,
-        title=f"{cfg.name}: {metric} against labeled rows used"
+        title=f"{title}: {metric} against labeled rows used"
         + (" (mean ± sd over seeds)" if any("pretrained_sd" in r for r in table) else ""),
         xlabel="fraction of the labeled training rows (log scale)",
         ylabel=metric,
         log_x=True,
+    )
+
+
+def _log_checkpoint_curve(parent, rows: dict, metric: str, *, suffix: str, title: str) -> None:
+    """checkpoint_curve.json and .png: the downstream metric against the pretraining step
+    fine-tuning started from, a line per label fraction and scratch's level beside it."""
+    curve = checkpoint_curve(rows, metric)
+    if not curve:
+        return
+    tracking.log_text(parent, json.dumps(curve, indent=2), f"checkpoint_curve{suffix}.json")
+    steps = sorted({p["step"] for p in curve if p["step"]})
+    series: dict[str, list] = {}
+    for p in curve:
+        if p["step"]:
+            series.setdefault(f"pretrained, {p['fraction']:g} of labels", []).append(
+                (p["step"], p["value"], p["sd"])
+            )
+        else:  # scratch: one level, drawn across the steps
+            series[f"scratch, {p['fraction']:g} of labels"] = [(s, p["value"]) for s in steps]
+    shown = test_key(metric) if on_test(rows) else metric
+    tracking.log_plot(
+        parent,
+        f"checkpoint_curve{suffix}.png",
+        series,
+        title=f"{title}: {shown} by the pretraining checkpoint fine-tuned",
+        xlabel="pretraining steps",
+        ylabel=shown,
+    )
+
+
+def log_scoreboard(cfg: PipelineConfig, parent: tracking.RunRef, summary) -> None:
+    """Several tasks: scoreboard.json (summary.scoreboard) and scoreboard.png (each task's
+    gain from pretraining against the fraction of labels, and the mean over tasks), plus
+    `gain/<fraction>` metrics on the pipeline run, for the runs table."""
+    board = scoreboard(summary)
+    if not board["rows"]:
+        return
+    tracking.log_text(parent, json.dumps(board, indent=2), "scoreboard.json")
+    series: dict[str, list] = {}
+    for row in board["rows"]:
+        if row.get("gain") is not None:
+            series.setdefault(row["task"], []).append((row["fraction"], row["gain"]))
+    series["mean over tasks"] = [(f, m["gain"]) for f, m in board["mean_gain"].items()]
+    tracking.RunLogger(parent).log_metrics(
+        {f"gain/mean_{f:g}": m["gain"] for f, m in board["mean_gain"].items()}, 0
+    )
+    tracking.log_plot(
+        parent,
+        "scoreboard.png",
+        series,
+        title=f"{cfg.name}: what pretraining buys, per task (+: pretraining wins)",
+        xlabel="fraction of the labeled training rows (log scale)",
+        ylabel="pretrained - scratch (signed)",
+        log_x=len({f for f in board["mean_gain"]}) > 1,
     )
 
 
@@ -181,6 +241,25 @@ def plot_pretraining(cfg: PipelineConfig, stage: Stage) -> None:
             title=f"{cfg.name}: pretraining loss ({cfg.pretrain.objective})",
             xlabel="step",
             ylabel="loss",
+        )
+
+
+def plot_probe(cfg: PipelineConfig, stage: Stage) -> None:
+    """plots/pretrain_probe.png on the stage's run: each task's probe figure at each probed
+    step (pretrain.probe), beside the loss plot."""
+    run = tracking.get_run(stage.computed_by.tracking_uri, stage.computed_by.run_id)
+    keys = sorted(
+        k for k in (run.data.metrics if run is not None else {}) if k.startswith("probe/")
+    )
+    series = {k: tracking.metric_history(stage.computed_by, k) for k in keys}
+    if any(series.values()):
+        tracking.log_plot(
+            stage.run,
+            "pretrain_probe.png",
+            series,
+            title=f"{cfg.name}: the probe of each task during pretraining",
+            xlabel="step",
+            ylabel="probe figure (accuracy, or mse)",
         )
 
 

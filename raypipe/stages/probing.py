@@ -1,0 +1,145 @@
+"""The pretraining probe (`pretrain.probe`), run beside pretraining, never in its way.
+
+On the driver, before training: each fine-tuning task's first labeled rows, encoded as
+fine-tuning encodes them (`samples`). While training runs: the loop copies the checkpoint of
+each probed step (every `probe.every` steps, and the last) into the stage's `probe/` folder;
+a thread watches it, and for each new checkpoint starts one Ray task, which reads its weights
+and fits the probe (engine/feature_probe.py); the thread logs `probe/<task>/<metric>` on the
+pretrain run at that step and deletes the copy. The Ray task asks for no CPU:
+it is small, and a training worker or Ray Data holding every CPU must not make it wait (nor
+it them); the training loop itself never waits for a probe.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import ray
+
+from raypipe import storage, tracking
+from raypipe.config import PipelineConfig, ProbeConfig
+from raypipe.data.pipelines import encoded_rows
+from raypipe.engine.checkpoint import META_FILE, MODEL_FILE
+from raypipe.engine.feature_probe import ProbeSample, probe_checkpoint
+from raypipe.plan import make_plan
+from raypipe.progress import progress
+from raypipe.tasks.base import INPUT_COLUMNS
+
+#: Seconds between looks at the checkpoint directory.
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """A fine-tuning task the probe estimates: its name, and its pipeline and files."""
+
+    name: str
+    cfg: PipelineConfig  # the task's view (config/tasks.py)
+    train: list[str]
+    validation: list[str]
+
+
+def samples(tasks: list[ProbeTask], probe: ProbeConfig, *, tokenizer_json: str | None,
+            model_config: dict) -> list[ProbeSample]:  # fmt: skip
+    """Each labeled classification or regression task's sample (translation is not probed)."""
+    out = []
+    for t in tasks:
+        plan = make_plan(t.cfg)
+        task_cls, f, lab = plan.task, t.cfg.finetune, t.cfg.data.labeled
+        if task_cls.data_kind != "labeled":
+            continue
+        common = {"kind": task_cls.data_kind, "input": plan.finetune_input,
+                  "label_dtype": task_cls.label_dtype, "tokenizer_json": tokenizer_json,
+                  "max_len": f.max_len, "model_config": model_config,
+                  "truncation": f.truncation}  # fmt: skip
+        train = encoded_rows(t.train, source=lab.train, rows=probe.train_rows, **common)
+        held = encoded_rows(t.validation, source=lab.validation, rows=probe.eval_rows, **common)
+        column = INPUT_COLUMNS[plan.finetune_input]
+        out.append(ProbeSample(
+            t.name, column, f.pool if plan.finetune_input == "text" else "mean",
+            train[column], train["label"], held[column], held["label"],
+            regression=task_cls.label_dtype != "int64",
+        ))  # fmt: skip
+    return out
+
+
+@ray.remote(num_cpus=0)
+def _probe(checkpoint: str, found: list[ProbeSample], method: str, k: int, seed: int):
+    import torch
+
+    torch.set_num_threads(1)
+    return probe_checkpoint(checkpoint, found, method=method, k=k, seed=seed)
+
+
+class Watcher:
+    """Probes each checkpoint that appears in `directory`, logging on `run`."""
+
+    def __init__(self, directory: str, prefix: str, probe: ProbeConfig,
+                 found: list[ProbeSample], run: tracking.RunRef | None, seed: int):  # fmt: skip
+        self.dir, self.prefix, self.probe = directory, prefix, probe
+        self.samples, self.run, self.seed = ray.put(found), run, seed
+        self.pending: dict[int, tuple[str, ray.ObjectRef]] = {}
+        self.done: dict[int, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="raypipe-probe", daemon=True)
+
+    def start(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def _ready(self) -> list[tuple[int, str]]:
+        """(step, checkpoint) of each whole checkpoint now in storage not yet probed."""
+        out = []
+        for meta in storage.list_files(self.dir, META_FILE):
+            path = meta.rsplit("/", 1)[0]
+            name = path.rsplit("/", 1)[-1]
+            if not name.startswith(self.prefix):
+                continue
+            step = int(name[len(self.prefix) :])
+            if (step not in self.done and step not in self.pending
+                    and storage.is_file(storage.join(path, MODEL_FILE))):  # fmt: skip
+                out.append((step, path))
+        return sorted(out)
+
+    def _collect(self, timeout: float) -> None:
+        if not self.pending:
+            return
+        refs = [ref for _, ref in self.pending.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for step in [s for s, (_, r) in self.pending.items() if r in ready]:
+            path, ref = self.pending.pop(step)
+            try:
+                self.done[step] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a probe never stops pretraining
+                progress(f"probe at step {step} failed ({type(e).__name__}: {e}); skipped")
+                self.done[step] = {}
+                continue
+            finally:
+                storage.delete_dir(path)  # probed (or not to be): the copy goes
+            if self.run is not None:
+                tracking.RunLogger(self.run).log_metrics(self.done[step], step)
+
+    def _scan(self) -> None:
+        for step, path in self._ready():
+            p = self.probe
+            ref = _probe.remote(path, self.samples, p.method, p.k, self.seed)
+            self.pending[step] = (path, ref)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._scan()
+                self._collect(timeout=0)
+            except Exception as e:  # noqa: BLE001 - storage hiccup: look again later
+                progress(f"probe: could not read {self.dir} ({type(e).__name__}); trying again")
+            self._stop.wait(POLL_S)
+
+    def finish(self) -> dict[int, dict[str, float]]:
+        """After training: probe what is left (the last checkpoint), wait for every probe,
+        and return {step: metrics}."""
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+        self._collect(timeout=None)
+        return dict(sorted(self.done.items()))

@@ -1,0 +1,98 @@
+"""The scoreboard, the checkpoint curve and the probe's arithmetic, against hand figures (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raypipe.config import parse_config
+from raypipe.config.schema import ConfigError
+from raypipe.engine.feature_probe import ProbeSample, fit_and_score
+from raypipe.stages.arms import Arm, ArmResult, Repeat
+from raypipe.summary import Summary, TaskResult, checkpoint_curve, format_summary, scoreboard
+
+
+def _arm(base: str, fraction: float, seeds: dict[int, float], step=None, pretrain_step=None,
+         key="test/accuracy"):  # fmt: skip
+    repeats = tuple(Repeat(s, f"t{s}", v, 1, "ckpt", {key: v}) for s, v in seeds.items())
+    mean = sum(seeds.values()) / len(seeds)
+    result = ArmResult(Arm(base, fraction, step), mean, "ckpt", "t", repeats=repeats,
+                       test_metrics={key: mean}, pretrain_step=pretrain_step)  # fmt: skip
+    return result.arm.label, result.to_dict()
+
+
+MSE = "test/mse"
+
+
+def _arms(*made):
+    return dict(made)
+
+
+def test_scoreboard_signs_gains_by_each_tasks_direction_and_averages_them():
+    up = _arms(_arm("pretrained", 0.01, {0: 0.70, 1: 0.72, 2: 0.74}, pretrain_step=20),
+               _arm("pretrained", 0.01, {0: 0.60, 1: 0.60, 2: 0.60}, step=10, pretrain_step=10),
+               _arm("scratch", 0.01, {0: 0.60, 1: 0.64, 2: 0.62}))  # fmt: skip
+    down = _arms(_arm("pretrained", 0.01, {0: 1.0, 1: 1.2, 2: 1.1}, pretrain_step=20, key=MSE),
+                 _arm("scratch", 0.01, {0: 1.5, 1: 1.5, 2: 1.8}, key=MSE))  # fmt: skip
+    s = Summary("p", "r", "u", "s")
+    s.tasks = {"a": TaskResult("val/accuracy", "max", up, {}),
+               "b": TaskResult("val/mse", "min", down, {})}  # fmt: skip
+    board = scoreboard(s)
+    rows = {r["task"]: r for r in board["rows"]}
+    # a: the `last` arm (no init_step) stands for pretrained: (0.72 - 0.62) = +0.10.
+    assert rows["a"]["pretrained"] == pytest.approx(0.72)
+    assert rows["a"]["gain"] == pytest.approx(0.10)
+    # b: lower mse wins: 1.6 - 1.1 = +0.5 (the metric itself goes down by 0.5).
+    assert rows["b"]["gain"] == pytest.approx(0.5)
+    assert rows["b"]["gain_low"] < rows["b"]["gain_high"]
+    assert rows["b"]["gain_low"] == pytest.approx(-rows["b"]["gap_high"])
+    assert board["mean_gain"][0.01] == {"gain": pytest.approx(0.3), "tasks": 2}
+    assert rows["a"]["metric"] == "test/accuracy"
+    text = format_summary(s)
+    assert "mean gain over 2 task(s) at fraction 0.01: +0.3000" in text
+    assert "task 'a'" in text and "checkpoint curve" in text
+
+
+def test_checkpoint_curve_puts_scratch_at_step_zero_and_gaps_against_it():
+    arms = _arms(_arm("pretrained", 0.1, {0: 0.80, 1: 0.82}, pretrain_step=30),
+                 _arm("pretrained", 0.1, {0: 0.70, 1: 0.74}, step=10, pretrain_step=10),
+                 _arm("scratch", 0.1, {0: 0.60, 1: 0.62}))  # fmt: skip
+    curve = checkpoint_curve(arms, "val/accuracy")
+    assert [(p["step"], round(p["value"], 4)) for p in curve] == [(0, 0.61), (10, 0.72),
+                                                                  (30, 0.81)]  # fmt: skip
+    assert curve[1]["gap"] == pytest.approx(0.11) and curve[2]["gap"] == pytest.approx(0.20)
+    assert "gap" not in curve[0]
+    # Without checkpoint arms there is no curve.
+    plain = _arms(_arm("pretrained", 0.1, {0: 0.8}), _arm("scratch", 0.1, {0: 0.6}))
+    assert checkpoint_curve(plain, "val/accuracy") == []
+
+
+def test_knn_and_linear_probe_figures_by_hand():
+    # Two tight clusters; the validation points sit next to their own class.
+    train_x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    train_y = np.array([0, 0, 1, 1])
+    eval_x, eval_y = np.array([[1.0, 0.05], [0.05, 1.0], [0.8, 0.3]]), np.array([0, 1, 1])
+    sample = ProbeSample("t", "input_ids", "mean", train_x, train_y, eval_x, eval_y)
+    # k=1 by cosine: the third point is nearest class 0, so 2 of 3 are right.
+    assert fit_and_score(sample, train_x, eval_x, method="knn", k=1, seed=0) == pytest.approx(2 / 3)
+    assert fit_and_score(sample, train_x, eval_x, method="linear", k=1, seed=0) == pytest.approx(
+        2 / 3
+    )
+    # Regression: ridge on standardized features; an exact linear target is fitted closely.
+    y = train_x @ np.array([2.0, -1.0])
+    reg = ProbeSample("r", "input_ids", "mean", train_x, y, train_x, y, regression=True)
+    assert fit_and_score(reg, train_x, train_x, method="linear", k=1, seed=0) < 0.1
+
+
+def test_probe_settings_are_checked_before_anything_starts():
+    raw = {"name": "t", "model": {"type": "bag", "dim": 16, "max_len": 16},
+           "data": {"unlabeled": {"path": "u"}},
+           "pretrain": {"objective": "skipgram", "max_steps": 20, "checkpoint_every": 10,
+                        "probe": {"every": 15}}}  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert e.value.problems == [
+        "pretrain.probe.every: 15 is not a multiple of pretrain.checkpoint_every (10); each "
+        "probe reads that step's checkpoint",
+        "pretrain.probe: estimates the fine-tuning tasks; add a finetune section",
+    ]
