@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RAYPIPE = [sys.executable, "-m", "raypipe"]
 
+VEHICLES = "airplane:1,automobile:1,ship:1,truck:1,bird:0,cat:0,deer:0,dog:0,frog:0,horse:0"
 PREPARE = {
     "sst2": [
         ["table", "{d}/classification/sst2/train.tsv", "--out", "data/sst2/train"],
@@ -44,6 +45,21 @@ PREPARE = {
         # Halves of the test images: one picks (validation), the other only reports (test).
         ["images", "{d}/images/cifar10/cifar10_test_jpeg.zip", "--out", "data/cifar10/heldout",
          "--validation-fraction", "0.5"],
+    ],
+    # SST-5 as regression on its 0-4 scale ("label sentence" lines), its own three splits.
+    "sst5": [
+        ["table", "{d}/classification/sentconv/stsa.fine.train", "--format", "lines",
+         "--regression", "--split", "validation={d}/classification/sentconv/stsa.fine.dev",
+         "--split", "test={d}/classification/sentconv/stsa.fine.test", "--out", "data/sst5"],
+    ],
+    # The CIFAR-10 images again, labelled vehicle (1) or animal (0); the same seeded halves.
+    "cifar-vehicles": [
+        [kind, f"{{d}}/images/cifar10/{src}", "--out", out, *extra, "--label-map", VEHICLES]
+        for kind, src, out, extra in (
+            ("images", "cifar10_train_1k_per_class_jpeg.zip", "data/cifar-vehicles/train", []),
+            ("images", "cifar10_test_jpeg.zip", "data/cifar-vehicles/heldout",
+             ["--validation-fraction", "0.5"]),
+        )
     ],
     "flickr8k": [
         ["captions", "{d}/image_caption/flickr8k/images",

@@ -22,6 +22,11 @@ DESCRIPTIONS = {
     "text": "TF-IDF word 1-2-grams + logistic regression",
     "image": f"logistic regression on {POOLED_SIDE}x{POOLED_SIDE} pooled pixels",
 }
+#: For a regression task: the same features, ridge regression in place of logistic.
+REGRESSION_DESCRIPTIONS = {
+    "text": "TF-IDF word 1-2-grams + ridge regression",
+    "image": f"ridge regression on {POOLED_SIDE}x{POOLED_SIDE} pooled pixels",
+}
 
 
 @dataclass(frozen=True)
@@ -33,16 +38,19 @@ class Rows:
 
 
 def read_rows(files: list[str], source: LabeledSource, *, kind: str, image_size: int | None,
-              channels: int | None, max_rows: int | None, skip_bad: bool = False) -> Rows:  # fmt: skip
+              channels: int | None, max_rows: int | None, skip_bad: bool = False,
+              regression: bool = False) -> Rows:  # fmt: skip
     """The split's rows: text as strings; images decoded, pooled and flattened (with
-    `skip_bad`, rows whose image does not decode are left out, as the neural arms leave them)."""
+    `skip_bad`, rows whose image does not decode are left out, as the neural arms leave them);
+    labels as class ids, or (`regression`) as numbers."""
     column = source.text_column if kind == "text" else source.image_column
     table = pa.concat_tables(
         datafiles.read_blocks(
             files, [column, source.label_column], rows_per_block=2**20, max_rows=max_rows
         )  # fmt: skip
     )
-    labels = table.column(source.label_column).to_numpy(zero_copy_only=False).astype(np.int64)
+    labels = table.column(source.label_column).to_numpy(zero_copy_only=False)
+    labels = labels.astype(np.float64 if regression else np.int64)
     values = table.column(column).to_pylist()
     if kind == "text":
         return Rows([str(v) for v in values], labels)
@@ -65,16 +73,26 @@ def _pool(images: np.ndarray) -> np.ndarray:
     return trimmed.reshape(b, c, out, k, out, k).mean(axis=(3, 5))
 
 
-def _model(kind: str, seed: int):
+def _model(kind: str, seed: int, regression: bool = False):
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    classifier = LogisticRegression(max_iter=2000, random_state=seed)
+    if regression:
+        classifier = Ridge(alpha=1.0)
+    else:
+        classifier = LogisticRegression(max_iter=2000, random_state=seed)
     if kind == "text":
         return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), classifier)
     return make_pipeline(StandardScaler(), classifier)
+
+
+def regression_scores(model, rows: Rows) -> dict[str, float]:
+    """mse, mae and loss (the mse), as the regression task names them."""
+    err = model.predict(rows.inputs) - rows.labels
+    mse = float(np.mean(err**2))
+    return {"mse": mse, "mae": float(np.mean(np.abs(err))), "loss": mse}
 
 
 def scores(model, rows: Rows, num_classes: int) -> dict[str, float]:
@@ -108,13 +126,23 @@ def majority_share(train_labels: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_and_score(
-    train: Rows, evaluations: dict[str, Rows], *, kind: str, num_classes: int, seed: int
+    train: Rows,
+    evaluations: dict[str, Rows],
+    *,
+    kind: str,
+    num_classes: int,
+    seed: int,
+    regression: bool = False,
 ) -> dict[str, float]:
     """Fit on `train`; each split's metrics as `<split>/<metric>` (val/accuracy, ...), and
     `<split>/majority_accuracy`, the accuracy of always answering the training rows' most
-    common class."""
-    model = _model(kind, seed).fit(train.inputs, train.labels)
+    common class; for a regression task mse, mae and loss (no majority class)."""
+    model = _model(kind, seed, regression).fit(train.inputs, train.labels)
     out = {}
+    if regression:
+        for split, rows in evaluations.items():
+            out.update({f"{split}/{k}": v for k, v in regression_scores(model, rows).items()})
+        return out
     for split, rows in evaluations.items():
         out.update({f"{split}/{k}": v for k, v in scores(model, rows, num_classes).items()})
         out[f"{split}/majority_accuracy"] = majority_share(train.labels, rows.labels)

@@ -317,8 +317,9 @@ def _task_lines(t) -> list[str]:
 def scoreboard(s: Summary) -> dict[str, Any]:
     """Several tasks side by side: {"rows": one per task and label fraction (its reported
     metric, pretrained, scratch, baseline, and the gain: pretrained - scratch signed so that +
-    means pretraining wins, with its interval), "mean_gain": {fraction: {"gain", "tasks"}}
-    (the mean gain over the tasks with both arms there)}."""
+    means pretraining wins, with its interval), "mean_gain": [{"metric", "fraction", "gain",
+    "tasks"}] (the mean gain over the tasks that report that metric, with both arms there:
+    accuracy and mse are never averaged together)}."""
     rows, gains = [], {}
     for name, t in s.tasks.items():
         sign = -1 if t.mode == "min" else 1
@@ -328,12 +329,13 @@ def scoreboard(s: Summary) -> dict[str, Any]:
             pre, scr = row.get("pretrained"), row.get("scratch")
             if pre is not None and scr is not None:
                 out["gain"] = sign * (pre - scr)
-                gains.setdefault(row["fraction"], []).append(out["gain"])
+                gains.setdefault((shown, row["fraction"]), []).append(out["gain"])
                 if "gap_low" in row:
                     low, high = sorted((sign * row["gap_low"], sign * row["gap_high"]))
                     out.update(gain_low=low, gain_high=high)
             rows.append(out)
-    mean = {f: {"gain": sum(g) / len(g), "tasks": len(g)} for f, g in sorted(gains.items())}
+    mean = [{"metric": m, "fraction": f, "gain": sum(g) / len(g), "tasks": len(g)}
+            for (m, f), g in sorted(gains.items())]  # fmt: skip
     return {"rows": rows, "mean_gain": mean}
 
 
@@ -358,9 +360,9 @@ def _scoreboard_lines(s: Summary) -> list[str]:
             f"{cell(r.get('pretrained')):>10} {cell(r.get('scratch')):>10} "
             f"{cell(r.get('gain'), '+.4f'):>8} {ci:>19} {cell(r.get('baseline')):>10}"
         )
-    for fraction, m in board["mean_gain"].items():
-        lines.append(f"    mean gain over {m['tasks']} task(s) at fraction {fraction:g}: "
-                     f"{m['gain']:+.4f} (the tasks' metrics differ in scale)")  # fmt: skip
+    for m in board["mean_gain"]:
+        lines.append(f"    mean gain in {m['metric']} over {m['tasks']} task(s) at fraction "
+                     f"{m['fraction']:g}: {m['gain']:+.4f}")  # fmt: skip
     return lines
 
 

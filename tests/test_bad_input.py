@@ -123,8 +123,7 @@ def _test_labels_out_of_range(d, raw):
 
 
 def _baseline_for_a_task_without_one(d, raw):
-    raw["finetune"].update(task="regression", baseline="linear")
-    raw["finetune"]["sweep"]["metric"] = "val/mse"
+    raw["finetune"].update(task="translation", baseline="linear")
 
 
 def _eval_every_without_held_out_data(d, raw):
@@ -343,7 +342,10 @@ CASES = {
     "test_split_missing_column": (_test_split_missing_column, ["data.labeled.test", "['text']"]),
     "label_maps_differ": (_label_maps_differ, ["data.labeled.test", "another label map"]),
     "test_labels_out_of_range": (_test_labels_out_of_range, ["data.labeled.test", "[0, 7]"]),
-    "baseline_without_one": (_baseline_for_a_task_without_one, ["finetune.baseline", "regression"]),
+    "baseline_without_one": (
+        _baseline_for_a_task_without_one,
+        ["finetune.baseline", "translation"],
+    ),
     "eval_without_held_out": (_eval_every_without_held_out_data, ["pretrain.eval_every", "needs"]),
     "resample_without_repeats": (
         _resample_without_repeats,

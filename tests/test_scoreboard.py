@@ -46,10 +46,14 @@ def test_scoreboard_signs_gains_by_each_tasks_direction_and_averages_them():
     assert rows["b"]["gain"] == pytest.approx(0.5)
     assert rows["b"]["gain_low"] < rows["b"]["gain_high"]
     assert rows["b"]["gain_low"] == pytest.approx(-rows["b"]["gap_high"])
-    assert board["mean_gain"][0.01] == {"gain": pytest.approx(0.3), "tasks": 2}
+    # Accuracy and mse are never averaged together: a mean per metric.
+    assert board["mean_gain"] == [
+        {"metric": "test/accuracy", "fraction": 0.01, "gain": pytest.approx(0.10), "tasks": 1},
+        {"metric": "test/mse", "fraction": 0.01, "gain": pytest.approx(0.5), "tasks": 1},
+    ]
     assert rows["a"]["metric"] == "test/accuracy"
     text = format_summary(s)
-    assert "mean gain over 2 task(s) at fraction 0.01: +0.3000" in text
+    assert "mean gain in test/mse over 1 task(s) at fraction 0.01: +0.5000" in text
     assert "task 'a'" in text and "checkpoint curve" in text
 
 
@@ -96,3 +100,28 @@ def test_probe_settings_are_checked_before_anything_starts():
         "probe reads that step's checkpoint",
         "pretrain.probe: estimates the fine-tuning tasks; add a finetune section",
     ]
+
+
+def test_the_regression_baseline_is_ridge_on_tfidf_scored_by_hand():
+    """baselines.fit_and_score for a regression task: TF-IDF + ridge, its mse and mae equal
+    to numpy's on that model's own predictions, and better than predicting the mean."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    from raypipe.baselines import Rows, fit_and_score
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "fine", "awful", "great", "dull"]
+    value = {"good": 1.0, "great": 2.0, "fine": 0.5, "bad": -1.0, "awful": -2.0, "dull": -0.5}
+    texts = [" ".join(rng.choice(words, 3)) for _ in range(120)]
+    y = np.array([sum(value[w] for w in t.split()) for t in texts])
+    train, held = Rows(texts[:80], y[:80]), Rows(texts[80:], y[80:])
+    found = fit_and_score(train, {"val": held}, kind="text", num_classes=2, seed=0,
+                          regression=True)  # fmt: skip
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), Ridge(alpha=1.0))
+    err = model.fit(train.inputs, train.labels).predict(held.inputs) - held.labels
+    assert found["val/mse"] == pytest.approx(float(np.mean(err**2)))
+    assert found["val/mae"] == pytest.approx(float(np.mean(np.abs(err))))
+    assert found["val/mse"] < float(np.mean((held.labels - train.labels.mean()) ** 2))
+    assert "val/majority_accuracy" not in found

@@ -161,7 +161,9 @@ def _check_scoreboard(summary, client, run_id: str, tmp_path: Path) -> None:
     gain = score["scratch_0.5"]["best_metric"] - score["pretrained_0.5"]["best_metric"]
     assert rows[("score", 0.5)]["gain"] == pytest.approx(gain)
     assert rows[("sentiment", 1.0)]["baseline"] == sentiment["baseline"]["best_metric"]
-    assert board["mean_gain"]["0.5"]["tasks"] == 1  # JSON keys are strings
+    assert [(m["metric"], m["fraction"], m["tasks"]) for m in board["mean_gain"]] == [
+        ("val/accuracy", 1.0, 1), ("val/mse", 0.5, 1)
+    ]  # fmt: skip
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"plots/scoreboard.png", "plots/checkpoint_curve-sentiment.png"} <= plots
 

@@ -510,7 +510,8 @@ class FinetuneConfig(Strict):
         description="A classical model fitted on the same labeled rows as the neural arms and "
         "scored on the same validation and test data: linear (TF-IDF word n-grams + logistic "
         "regression on text, logistic regression on pooled pixels for images). Default: the "
-        "task's own (linear for classification, none for the others).",
+        "task's own (linear for classification, ridge regression for regression, none for "
+        "translation).",
     )
 
     @model_validator(mode="after")

@@ -26,18 +26,20 @@ class Evaluations:
 
     kind: str  # "text" | "image"
     splits: dict[str, baselines.Rows]  # "val" and "test"
+    regression: bool = False  # labels are numbers (a regression task)
 
 
 def evaluations(cfg: PipelineConfig, ctx: RunContext, spec: dict) -> Evaluations:
     lab, kind = cfg.data.labeled, ctx.plan.finetune_input
-    image = _image_args(cfg, spec)
+    regression = ctx.plan.task.label_dtype != "int64"
+    image = {**_image_args(cfg, spec), "regression": regression}
     splits = {"val": baselines.read_rows(ctx.validation, lab.validation, kind=kind, **image,
                                          max_rows=lab.validation.max_rows)}  # fmt: skip
     if lab.test is not None:
         splits["test"] = baselines.read_rows(
             ctx.test, lab.test, kind=kind, **image, max_rows=lab.test.max_rows
         )
-    return Evaluations(kind, splits)
+    return Evaluations(kind, splits, regression)
 
 
 def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[str], *,
@@ -45,12 +47,14 @@ def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[s
     """Fit and score the baseline on one fraction's rows; logged as run `baseline[_<fraction>]`."""
     f, lab = cfg.finetune, cfg.data.labeled
     arm = Arm(BASELINE, fraction)
-    image = _image_args(cfg, spec)
+    image = {**_image_args(cfg, spec), "regression": evals.regression}
     train = baselines.read_rows(train_files, lab.train, kind=evals.kind, **image, max_rows=max_rows)
     found = baselines.fit_and_score(
-        train, evals.splits, kind=evals.kind, num_classes=f.num_classes, seed=cfg.seed
-    )
-    what = baselines.DESCRIPTIONS[evals.kind]
+        train, evals.splits, kind=evals.kind, num_classes=f.num_classes, seed=cfg.seed,
+        regression=evals.regression,
+    )  # fmt: skip
+    names = baselines.REGRESSION_DESCRIPTIONS if evals.regression else baselines.DESCRIPTIONS
+    what = names[evals.kind]
     run, _ = tracking.find_or_start_run(
         tracking_uri=stage_run.tracking_uri, experiment_id=stage_run.experiment_id,
         name=arm.label, kind="baseline", parent=stage_run,
@@ -70,7 +74,7 @@ def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[s
             if test
             else ""
         )
-        + f"; always the most common class: {majority:.4f}"
+        + (f"; always the most common class: {majority:.4f}" if majority is not None else "")
     )
     return ArmResult(
         arm=arm, best_metric=found.get(metric), best_checkpoint=None, best_trial=arm.label,

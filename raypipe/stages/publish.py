@@ -204,8 +204,9 @@ def _log_checkpoint_curve(parent, rows: dict, metric: str, *, suffix: str, title
 
 def log_scoreboard(cfg: PipelineConfig, parent: tracking.RunRef, summary) -> None:
     """Several tasks: scoreboard.json (summary.scoreboard) and scoreboard.png (each task's
-    gain from pretraining against the fraction of labels, and the mean over tasks), plus
-    `gain/<fraction>` metrics on the pipeline run, for the runs table."""
+    gain from pretraining against the fraction of labels, and the mean over the tasks of each
+    metric), plus `gain/mean_<metric>_<fraction>` metrics on the pipeline run, for the runs
+    table."""
     board = scoreboard(summary)
     if not board["rows"]:
         return
@@ -214,10 +215,15 @@ def log_scoreboard(cfg: PipelineConfig, parent: tracking.RunRef, summary) -> Non
     for row in board["rows"]:
         if row.get("gain") is not None:
             series.setdefault(row["task"], []).append((row["fraction"], row["gain"]))
-    series["mean over tasks"] = [(f, m["gain"]) for f, m in board["mean_gain"].items()]
+    for m in board["mean_gain"]:
+        if m["tasks"] > 1:
+            series.setdefault(f"mean over {m['metric']} tasks", []).append(
+                (m["fraction"], m["gain"])
+            )
     tracking.RunLogger(parent).log_metrics(
-        {f"gain/mean_{f:g}": m["gain"] for f, m in board["mean_gain"].items()}, 0
-    )
+        {f"gain/mean_{m['metric'].rsplit('/', 1)[-1]}_{m['fraction']:g}": m["gain"]
+         for m in board["mean_gain"]}, 0,
+    )  # fmt: skip
     tracking.log_plot(
         parent,
         "scoreboard.png",
@@ -225,7 +231,7 @@ def log_scoreboard(cfg: PipelineConfig, parent: tracking.RunRef, summary) -> Non
         title=f"{cfg.name}: what pretraining buys, per task (+: pretraining wins)",
         xlabel="fraction of the labeled training rows (log scale)",
         ylabel="pretrained - scratch (signed)",
-        log_x=len({f for f in board["mean_gain"]}) > 1,
+        log_x=len({m["fraction"] for m in board["mean_gain"]}) > 1,
     )
 
 

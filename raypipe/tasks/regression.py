@@ -12,6 +12,7 @@ class Regression(Task):
     option_names = ("pool", "dropout", "input")
     metrics = ("mse", "mae", "loss")
     minimize = ("mse", "mae", "loss")
+    baseline = "linear"  # ridge regression on the same features (raypipe/baselines.py)
     label_dtype = "float32"
     output_name = "value"
 
