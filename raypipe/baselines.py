@@ -136,12 +136,15 @@ def fit_and_score(
 ) -> dict[str, float]:
     """Fit on `train`; each split's metrics as `<split>/<metric>` (val/accuracy, ...), and
     `<split>/majority_accuracy`, the accuracy of always answering the training rows' most
-    common class; for a regression task mse, mae and loss (no majority class)."""
+    common class; for a regression task mse, mae and loss, and `<split>/mean_mse`, the mse of
+    always answering the training rows' mean."""
     model = _model(kind, seed, regression).fit(train.inputs, train.labels)
     out = {}
     if regression:
         for split, rows in evaluations.items():
             out.update({f"{split}/{k}": v for k, v in regression_scores(model, rows).items()})
+            # Chance for a number: always answering the training rows' mean.
+            out[f"{split}/mean_mse"] = float(np.mean((rows.labels - train.labels.mean()) ** 2))
         return out
     for split, rows in evaluations.items():
         out.update({f"{split}/{k}": v for k, v in scores(model, rows, num_classes).items()})

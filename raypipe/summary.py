@@ -124,17 +124,18 @@ def by_fraction(arms: dict[str, dict[str, Any]], metric: str = "") -> list[dict[
     """The reported metric (test when there is a test split, else validation; the mean over
     repeats) per label fraction and arm (the headline arm of each base): [{"fraction",
     "pretrained", "scratch", "baseline", "rows", "majority" (chance: always the most common
-    training class), and with repeats "pretrained_sd", "scratch_sd", "gap_low",
+    training class; for mse, always the training mean), and with repeats "pretrained_sd", "scratch_sd", "gap_low",
     "gap_high"}], smallest fraction first."""
     test = on_test(arms)
-    accuracy = metric.endswith("accuracy")  # chance beside accuracy only
+    # Chance beside accuracy (the majority class) and mse (the training mean) only.
+    chance = metric.endswith(("accuracy", "mse"))
     rows: dict[float, dict[str, Any]] = {}
     shown = _headlines(arms)
     for a in shown:
         row = rows.setdefault(a["label_fraction"], {"fraction": a["label_fraction"]})
         row[a["base_arm"]] = reported(a, metric, test)
         row["rows"] = a.get("num_train_rows")
-        if a["base_arm"] == "baseline" and a.get("majority") is not None and accuracy:
+        if a["base_arm"] == "baseline" and a.get("majority") is not None and chance:
             row["majority"] = a["majority"]
         values = list(by_seed(a, metric, test).values())
         if len(values) > 1:
@@ -256,7 +257,8 @@ def _label_efficiency_lines(s: Summary) -> list[str]:
         f"    {'fraction':>8} {'rows':>7} {'pretrained':>10} {'scratch':>10} {'gap':>8}"
         + (f" {'gap 95% CI':>19}" if ci else "")
         + (f" {'baseline':>10}" if baseline else "")
-        + (f" {'majority':>9}" if majority else ""),
+        + (f" {'mean':>9}" if majority and s.metric.endswith("mse") else "")
+        + (f" {'majority':>9}" if majority and not s.metric.endswith("mse") else ""),
     ]
 
     def cell(value: float | None) -> str:

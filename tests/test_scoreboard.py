@@ -123,5 +123,7 @@ def test_the_regression_baseline_is_ridge_on_tfidf_scored_by_hand():
     err = model.fit(train.inputs, train.labels).predict(held.inputs) - held.labels
     assert found["val/mse"] == pytest.approx(float(np.mean(err**2)))
     assert found["val/mae"] == pytest.approx(float(np.mean(np.abs(err))))
-    assert found["val/mse"] < float(np.mean((held.labels - train.labels.mean()) ** 2))
+    mean = float(np.mean((held.labels - train.labels.mean()) ** 2))  # chance: the mean
+    assert found["val/mean_mse"] == pytest.approx(mean)
+    assert found["val/mse"] < mean
     assert "val/majority_accuracy" not in found

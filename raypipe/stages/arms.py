@@ -58,8 +58,9 @@ class ArmResult:
     #: the best checkpoint's metrics on the test split ("test/accuracy", ...); None: no test split
     test_metrics: dict[str, float] | None = None
     repeats: tuple[Repeat, ...] = ()  # the best settings again, one run per seed
-    #: baseline only: the accuracy of always answering the most common training class, on
-    #: the test split when there is one, else on validation (chance, beside the baseline)
+    #: baseline only: chance, beside the baseline, on the test split when there is one, else
+    #: on validation: the accuracy of always answering the most common training class, or for
+    #: a regression task the mse of always answering the training rows' mean
     majority: float | None = None
     #: a pretrained arm: the pretraining step of the checkpoint it started from
     pretrain_step: int | None = None

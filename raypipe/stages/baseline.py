@@ -65,7 +65,8 @@ def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[s
     tracking.end_run(run)
     metric = f.sweep.metric
     test = {k: v for k, v in found.items() if k.startswith("test/")}
-    majority = found.get("test/majority_accuracy" if test else "val/majority_accuracy")
+    chance = "mean_mse" if evals.regression else "majority_accuracy"
+    majority = found.get(f"test/{chance}" if test else f"val/{chance}")
     console.line(
         f"[finetune] baseline ({what}) on {len(train.labels)} rows: {metric} "
         f"{found.get(metric, float('nan')):.4f}"
@@ -74,7 +75,12 @@ def run_baseline(cfg, stage_run: RunRef, evals: Evaluations, train_files: list[s
             if test
             else ""
         )
-        + (f"; always the most common class: {majority:.4f}" if majority is not None else "")
+        + (
+            "; always the training mean: mse "
+            if evals.regression
+            else "; always the most common class: "
+        )
+        + f"{majority:.4f}"
     )
     return ArmResult(
         arm=arm, best_metric=found.get(metric), best_checkpoint=None, best_trial=arm.label,

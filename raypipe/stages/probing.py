@@ -27,7 +27,7 @@ from raypipe.progress import progress
 from raypipe.tasks.base import INPUT_COLUMNS
 
 #: Seconds between looks at the checkpoint directory.
-POLL_S = 1.0
+POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,20 @@ def samples(tasks: list[ProbeTask], probe: ProbeConfig, *, tokenizer_json: str |
 @ray.remote(num_cpus=0)
 def _probe(checkpoint: str, found: list[ProbeSample], method: str, k: int, seed: int):
     import torch
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
-    return probe_checkpoint(checkpoint, found, method=method, k=k, seed=seed)
+    torch.set_num_threads(1)  # one core: the training loop keeps the others
+    with threadpool_limits(1):  # scikit-learn's BLAS too
+        return probe_checkpoint(checkpoint, found, method=method, k=k, seed=seed)
+
+
+@ray.remote(num_cpus=0)
+def _warm_up() -> None:
+    """Started with the watcher, before the first step: the worker that will probe imports
+    what a probe needs (seconds of CPU) while pretraining is still starting, not mid-run."""
+    import sklearn.linear_model  # noqa: F401
+
+    from raypipe.engine import feature_probe  # noqa: F401
 
 
 class Watcher:
@@ -85,6 +96,7 @@ class Watcher:
         self._thread = threading.Thread(target=self._watch, name="raypipe-probe", daemon=True)
 
     def start(self) -> Watcher:
+        self._warm = _warm_up.remote()
         self._thread.start()
         return self
 
