@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from raypipe.config import parse_config
@@ -79,8 +80,15 @@ def test_regression_finetune_from_scratch(ray_session, media_data, tmp_path):
     cfg = parse_config(raw)
     summary = run_pipeline(cfg)
     assert (cfg.finetune.sweep.metric, cfg.finetune.sweep.mode) == ("val/mse", "min")
-    assert set(summary.arms) == {"scratch"}
+    assert set(summary.arms) == {"scratch", "baseline"}  # ridge regression beside it
     assert 0 <= summary.arms["scratch"]["best_metric"] < 10
+    # The baseline's chance: the mse of always answering the training mean, on validation.
+    train, val = (
+        pq.read_table(media_data[s]).column("label").to_numpy() for s in ("reg_train", "reg_val")
+    )
+    assert summary.arms["baseline"]["majority"] == pytest.approx(
+        float(((val - train.mean()) ** 2).mean())
+    )
     import mlflow
     import torch
 

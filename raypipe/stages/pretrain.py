@@ -373,19 +373,19 @@ def train(
         probe_every=probe[0].every if probe else None, probe_dir=storage.join(stage_dir, "probe"),
     )  # fmt: skip
     trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir)
-    watcher = None
-    if probe is not None:  # beside training, on checkpoints as they appear
-        watcher = probing.Watcher(job.probe_dir, CHECKPOINT_PREFIX, probe[0], probe[1], run,
-                                  seed).start()  # fmt: skip
-    try:
-        result = _fit_in_process(trainer, cfg) if here else trainer.fit()
-    finally:
-        probes = watcher.finish() if watcher is not None else {}
+    result, probes = _fit_and_probe(trainer, job, here=here, probe=probe, run=run)
     outcome = result.return_value
     if outcome is not None and outcome.error:
         raise UserError(outcome.error)
-    # The newest whole checkpoint in storage (Ray Train's record can lag one behind).
-    found = latest_checkpoint(train_dir, prefix=CHECKPOINT_PREFIX)
+    return _result(job, result, stage_dir, milestones=milestones, probes=probes,
+                   skipped=ray.get(tally.get.remote()) if tally is not None else None)  # fmt: skip
+
+
+def _result(job: PretrainJob, result, stage_dir: str, *, milestones, probes, skipped):
+    """What pretraining left in storage, checked: its newest whole checkpoint (Ray Train's
+    record can lag one behind), the one fine-tuning starts from, the kept milestones."""
+    cfg, outcome = job.cfg, result.return_value
+    found = latest_checkpoint(job.checkpoint_dir, prefix=CHECKPOINT_PREFIX)
     if found is None:
         raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
     checkpoint = storage.qualify(found[0], like=stage_dir)
@@ -398,13 +398,27 @@ def train(
         checkpoint=chosen,
         steps=int(meta["step"]),
         final_loss=float(outcome.final_loss if outcome is not None else meta["loss"]),
-        fingerprint=fingerprint,
-        skipped_images=ray.get(tally.get.remote()) if tally is not None else None,
+        fingerprint=job.fingerprint,
+        skipped_images=skipped,
         checkpoint_step=int(read_meta(chosen)["step"]),
         best_val_loss=meta.get("best_val_loss"),
         milestones=_milestones(job.milestone_dir, milestones, like=stage_dir),
         probe=next((v for v in reversed(probes.values()) if v), {}),
     )
+
+
+def _fit_and_probe(trainer: TorchTrainer, job: PretrainJob, *, here: bool, probe, run):
+    """Train (here, or on Train's workers) with the probe beside it when there is one: the
+    training result, and the probe's {step: figures}."""
+    watcher = None
+    if probe is not None:  # beside training, on checkpoints as they appear
+        watcher = probing.Watcher(job.probe_dir, CHECKPOINT_PREFIX, probe[0], probe[1], run,
+                                  job.seed).start()  # fmt: skip
+    try:
+        result = _fit_in_process(trainer, job.cfg) if here else trainer.fit()
+    finally:
+        probes = watcher.finish() if watcher is not None else {}
+    return result, probes
 
 
 def _milestones(directory: str, steps: tuple[int, ...], *, like: str) -> dict[int, str]:
