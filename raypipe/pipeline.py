@@ -9,6 +9,7 @@ starts only when a stage has work to do (stages/connect.py). Each stage owns its
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import astuple
 
 from raypipe import progress, timing, tracking
@@ -49,8 +50,21 @@ def _milestones(cfg: PipelineConfig) -> tuple[int, ...]:
     return tuple(sorted(steps))
 
 
-def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_conn, summary):
-    """One fine-tuning task from the pretraining `pre` (None: none in this pipeline)."""
+def _reached(steps: list[int | None], pre) -> list[int | None]:
+    """The init_steps pretraining got to: the probe (probe.patience) may have stopped it first;
+    the arms of the steps it never reached are left out, and said so."""
+    if not pre.stopped_by_probe:
+        return steps
+    beyond = [s for s in steps if s is not None and s > pre.steps]
+    if beyond:
+        progress.console.line(f"[finetune] pretraining stopped at step {pre.steps} (the probe's "
+                     f"patience): no arm for step(s) {beyond}")  # fmt: skip
+    return [s for s in steps if s not in beyond]
+
+
+def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_conn):
+    """One fine-tuning task from the pretraining `pre` (None: none in this pipeline): its
+    result and its stage's outcome."""
     cfg, f = view.cfg, view.cfg.finetune
     if pre is not None:
         tokenizer, spec, upstream = pre.tokenizer_json, pre.model_spec, pre.fingerprint
@@ -63,20 +77,52 @@ def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_con
         init_ckpts = ((None, f.init_directory),)
     else:
         key = view.rekey("finetune.init_steps")
-        init_ckpts = tuple((s, pre.start_from(s, key)) for s in f.pretrain_steps)
+        init_ckpts = tuple((s, pre.start_from(s, key)) for s in _reached(f.pretrain_steps, pre))
     result, outcome = finetune.run_stage(
         view, ctx, parent, ray_conn,
         tokenizer_json=tokenizer, spec=spec, init_ckpts=init_ckpts,
         upstream=upstream or f.init, pipeline_fp=pipeline_fp,
     )  # fmt: skip
     rows = {a.arm.label: a.to_dict() for a in result.arms}
-    task = TaskResult(f.sweep.metric, f.sweep.mode, rows, result.model.to_dict())
-    if view.several:
-        summary.tasks[view.name] = task
-    else:
-        summary.metric, summary.mode, summary.arms, summary.model = astuple(task)
     publish.log_label_efficiency(cfg, parent, rows, task=view.name if view.several else None)
-    summary.stages.append(outcome)
+    return TaskResult(f.sweep.metric, f.sweep.mode, rows, result.model.to_dict()), outcome
+
+
+def _task_demand(view: TaskView) -> dict[str, float]:
+    """The most one task's sweep holds at once: its concurrent trials' training workers."""
+    f = view.cfg.finetune
+    per_worker = {"CPU": f.scaling.cpus_per_worker, "GPU": 1.0 if f.scaling.use_gpu else 0.0,
+                  **f.scaling.resources_per_worker}  # fmt: skip
+    runs = f.scaling.num_workers * f.sweep.max_concurrent_trials
+    return {k: v * runs for k, v in per_worker.items() if v}
+
+
+def side_by_side(views: list[TaskView], capacity: dict[str, float]) -> int:
+    """How many tasks' sweeps run at once: as many as the cluster holds with each task's
+    sweep at its fullest (finetune.sweep.max_concurrent_trials trials), at least one."""
+    widest = {}
+    for view in views:
+        for k, v in _task_demand(view).items():
+            widest[k] = max(widest.get(k, 0.0), v)
+    fits = [int(capacity.get(k, 0.0) // v) for k, v in widest.items()]
+    return max(1, min([len(views), *fits]))
+
+
+def _run_tasks(views: list[TaskView], ctx, pre, parent, pipeline_fp, ray_conn) -> list:
+    """Every task, [(result, outcome)] in their order: side by side where the cluster holds
+    several tasks' sweeps at once (threads on this driver, each driving its own Tune sweeps),
+    else one after another. A task that fails lets the others finish (their stages are
+    kept), then its error is raised."""
+    width = side_by_side(views, ray_conn.capacity()) if len(views) > 1 else 1
+    run = [(v, ctx.task(v.name), pre, parent, pipeline_fp, ray_conn) for v in views]
+    if width == 1:
+        return [_run_task(*args) for args in run]
+    progress.console.line(f"[finetune] {len(views)} tasks, {width} at a time: the cluster holds "
+                          f"{width} tasks' sweeps at once")  # fmt: skip
+    with ThreadPoolExecutor(width, thread_name_prefix="raypipe-task") as pool:
+        futures = [pool.submit(_run_task, *args) for args in run]
+        wait(futures)
+    return [f.result() for f in futures]
 
 
 def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> None:
@@ -90,8 +136,14 @@ def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> No
             probe_tasks=probes if cfg.pretrain.probe is not None else [],
         )  # fmt: skip
         summary.stages.append(outcome)
-    for view in task_views(cfg):
-        _run_task(view, ctx.task(view.name), pre, parent, pipeline_fp, ray_conn, summary)
+    views = task_views(cfg)
+    for view, (task, outcome) in zip(views, _run_tasks(views, ctx, pre, parent, pipeline_fp,
+                                                       ray_conn), strict=True):  # fmt: skip
+        if view.several:
+            summary.tasks[view.name] = task
+        else:
+            summary.metric, summary.mode, summary.arms, summary.model = astuple(task)
+        summary.stages.append(outcome)
     if has_tasks(cfg):
         publish.log_scoreboard(cfg, parent, summary)
 

@@ -154,7 +154,9 @@ def checkpoint_curve(arms: dict[str, dict[str, Any]], metric: str) -> list[dict[
     """With several pretraining checkpoints (finetune.init_steps): the reported metric per
     label fraction against the pretraining step each pretrained arm started from, scratch at
     step 0: [{"fraction", "step", "arm", "value", "sd", "gap", "gap_low", "gap_high"}] (gap:
-    against scratch on the same fraction, the interval with repeats); empty otherwise."""
+    against scratch on the same fraction, the interval with repeats), with pretraining's
+    compute at that step where the checkpoint says ("samples_seen", "tokens_seen" or
+    "images_seen", "flops" for transformers); empty otherwise."""
     if not any(a.get("init_step") is not None for a in arms.values()):
         return []
     test, out = on_test(arms), []
@@ -169,6 +171,8 @@ def checkpoint_curve(arms: dict[str, dict[str, Any]], metric: str) -> list[dict[
         mean, sd = stats.mean_sd(values)
         point = {"fraction": a["label_fraction"], "arm": a["arm"], "value": mean, "sd": sd,
                  "step": 0 if a["base_arm"] == "scratch" else a.get("pretrain_step")}  # fmt: skip
+        seen = {} if a["base_arm"] == "scratch" else a.get("pretrain_seen") or {}
+        point.update({f"{k}_seen" if k != "flops" else k: v for k, v in seen.items()})
         scr = headline(arms, "scratch", a["label_fraction"])
         if a["base_arm"] == "pretrained" and scr is not None:
             theirs = reported(scr, metric, test)
@@ -286,15 +290,32 @@ def _curve_lines(t) -> list[str]:
     shown = test_key(t.metric) if on_test(t.arms) else t.metric
     ci = any("gap_low" in p for p in curve)
     lines = [f"  checkpoint curve: {shown} by the pretraining step fine-tuning started from "
-             "(step 0: from scratch; gap = pretrained - scratch)",
-             f"    {'fraction':>8} {'step':>7} {'value':>10} {'gap':>8}"
+             "(step 0: from scratch; gap = pretrained - scratch; seen: pretraining's compute)",
+             f"    {'fraction':>8} {'step':>7} {'seen':>22} {'value':>10} {'gap':>8}"
              + (f" {'gap 95% CI':>19}" if ci else "")]  # fmt: skip
     for p in curve:
         gap = f"{p['gap']:+.4f}" if p.get("gap") is not None else "-"
         interval = f"[{p['gap_low']:+.4f}, {p['gap_high']:+.4f}]" if "gap_low" in p else "-"
-        lines.append(f"    {p['fraction']:>8g} {p['step']:>7} {p['value']:>10.4f} {gap:>8}"
-                     + (f" {interval:>19}" if ci else ""))  # fmt: skip
+        lines.append(f"    {p['fraction']:>8g} {p['step']:>7} {_seen(p):>22} {p['value']:>10.4f} "
+                     f"{gap:>8}" + (f" {interval:>19}" if ci else ""))  # fmt: skip
     return lines
+
+
+def _seen(point: dict[str, Any]) -> str:
+    """`1.23M tokens, 4.5e+12 FLOPs` (what the checkpoint says), `-` when it says nothing."""
+    found = [
+        f"{_count(point[f'{u}_seen'])} {u}" for u in ("tokens", "images") if f"{u}_seen" in point
+    ]
+    if "flops" in point:
+        found.append(f"{point['flops']:.2g} FLOPs")
+    return ", ".join(found) or "-"
+
+
+def _count(n: float) -> str:
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{suffix}"
+    return f"{n:g}"
 
 
 def _model_lines(model: dict[str, Any], indent: str = "  ") -> list[str]:

@@ -48,13 +48,17 @@ def _held_out(d: dict[str, str], split: str) -> list[str]:
             "finetune.repeats=2"]  # fmt: skip
 
 
-def _task(name: str, d: dict[str, str], train: str, val: str, *, first: bool) -> list[str]:
+def _task(name: str, d: dict[str, str], train: str, val: str, *, first: bool,
+          narrow: bool = False) -> list[str]:  # fmt: skip
     """One named task of a several-task pipeline at smoke size: its data, one trial per arm
     on half its labels; the first task from the checkpoint of step 2 and the last one, with
     scratch and the baseline, the others from the last only (tests/test_tasks_e2e.py runs
-    every form at length)."""
+    every form at length). `narrow`: one 1-CPU trial at a time, so that two tasks' sweeps fit
+    on two CPUs side by side."""
     arms = ["init_steps=[2, last]"] if first else ["init_steps=null", "compare_scratch=false",
                                                    "baseline=none"]  # fmt: skip
+    if narrow:
+        arms += ["scaling.cpus_per_worker=1", "sweep.max_concurrent_trials=1"]
     return [f"finetune.{name}.{k}" for k in (
         f"data.train.path={d[train]}", f"data.validation.path={d[val]}",
         f"data.test.path={d[val]}", "epochs=1", "batch_size=16", "repeats=1",
@@ -98,10 +102,11 @@ def overrides(name: str, q: dict[str, str], m: dict[str, str]) -> list[str]:
         "text_tasks.yaml": [f"data.unlabeled.path=[{d['unlabeled']}, {d['train']}]",
                             "model.dim=32", "model.max_len=32", "tokenizer.vocab_size=300",
                             *PRETRAIN, "pretrain.checkpoint_every=2",
-                            *_task("sst2", d, "train", "validation", first=True),
+                            *_task("sst2", d, "train", "validation", first=True, narrow=True),
                             *[o for t in ("mr", "subj")
-                              for o in _task(t, d, "train", "validation", first=False)],
-                            *_task("sst5", d, "reg_train", "reg_val", first=False)],
+                              for o in _task(t, d, "train", "validation", first=False,
+                                             narrow=True)],
+                            *_task("sst5", d, "reg_train", "reg_val", first=False, narrow=True)],
         "image_tasks.yaml": [f"data.unlabeled.path={d['shapes_train']}",
                              f"data.unlabeled_validation.path={d['shapes_val']}", *SMALL_CNN,
                              *PRETRAIN, "pretrain.checkpoint_every=2",
@@ -163,6 +168,7 @@ def test_pipeline_runs_at_smoke_size(name, ray_session, quickstart_data, media_d
                  for name, t in summary.tasks.items()}  # fmt: skip
         first, *others = cfg.finetune
         assert steps == {first: {2, 4}, **{name: {4} for name in others}}
+        _check_side_by_side(cfg, summary)
     if isinstance(cfg.data.unlabeled.path, list):  # each source is an input of its own
         from mlflow.tracking import MlflowClient
 
@@ -190,3 +196,27 @@ def test_pipeline_runs_at_smoke_size(name, ray_session, quickstart_data, media_d
         # The trial's own folder holds only the driver's record of it (what a resume replays).
         (record,) = tmp_path.glob(f"{cfg.name}/finetune-*/trials/pretrained-00000/*")
         assert record.name == "done.json"
+
+
+def _check_side_by_side(cfg, summary) -> None:
+    """Tasks whose sweeps fit on the cluster together ran together (text_tasks at smoke size:
+    one 1-CPU trial per task, 2 CPUs): some two tasks' trials overlapped in time; those that
+    do not fit (image_tasks) ran one after another."""
+    from mlflow.tracking import MlflowClient
+
+    from raypipe.pipeline import side_by_side
+
+    client = MlflowClient(summary.tracking_uri)
+    exp = client.get_run(summary.run_id).info.experiment_id
+    spans: dict[str, list] = {}
+    for r in client.search_runs([exp], max_results=1000):
+        if r.data.tags.get("raypipe.kind") in ("trial", "repeat"):
+            stage = client.get_run(r.data.tags["mlflow.parentRunId"]).info.run_name
+            spans.setdefault(stage, []).append((r.info.start_time, r.info.end_time))
+    windows = sorted((min(s for s, _ in v), max(e for _, e in v)) for v in spans.values())
+    overlap = any(
+        a_end > b_start for (_, a_end), (b_start, _) in zip(windows, windows[1:], strict=False)
+    )
+    width = side_by_side(task_views(cfg), {"CPU": 2.0})
+    assert len(windows) == len(cfg.finetune)
+    assert overlap == (width > 1), (width, windows)

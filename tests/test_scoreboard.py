@@ -13,11 +13,12 @@ from raypipe.summary import Summary, TaskResult, checkpoint_curve, format_summar
 
 
 def _arm(base: str, fraction: float, seeds: dict[int, float], step=None, pretrain_step=None,
-         key="test/accuracy"):  # fmt: skip
+         key="test/accuracy", seen=None):  # fmt: skip
     repeats = tuple(Repeat(s, f"t{s}", v, 1, "ckpt", {key: v}) for s, v in seeds.items())
     mean = sum(seeds.values()) / len(seeds)
     result = ArmResult(Arm(base, fraction, step), mean, "ckpt", "t", repeats=repeats,
-                       test_metrics={key: mean}, pretrain_step=pretrain_step)  # fmt: skip
+                       test_metrics={key: mean}, pretrain_step=pretrain_step,
+                       pretrain_seen=seen)  # fmt: skip
     return result.arm.label, result.to_dict()
 
 
@@ -59,13 +60,20 @@ def test_scoreboard_signs_gains_by_each_tasks_direction_and_averages_them():
 
 def test_checkpoint_curve_puts_scratch_at_step_zero_and_gaps_against_it():
     arms = _arms(_arm("pretrained", 0.1, {0: 0.80, 1: 0.82}, pretrain_step=30),
-                 _arm("pretrained", 0.1, {0: 0.70, 1: 0.74}, step=10, pretrain_step=10),
+                 _arm("pretrained", 0.1, {0: 0.70, 1: 0.74}, step=10, pretrain_step=10,
+                      seen={"samples": 640, "tokens": 20480, "flops": 3.0e12}),
                  _arm("scratch", 0.1, {0: 0.60, 1: 0.62}))  # fmt: skip
     curve = checkpoint_curve(arms, "val/accuracy")
     assert [(p["step"], round(p["value"], 4)) for p in curve] == [(0, 0.61), (10, 0.72),
                                                                   (30, 0.81)]  # fmt: skip
     assert curve[1]["gap"] == pytest.approx(0.11) and curve[2]["gap"] == pytest.approx(0.20)
     assert "gap" not in curve[0]
+    # Pretraining's compute, where the checkpoint said it: scratch saw none.
+    assert curve[1]["tokens_seen"] == 20480 and curve[1]["flops"] == 3.0e12
+    assert "tokens_seen" not in curve[0] and "flops" not in curve[2]
+    s = Summary("p", "r", "u", "s")
+    s.tasks = {"a": TaskResult("val/accuracy", "max", arms, {})}
+    assert "20.5k tokens, 3e+12 FLOPs" in format_summary(s)
     # Without checkpoint arms there is no curve.
     plain = _arms(_arm("pretrained", 0.1, {0: 0.8}), _arm("scratch", 0.1, {0: 0.6}))
     assert checkpoint_curve(plain, "val/accuracy") == []
@@ -92,13 +100,14 @@ def test_probe_settings_are_checked_before_anything_starts():
     raw = {"name": "t", "model": {"type": "bag", "dim": 16, "max_len": 16},
            "data": {"unlabeled": {"path": "u"}},
            "pretrain": {"objective": "skipgram", "max_steps": 20, "checkpoint_every": 10,
-                        "probe": {"every": 15}}}  # fmt: skip
+                        "probe": {"every": 15, "min_delta": 0.01}}}  # fmt: skip
     with pytest.raises(ConfigError) as e:
         parse_config(raw)
     assert e.value.problems == [
         "pretrain.probe.every: 15 is not a multiple of pretrain.checkpoint_every (10); each "
         "probe reads that step's checkpoint",
         "pretrain.probe: estimates the fine-tuning tasks; add a finetune section",
+        "pretrain.probe.min_delta: has no effect without probe.patience; remove it",
     ]
 
 
@@ -127,3 +136,20 @@ def test_the_regression_baseline_is_ridge_on_tfidf_scored_by_hand():
     assert found["val/mean_mse"] == pytest.approx(mean)
     assert found["val/mse"] < mean
     assert "val/majority_accuracy" not in found
+
+
+def test_probe_plateau_counts_probes_without_improvement():
+    from raypipe.stages.probing import plateau
+
+    up = {10: {"probe/a/accuracy": 0.5}, 20: {"probe/a/accuracy": 0.6},
+          30: {"probe/a/accuracy": 0.6}, 40: {"probe/a/accuracy": 0.55}}  # fmt: skip
+    assert plateau(up, patience=2, min_delta=0.0) == 40
+    assert plateau(up, patience=3, min_delta=0.0) is None
+    # A rise no larger than min_delta is no improvement: 20 already counts.
+    assert plateau(up, patience=2, min_delta=0.1) == 30
+    # One task improving is enough; mse improves downwards; a failed probe does not count.
+    two = {10: {"probe/a/accuracy": 0.5, "probe/b/mse": 2.0},
+           20: {"probe/a/accuracy": 0.4, "probe/b/mse": 1.5}, 30: {},
+           40: {"probe/a/accuracy": 0.5, "probe/b/mse": 1.6}}  # fmt: skip
+    assert plateau(two, patience=1, min_delta=0.0) == 40
+    assert plateau(two, patience=2, min_delta=0.0) is None

@@ -104,7 +104,7 @@ def test_tasks_share_one_pretraining_resume_and_grow(quickstart_data, tmp_path):
             client.download_artifacts(by_name["tiny"].info.run_id, "summary/summary.json")
         ).read_text()
     )
-    _check_checkpoint_arms(summary, client, runs)
+    _check_checkpoint_arms(summary, client, runs, parse_config(raw).pretrain)
     _check_scoreboard(summary, client, by_name["tiny"].info.run_id, tmp_path)
 
     # A third task, added later: the pretraining and both finished tasks are reused.
@@ -122,7 +122,7 @@ def test_tasks_share_one_pretraining_resume_and_grow(quickstart_data, tmp_path):
     assert third.seen("registered 'tiny-again' version 1")
 
 
-def _check_checkpoint_arms(summary, client, runs: Path) -> None:
+def _check_checkpoint_arms(summary, client, runs: Path, pre) -> None:
     """Each pretrained arm started from the checkpoint of its step, and the registered model
     names the checkpoint it came from."""
     arms = summary.tasks["sentiment"].arms
@@ -139,6 +139,14 @@ def _check_checkpoint_arms(summary, client, runs: Path) -> None:
     assert [(p["arm"], p["step"]) for p in curve] == [
         ("scratch", 0), ("pretrained-step10", 10), ("pretrained", 20)
     ]  # fmt: skip
+    # Pretraining's compute at each point: blocks of seq_len tokens, batch_size per step;
+    # a transformer's FLOPs per token do not change between checkpoints.
+    for p in curve[1:]:
+        assert p["samples_seen"] == p["step"] * pre.batch_size
+        assert p["tokens_seen"] == p["samples_seen"] * pre.seq_len
+    assert curve[1]["flops"] / curve[1]["tokens_seen"] == pytest.approx(
+        curve[2]["flops"] / curve[2]["tokens_seen"]
+    )
     model = summary.tasks["sentiment"].model
     version = client.get_model_version(model["name"], model["version"])
     chosen = arms[model["arm"]]
@@ -186,6 +194,24 @@ def test_bad_task_settings_are_one_line_each(quickstart_data, tmp_path):
         "checkpoint will exist there",
         "finetune.score.registered_model: 'tiny-sentiment' is also task 'sentiment's; give "
         "each task its own registered model",
+    ]
+
+
+def test_init_steps_every_n_checkpoints(quickstart_data, tmp_path):
+    """{every: N}: every N-th checkpoint before the last, then the last; one that gives no
+    checkpoint before the last is one line."""
+    raw = _config(quickstart_data, quickstart_data, tmp_path / "runs")
+    raw["pretrain"].update(max_steps=50, checkpoint_every=10)
+    raw["finetune"]["sentiment"]["init_steps"] = {"every": 2}
+    cfg = parse_config(raw)
+    assert cfg.finetune["sentiment"].init_steps == [20, 40, "last"]
+    assert cfg.finetune["sentiment"].pretrain_steps == [20, 40, None]
+    raw["finetune"]["sentiment"]["init_steps"] = {"every": 5}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert e.value.problems == [
+        "finetune.sentiment.init_steps: every 50 steps gives no checkpoint before the last "
+        "(pretrain.max_steps = 50); lower every, or list the steps"
     ]
 
 
@@ -245,7 +271,10 @@ def test_the_probe_equals_an_independent_probe_of_the_same_checkpoint(
     """pretrain.probe during a real pretraining: at each probed step, logged on the pretrain
     run; at the last step, the same accuracy as features computed here by hand (the mean of
     the checkpoint's token vectors over the rows Ray Data encodes for fine-tuning) with the
-    same seeded logistic regression."""
+    same seeded logistic regression. With probe.patience: once the probe stops improving (at
+    its second probe here, step 500: no accuracy rises by more than min_delta 0.99), pretraining stops
+    at a later checkpoint, well before max_steps; fine-tuning starts from where it stopped,
+    and an init_steps step it never reached has no arm."""
     import numpy as np
     from safetensors.numpy import load_file
     from sklearn.linear_model import LogisticRegression
@@ -259,21 +288,32 @@ def test_the_probe_equals_an_independent_probe_of_the_same_checkpoint(
 
     raw = tiny_config(quickstart_data, tmp_path / "runs")
     raw["model"] = {"type": "bag", "dim": 32, "max_len": 32}
-    raw["pretrain"].update(objective="skipgram", max_steps=20, checkpoint_every=5,
-                           options={"window": 2, "negatives": 3, "subsample": 0.0},
-                           probe={"every": 10, "train_rows": 64, "eval_rows": 48})  # fmt: skip
+    raw["pretrain"].update(objective="skipgram", max_steps=20000, checkpoint_every=50,
+                           log_every=50, options={"window": 2, "negatives": 3, "subsample": 0.0},
+                           probe={"every": 250, "train_rows": 64, "eval_rows": 48,
+                                  "patience": 1, "min_delta": 0.99})  # fmt: skip
     raw["finetune"] = {"epochs": 1, "compare_scratch": False, "baseline": "none",
+                       "init_steps": [50, 19950, "last"],
                        "sweep": {"num_samples": 1, "scheduler": "fifo"}}  # fmt: skip
-    cfg = parse_config(raw)
-    summary = run_pipeline(cfg)
+    summary = run_pipeline(parse_config(raw))
+    steps = summary.stages[0].metrics["steps"]
+    assert 500 < steps < 20000 and steps % 50 == 0
+    assert summary.stages[0].metrics["stopped"] == "by the probe, of 20000"
+    runs = tmp_path / "runs" / "tiny"
+    (stage,) = runs.glob("pretrain-*")
+    assert json.loads((stage / "probe" / "STOP.json").read_text()) == {"probe_step": 500}
+    assert {a: r["pretrain_step"] for a, r in summary.arms.items()} == {
+        "pretrained-step50": 50, "pretrained": steps
+    }  # fmt: skip
     client = MlflowClient(summary.tracking_uri)
     exp = client.get_run(summary.run_id).info.experiment_id
     (run,) = [r for r in client.search_runs([exp]) if r.info.run_name == "pretrain"]
     history = client.get_metric_history(run.info.run_id, "probe/tiny/accuracy")
-    assert sorted(m.step for m in history) == [10, 20]
+    # Every probe.every steps (one at a time, in order), and the step it stopped at.
+    assert sorted(m.step for m in history) == sorted({*range(250, steps + 1, 250), steps})
     assert summary.stages[0].metrics["probe"].startswith("tiny/accuracy ")
-    (last,) = (tmp_path / "runs" / "tiny").glob("pretrain-*/train/step-00000020")
-    assert not list((tmp_path / "runs" / "tiny").glob("pretrain-*/probe/step-*"))  # cleared
+    (last,) = runs.glob(f"pretrain-*/train/step-{steps:08d}")
+    assert not list(runs.glob("pretrain-*/probe/step-*"))  # cleared
 
     vectors = load_file(str(last / "model.safetensors"))["tok_emb.weight"].astype(np.float64)
     tokenizer, config = read_tokenizer(str(last)), read_spec(str(last))["config"]
@@ -294,4 +334,4 @@ def test_the_probe_equals_an_independent_probe_of_the_same_checkpoint(
     (train_x, train_y), (eval_x, eval_y) = rows("train", 64), rows("validation", 48)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=0))
     expected = float(np.mean(probe.fit(train_x, train_y).predict(eval_x) == eval_y))
-    assert {m.step: m.value for m in history}[20] == pytest.approx(expected, abs=1e-12)
+    assert {m.step: m.value for m in history}[steps] == pytest.approx(expected, abs=1e-12)

@@ -14,6 +14,7 @@ from raypipe.config.schema import (
     Distribution,
     FinetuneConfig,
     FinetuneOptimizer,
+    InitEvery,
     PipelineConfig,
 )
 from raypipe.config.tasks import has_tasks, task_views
@@ -51,6 +52,8 @@ def _probe_checks(cfg: PipelineConfig) -> list[str]:
         )
     if cfg.finetune is None:
         problems.append("pretrain.probe: estimates the fine-tuning tasks; add a finetune section")
+    if p.probe.patience is None and p.probe.min_delta:
+        problems.append("pretrain.probe.min_delta: has no effect without probe.patience; remove it")
     return problems
 
 
@@ -84,6 +87,12 @@ def _init_steps_checks(cfg: PipelineConfig) -> list[str]:
     if f.init != "pretrain" or p is None:
         return ["finetune.init_steps: picks checkpoints of this pipeline's pretraining; it needs "
                 "init: pretrain and a pretrain section"]  # fmt: skip
+    if isinstance(f.init_steps, InitEvery):
+        gap = f.init_steps.every * p.checkpoint_every
+        f.init_steps = [*range(gap, p.max_steps, gap), "last"]
+        if len(f.init_steps) == 1:
+            return [f"finetune.init_steps: every {gap} steps gives no checkpoint before the last "
+                    f"(pretrain.max_steps = {p.max_steps}); lower every, or list the steps"]  # fmt: skip
     problems = []
     for step in (s for s in f.init_steps if s != "last"):
         if step > p.max_steps:

@@ -1,7 +1,8 @@
 """The pipeline config's schema: one strict, typed tree, every field with its description.
 
 RUN_ONLY marks the settings that change how a run is carried out rather than what it computes
-(`run_only_exclusions` turns them into what a stage fingerprint leaves out).
+(`run_only_exclusions` turns them into what a stage fingerprint leaves out). The shared base is
+in `base.py`, the data section in `data_schema.py`.
 """
 
 from __future__ import annotations
@@ -10,181 +11,25 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    model_validator,
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+
+from raypipe.config.base import (  # noqa: F401 - re-exported: the schema's one import path
+    RUN_ONLY,
+    ConfigError,
+    Fraction,
+    PositiveFloat,
+    PositiveInt,
+    Strict,
 )
-
-from raypipe.errors import UserError
-
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
-
-
-class ConfigError(UserError):
-    """One or more problems in a pipeline config, each naming its key path."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        if len(problems) == 1:
-            super().__init__(f"{source}: {problems[0]}")
-        else:
-            lines = "\n".join(f"  - {p}" for p in problems)
-            super().__init__(f"{source}: {len(problems)} problems\n{lines}")
-
-
-#: On a field that changes how a run is carried out, not what it computes: left out of the
-#: stage fingerprints (see `run_only_exclusions`), so changing it resumes a stage.
-RUN_ONLY = {"run_only": True}
-
-
-class Strict(BaseModel):
-    # inf and nan are never a setting: `lr: .inf` is a mistake, not a request.
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-
-def _path_or_paths(value: Any) -> Any:
-    ok = isinstance(value, str) or (
-        isinstance(value, list) and value and all(isinstance(v, str) for v in value)
-    )
-    if not ok:
-        raise ValueError(f"must be a path or a non-empty list of paths (got {value!r})")
-    return value
-
-
-class Source(Strict):
-    path: Annotated[str | list[str], BeforeValidator(_path_or_paths)] = Field(
-        description="A Parquet file, a directory of shards, or a glob; or a list of them, read "
-        "in the order listed (say a general corpus, then the task's own text)."
-    )
-    text_column: str = Field("text", description="Column holding text (or a caption).")
-    image_column: str = Field(
-        "image", description="Column holding images: encoded bytes (PNG/JPEG) or uint8 arrays."
-    )
-    max_rows: PositiveInt | None = Field(
-        None, description="Read only the first this many rows (a quick run on big data)."
-    )
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.path] if isinstance(self.path, str) else list(self.path)
-
-
-class UnlabeledSource(Source):
-    weights: list[PositiveFloat] | None = Field(
-        None,
-        description="One weight per path in `path` (a list): pretraining draws its rows (token "
-        "blocks, for text) from each path in proportion to its weight, reading the smaller ones "
-        "again as often as their share needs (Ray Data's Dataset.mix; a path too big to hold in "
-        "memory is read once an epoch), instead of each path once, one after another. E.g. `[1, 1]`: the task's own text as often as a corpus "
-        "twenty times its size. `max_rows` then applies to each path.",
-    )
-
-    @model_validator(mode="after")
-    def _one_weight_per_path(self):
-        if self.weights is not None and len(self.weights) != len(self.paths):
-            raise ValueError(
-                f"weights: give one weight per path (got {len(self.weights)} for "
-                f"{len(self.paths)} path(s)); list the paths as path: [a, b]"
-            )
-        return self
-
-    def fingerprinted(self) -> dict[str, Any]:
-        """What a pretrain stage's fingerprint covers (no weights key when there are none, so
-        stages fingerprinted before weights existed are still reused)."""
-        return self.model_dump(exclude=None if self.weights is not None else {"weights"})
-
-
-class LabeledSource(Source):
-    label_column: str = Field(
-        "label", description="Column holding the label (an integer class, or a number)."
-    )
-    target_column: str = Field("target", description="Translation: column holding the target text.")
-
-
-class LabeledData(Strict):
-    train: LabeledSource = Field(description="Labeled training shards.")
-    validation: LabeledSource = Field(
-        description="Labeled validation shards (evaluated every epoch; they pick the trials)."
-    )
-    test: LabeledSource | None = Field(
-        None,
-        description="Labeled test shards, untouched by model selection: each arm's best "
-        "checkpoint is scored on them once, after its sweep, and the gap is reported on them.",
-    )
-
-    @property
-    def splits(self) -> list[str]:
-        """The labeled splits given: train, validation and, when there is one, test."""
-        return ["train", "validation"] + (["test"] if self.test is not None else [])
-
-    def fingerprinted(self) -> dict[str, Any]:
-        """What a fine-tune stage's fingerprint covers (no test key when there is none, so
-        stages fingerprinted before test splits existed are still reused)."""
-        return self.model_dump(exclude=None if self.test is not None else {"test"})
-
-
-class PreprocessConfig(Strict):
-    cpus_per_task: PositiveFloat = Field(
-        1.0,
-        description="CPUs each Ray Data preprocessing task reserves. Preprocessing never asks "
-        "for GPUs, so on a mixed cluster it runs wherever CPUs are offered.",
-    )
-    concurrency: PositiveInt | None = Field(
-        None,
-        description="At most this many preprocessing tasks at once (default: Ray Data scales "
-        "with the cluster's free CPUs).",
-    )
-
-
-class DataConfig(Strict):
-    generate: Literal["quickstart"] | None = Field(
-        None, description="Write this built-in synthetic dataset to the paths below when missing."
-    )
-    unlabeled: UnlabeledSource | None = Field(
-        None, description="Unlabeled data for pretraining (text, images or image-text pairs)."
-    )
-    unlabeled_validation: Source | None = Field(
-        None,
-        description="Held-out unlabeled data, never trained on: pretraining is scored on it with "
-        "its objective's loss every pretrain.eval_every steps (val/loss; val/perplexity for text).",
-    )
-    unlabeled_holdout: Annotated[float, Field(gt=0, lt=1)] | None = Field(
-        None,
-        description="Instead of data.unlabeled_validation: hold out this share of the unlabeled "
-        "rows (chosen by a seeded hash of their content), never trained on, as pretraining's "
-        "validation data.",
-    )
-    labeled: LabeledData | None = Field(None, description="Labeled data for fine-tuning.")
-    preprocess: PreprocessConfig = Field(
-        default_factory=PreprocessConfig,
-        description="Resources of the Ray Data tasks that decode, augment and tokenize.",
-    )
-    bad_images: Literal["fail", "skip"] = Field(
-        "fail",
-        description="An image that does not decode: fail naming the column, or skip its row "
-        "and count it (reported as data/skipped_images).",
-    )
-
-
-class TokenizerConfig(Strict):
-    type: Literal["bpe", "byte"] = Field("bpe", description="Byte-level BPE, or raw bytes.")
-    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = Field(
-        4096, description="Target vocabulary size for BPE."
-    )
-    lowercase: bool = Field(False, description="Lowercase text before tokenizing.")
-    sample_rows: PositiveInt = Field(100_000, description="Rows read to train the tokenizer.")
-    path: str | None = Field(None, description="Use this tokenizer.json instead of training one.")
-
+from raypipe.config.data_schema import (  # noqa: F401 - re-exported
+    DataConfig,
+    LabeledData,
+    LabeledSource,
+    PreprocessConfig,
+    Source,
+    TokenizerConfig,
+    UnlabeledSource,
+)
 
 # --- model and optimisation ---------------------------------------------------------------------
 
@@ -284,6 +129,15 @@ class ProbeConfig(Strict):
         1000, le=100_000, description="Each task's first validation rows the probe scores."
     )
     k: PositiveInt = Field(10, description="knn: the neighbours that vote.")
+    patience: PositiveInt | None = Field(
+        None,
+        description="Stop pretraining once this many probes in a row have improved no task's "
+        "figure by more than min_delta (at the first checkpoint after the probe says so; the "
+        "probe runs beside training, so a few steps later). None: train to max_steps.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="With patience: the least change that counts as improving."
+    )
 
 
 class PretrainConfig(Strict):
@@ -359,7 +213,11 @@ class PretrainConfig(Strict):
         exclude = run_only_exclusions(type(self))
         defaults = {"eval_every": None, "keep": "last"}
         exclude |= {k: True for k, v in defaults.items() if getattr(self, k) == v}
-        return self.model_dump(exclude=exclude)
+        out = self.model_dump(exclude=exclude)
+        if self.probe is not None and self.probe.patience is not None:
+            # The probe decides where pretraining stops: what it computes, then.
+            out["probe"] = self.probe.model_dump()
+        return out
 
     @model_validator(mode="after")
     def _fsdp_needs_workers(self):
@@ -439,18 +297,26 @@ TUNABLE = ("lr", "weight_decay", "batch_size", "freeze_backbone", "dropout", "wa
            "backbone_lr_ratio")  # fmt: skip
 
 
+class InitEvery(Strict):
+    every: PositiveInt = Field(
+        description="Every this many pretraining checkpoints (pretrain.checkpoint_every steps "
+        "apart), and the last."
+    )
+
+
 class FinetuneConfig(Strict):
     task: str = Field("classification", description="Registered task or 'pkg.module:Class'.")
     num_classes: Annotated[int, Field(ge=2)] = Field(2, description="Number of label classes.")
     init: str = Field(
         "pretrain", description="'pretrain' (this run's), 'scratch', or a checkpoint directory."
     )
-    init_steps: list[Annotated[int, Field(gt=0)] | Literal["last"]] | None = Field(
+    init_steps: list[Annotated[int, Field(gt=0)] | Literal["last"]] | InitEvery | None = Field(
         None,
         description="With init: pretrain, fine-tune from each of these pretraining checkpoints "
         "(steps, multiples of pretrain.checkpoint_every; 'last' is the one fine-tuning starts "
         "from by default), each its own arm: the summary shows the downstream metric against "
-        "pretraining steps. E.g. [250, 500, last].",
+        "pretraining steps (and tokens or images seen). E.g. [250, 500, last], or {every: 2} "
+        "for every second checkpoint and the last.",
     )
     compare_scratch: bool | None = Field(
         None, description="Run every trial from random init too (default: on, unless init=scratch)."
@@ -520,7 +386,7 @@ class FinetuneConfig(Strict):
             raise ValueError("label_fractions needs at least one fraction, e.g. [1.0]")
         if len(set(self.label_fractions)) != len(self.label_fractions):
             raise ValueError(f"label_fractions lists a fraction twice: {self.label_fractions}")
-        if self.init_steps is not None:
+        if isinstance(self.init_steps, list):
             if not self.init_steps:
                 raise ValueError("init_steps needs at least one step, e.g. [500, last]")
             if len(set(self.init_steps)) != len(self.init_steps):
@@ -530,9 +396,11 @@ class FinetuneConfig(Strict):
     @property
     def pretrain_steps(self) -> list[int | None]:
         """The pretraining checkpoints the pretrained arms start from: a step, or None for the
-        stage's own (the last, or with keep: best the best); [None] without init_steps."""
+        stage's own (the last, or with keep: best the best); [None] without init_steps. The
+        {every: N} form is a list once the rules have read it (rules.py)."""
         if self.init_steps is None:
             return [None]
+        assert isinstance(self.init_steps, list), "init_steps {every: N} is expanded at load"
         return sorted((s for s in self.init_steps if s != "last"), key=int) + (
             [None] if "last" in self.init_steps else []
         )

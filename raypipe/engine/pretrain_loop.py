@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from raypipe import faults, timing
+from raypipe import faults, storage, timing
 from raypipe.config import PretrainConfig
 from raypipe.engine.checkpoint import (
     load_train_state,
@@ -78,6 +78,9 @@ class PretrainJob:
     #: to `probe_dir`, where the probe reads it (and deletes it once probed)
     probe_every: int | None = None
     probe_dir: str | None = None
+    #: pretrain.probe.patience: the probe writes this file when pretraining should stop; the
+    #: loop looks for it at each checkpoint
+    stop_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class PretrainOutcome:
     final_loss: float = float("nan")
     skipped_steps: int = 0
     error: str | None = None  # a non-finite stop: the message for the user
+    stopped_by_probe: bool = False  # before max_steps, because the probe stopped improving
 
 
 @dataclass
@@ -105,6 +109,7 @@ class _State:
     skipped: int = 0
     last_saved: int | None = None
     best_val: float | None = None  # the lowest validation loss so far
+    items: int = 0  # tokens or images seen so far, over every rank (objective.unit)
     position: DataPosition = field(default_factory=DataPosition)
     resumed: str | None = None  # the checkpoint it resumed from
     note: str = ""  # how the resume differs (another number of workers)
@@ -175,6 +180,7 @@ def _restore(directory: str, objective, state: _State) -> dict[str, Any]:
         meta.get("skipped_steps", 0),
     )
     state.best_val = meta.get("best_val_loss")
+    state.items = meta.get("items_seen", 0)
     saved = load_train_state(directory)
     objective.load_state_dict({**objective.state_dict(), **saved["objective"]}, strict=True)
     return saved
@@ -204,6 +210,10 @@ def _saver(job: PretrainJob, session: Session, objective, optimizers, schedulers
     optimizer_states = [full_optimizer_state(objective, o) for o in optimizers]
     ranks = all_gather({"rng": rng_state(), "data": asdict(state.position)}, world)
     step, loss, skipped, best_val = state.step, state.final_loss, state.skipped, state.best_val
+    items, unit = state.items, objective.unit
+    per_token = (
+        transformer_flops_per_token(objective.model, cfg.seq_len) if unit == "tokens" else None
+    )
 
     def save(directory):
         weights, own = split_objective_state(full)
@@ -215,6 +225,10 @@ def _saver(job: PretrainJob, session: Session, objective, optimizers, schedulers
             meta={
                 "step": step,
                 "samples_seen": step * cfg.batch_size * cfg.grad_accum_steps * world,
+                # Pretraining compute so far: the checkpoint curve's other x axes.
+                "unit": unit,
+                "items_seen": items,
+                "train_flops": items * per_token if per_token else None,
                 "objective": cfg.objective,
                 "fingerprint": job.fingerprint,
                 "loss": loss,
@@ -410,7 +424,9 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
                 )  # fmt: skip
             state.skipped += found // world  # train_step skips on every rank alike
         meter.steps += 1
-        meter.items += sum(objective.items_in(b) for b in micro) * world
+        items = sum(objective.items_in(b) for b in micro) * world
+        meter.items += items
+        state.items += items
         if step % cfg.log_every == 0 or last:
             metrics = _metrics(loss, stats, schedulers, meter, state, session, mfu_of)
             session.logger.log_metrics(metrics, step)
@@ -419,17 +435,32 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             _evaluate(job, session, objective, optimizers, schedulers, state, text)
         if step % cfg.checkpoint_every == 0 or last:
+            stop = not last and _probe_says_stop(job, world)
             # This step's metrics reach MLflow before the checkpoint that a resume starts
             # after (so a driver killed in between loses none); no wait while it is away.
             session.logger.flush(timeout=10)
             save = _saver(job, session, objective, optimizers, schedulers, state)
-            _keep_copies(job, step, save, last=last, rank=rank)
+            _keep_copies(job, step, save, last=last or stop, rank=rank)
             done = {"step": step, "loss": state.final_loss}
             session.record(done, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
             state.last_saved = step
+            if stop:
+                if rank == 0:
+                    progress(f"pretrain: stopped at step {step} of {cfg.max_steps}: the probe "
+                             f"stopped improving (pretrain.probe.patience)")  # fmt: skip
+                break
     return PretrainOutcome(
-        steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped
-    )
+        steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped,
+        stopped_by_probe=state.step < cfg.max_steps,
+    )  # fmt: skip
+
+
+def _probe_says_stop(job: PretrainJob, world: int) -> bool:
+    """Whether the probe has asked pretraining to stop. Every rank looks and all follow any
+    that saw it: a file appearing between two ranks' looks must not split them."""
+    if job.stop_file is None:
+        return False
+    return any(all_gather(storage.is_file(job.stop_file), world))
 
 
 def _keep_copies(job: PretrainJob, step: int, save, *, last: bool, rank: int) -> None:

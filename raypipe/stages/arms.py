@@ -64,6 +64,8 @@ class ArmResult:
     majority: float | None = None
     #: a pretrained arm: the pretraining step of the checkpoint it started from
     pretrain_step: int | None = None
+    #: ... and what pretraining had seen there: samples, tokens or images, flops (known ones)
+    pretrain_seen: dict[str, float] | None = None
 
     @property
     def finished_repeats(self) -> list[Repeat]:

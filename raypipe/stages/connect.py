@@ -6,7 +6,9 @@ progress lines.
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 
 import ray
 
@@ -24,15 +26,25 @@ class RayConnection:
     def __init__(self, cfg: PipelineConfig, *, address: str | None, verbose: bool):
         self.cfg, self.address, self.verbose = cfg, address, verbose
         self.started = False
+        self._lock = threading.Lock()  # fine-tuning tasks run side by side may ask at once
 
     def ensure(self) -> None:
-        if not _init_ray(self.address, verbose=self.verbose):
-            return
-        timing.mark("ray")
-        self.started = True
-        most = _cluster_resources() if self.address else None
-        if most is not None:
-            check_resources(self.cfg, most, f"the Ray cluster at {self.address}")
+        with self._lock:
+            if not _init_ray(self.address, verbose=self.verbose):
+                return
+            timing.mark("ray")
+            self.started = True
+            most = _cluster_resources() if self.address else None
+            if most is not None:
+                check_resources(self.cfg, most, f"the Ray cluster at {self.address}")
+
+    def capacity(self) -> dict[str, float]:
+        """The resources training can have: the cluster's most (connecting if need be), the
+        running Ray's own, or, before a local Ray starts, this machine's CPUs."""
+        if self.local and not ray.is_initialized():
+            return {"CPU": float(os.cpu_count() or 1)}
+        self.ensure()
+        return _cluster_resources() or {k: float(v) for k, v in ray.cluster_resources().items()}
 
     @property
     def local(self) -> bool:

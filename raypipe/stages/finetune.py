@@ -86,6 +86,23 @@ def lineage(init_ckpt: str | None) -> dict[str, Any]:
     return tags
 
 
+def pretraining_seen(init_ckpt: str | None) -> dict[str, float] | None:
+    """What pretraining had seen at `init_ckpt` (meta.json): samples, and tokens or images,
+    and its training FLOPs where known (transformers); None from scratch or an older
+    checkpoint that does not say."""
+    if not init_ckpt:
+        return None
+    meta = read_meta(init_ckpt)
+    if meta.get("samples_seen") is None:
+        return None
+    seen = {"samples": meta["samples_seen"]}
+    if meta.get("unit") and meta.get("items_seen") is not None:
+        seen[meta["unit"]] = meta["items_seen"]
+    if meta.get("train_flops"):
+        seen["flops"] = meta["train_flops"]
+    return seen
+
+
 @dataclass(frozen=True)
 class _Start:
     """Where every arm of the stage starts: the model, its tokenizer, the pretrained weights
@@ -321,7 +338,8 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
     result = run_sweep(spec, stage_dir=rows.where, **datasets)
     step = tags.get(Tag.PRETRAIN_STEP)
     result = replace(result, num_train_rows=rows.num_rows,
-                     pretrain_step=int(step) if step is not None else None)  # fmt: skip
+                     pretrain_step=int(step) if step is not None else None,
+                     pretrain_seen=pretraining_seen(ckpt))  # fmt: skip
     result = _on_test(result, data.test, stage.run)
     if f.repeats > 1 and result.best_checkpoint is not None:
         again = (f"{f.repeats - 1} more seed(s) (its one sweep trial is the first of "

@@ -68,13 +68,16 @@ class PretrainResult:
     milestones: dict[int, str] = field(default_factory=dict)
     #: the probe's figures at the last step it probed ("probe/<task>/accuracy" -> value)
     probe: dict[str, float] = field(default_factory=dict)
+    #: stopped before max_steps by pretrain.probe.patience
+    stopped_by_probe: bool = False
 
     def to_marker(self) -> dict[str, Any]:
         out = {"checkpoint": self.checkpoint, "steps": self.steps, "final_loss": self.final_loss}
         optional = {"skipped_images": self.skipped_images, "checkpoint_step": self.checkpoint_step,
                     "best_val_loss": self.best_val_loss,
                     "milestones": {str(k): v for k, v in self.milestones.items()} or None,
-                    "probe": self.probe or None}  # fmt: skip
+                    "probe": self.probe or None,
+                    "stopped_by_probe": self.stopped_by_probe or None}  # fmt: skip
         return out | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
@@ -84,7 +87,7 @@ class PretrainResult:
             marker.get("skipped_images"), marker.get("checkpoint_step"),
             marker.get("best_val_loss"),
             {int(k): v for k, v in (marker.get("milestones") or {}).items()},
-            marker.get("probe") or {},
+            marker.get("probe") or {}, bool(marker.get("stopped_by_probe")),
         )  # fmt: skip
 
     def start_from(self, step: int | None, key: str) -> str:
@@ -92,6 +95,11 @@ class PretrainResult:
         default); `key` names the setting that asked for it."""
         if step is None:
             return self.checkpoint
+        if step not in self.milestones and self.stopped_by_probe and step > self.steps:
+            raise UserError(
+                f"{key}: pretraining stopped at step {self.steps} (pretrain.probe.patience), "
+                f"before step {step}; ask for steps up to {self.steps}, or remove the patience"
+            )
         if step not in self.milestones:
             kept = sorted(self.milestones) or "none"
             raise UserError(
@@ -169,6 +177,8 @@ def run_stage(
         publish.plot_pretraining(cfg, stage)
         publish.plot_probe(cfg, stage)
     metrics = {"steps": result.steps, "final loss": round(result.final_loss, 4)}
+    if result.stopped_by_probe:
+        metrics["stopped"] = f"by the probe, of {cfg.pretrain.max_steps}"
     if result.probe:
         metrics["probe"] = ", ".join(
             f"{k.removeprefix('probe/')} {v:.4f}" for k, v in result.probe.items()
@@ -371,6 +381,8 @@ def train(
         faults=os.environ.get(faults.ENV, ""),
         milestones=tuple(milestones), milestone_dir=storage.join(stage_dir, "milestones"),
         probe_every=probe[0].every if probe else None, probe_dir=storage.join(stage_dir, "probe"),
+        stop_file=(storage.join(stage_dir, "probe", probing.STOP_FILE)
+                   if probe and probe[0].patience else None),
     )  # fmt: skip
     trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir)
     result, probes = _fit_and_probe(trainer, job, here=here, probe=probe, run=run)
@@ -390,7 +402,8 @@ def _result(job: PretrainJob, result, stage_dir: str, *, milestones, probes, ski
         raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
     checkpoint = storage.qualify(found[0], like=stage_dir)
     meta = read_meta(checkpoint)
-    if meta["step"] != cfg.max_steps:
+    stopped = job.stop_file is not None and storage.is_file(job.stop_file)
+    if meta["step"] != cfg.max_steps and not stopped:
         raise RuntimeError(f"pretraining stopped at step {meta['step']} of {cfg.max_steps}")
     kept = latest_checkpoint(job.best_dir, prefix=CHECKPOINT_PREFIX) if cfg.keep == "best" else None
     chosen = storage.qualify(kept[0], like=stage_dir) if kept else checkpoint
@@ -402,8 +415,11 @@ def _result(job: PretrainJob, result, stage_dir: str, *, milestones, probes, ski
         skipped_images=skipped,
         checkpoint_step=int(read_meta(chosen)["step"]),
         best_val_loss=meta.get("best_val_loss"),
-        milestones=_milestones(job.milestone_dir, milestones, like=stage_dir),
+        milestones=_milestones(
+            job.milestone_dir, [s for s in milestones if s <= meta["step"]], like=stage_dir
+        ),
         probe=next((v for v in reversed(probes.values()) if v), {}),
+        stopped_by_probe=meta["step"] < cfg.max_steps,
     )
 
 
@@ -413,7 +429,7 @@ def _fit_and_probe(trainer: TorchTrainer, job: PretrainJob, *, here: bool, probe
     watcher = None
     if probe is not None:  # beside training, on checkpoints as they appear
         watcher = probing.Watcher(job.probe_dir, CHECKPOINT_PREFIX, probe[0], probe[1], run,
-                                  job.seed).start()  # fmt: skip
+                                  job.seed, stop_file=job.stop_file).start()  # fmt: skip
     try:
         result = _fit_in_process(trainer, job.cfg) if here else trainer.fit()
     finally:

@@ -12,6 +12,7 @@ it them); the training loop itself never waits for a probe.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from raypipe.tasks.base import INPUT_COLUMNS
 
 #: Seconds between looks at the checkpoint directory.
 POLL_S = 2.0
+#: In the probe directory: written when pretraining should stop (pretrain.probe.patience).
+STOP_FILE = "STOP.json"
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,39 @@ def _warm_up() -> None:
     from raypipe.engine import feature_probe  # noqa: F401
 
 
+def plateau(done: dict[int, dict[str, float]], patience: int, min_delta: float) -> int | None:
+    """The probed step after which `patience` probes in a row improved no task's figure on its
+    best so far by more than `min_delta` (accuracy up, mse down); None while one still does.
+    A failed probe (no figures) neither improves nor counts."""
+    best: dict[str, float] = {}
+    since = 0
+    for step in sorted(done):
+        if not done[step]:
+            continue
+        improved = False
+        for key, value in done[step].items():
+            sign = -1.0 if key.endswith("/mse") else 1.0
+            if key not in best or sign * (value - best[key]) > min_delta:
+                best[key], improved = value, True
+        since = 0 if improved else since + 1
+        if since >= patience:
+            return step
+    return None
+
+
 class Watcher:
-    """Probes each checkpoint that appears in `directory`, logging on `run`."""
+    """Probes each checkpoint that appears in `directory`, logging on `run`; with
+    probe.patience, writes `stop_file` once the probe has stopped improving."""
 
     def __init__(self, directory: str, prefix: str, probe: ProbeConfig,
-                 found: list[ProbeSample], run: tracking.RunRef | None, seed: int):  # fmt: skip
-        self.dir, self.prefix, self.probe = directory, prefix, probe
+                 found: list[ProbeSample], run: tracking.RunRef | None, seed: int,
+                 stop_file: str | None = None):  # fmt: skip
+        self.dir, self.prefix, self.probe, self.stop_file = directory, prefix, probe, stop_file
+        self.stopped_at: int | None = None  # the probed step that stopped pretraining
         self.samples, self.run, self.seed = ray.put(found), run, seed
         self.pending: dict[int, tuple[str, ray.ObjectRef]] = {}
         self.done: dict[int, dict[str, float]] = {}
+        self._warm: ray.ObjectRef | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="raypipe-probe", daemon=True)
 
@@ -131,27 +158,49 @@ class Watcher:
                 storage.delete_dir(path)  # probed (or not to be): the copy goes
             if self.run is not None:
                 tracking.RunLogger(self.run).log_metrics(self.done[step], step)
+        self._maybe_stop()
 
-    def _scan(self) -> None:
-        for step, path in self._ready():
-            p = self.probe
-            ref = _probe.remote(path, self.samples, p.method, p.k, self.seed)
-            self.pending[step] = (path, ref)
+    def _maybe_stop(self) -> None:
+        if self.stop_file is None or self.stopped_at is not None or self.probe.patience is None:
+            return
+        found = plateau(self.done, self.probe.patience, self.probe.min_delta)
+        if found is not None:
+            self.stopped_at = found
+            storage.write_text(self.stop_file, json.dumps({"probe_step": found}))
+            progress(f"probe: no task improved in the last {self.probe.patience} probe(s) "
+                     f"(to step {found}); pretraining stops at its next checkpoint")  # fmt: skip
+
+    def _scan(self) -> bool:
+        """Start the probe of the earliest checkpoint waiting, unless one is running: one at
+        a time, in step order, so one warm worker probes them all (probes started together
+        would each start a Ray worker, importing torch, on the CPUs training uses) and the
+        figures arrive in order. True if one is running now."""
+        warming = self._warm is not None and not ray.wait([self._warm], timeout=0)[0]
+        if not self.pending and not warming:  # after the warm-up: its worker probes
+            self._warm = None
+            for step, path in self._ready()[:1]:
+                p = self.probe
+                ref = _probe.remote(path, self.samples, p.method, p.k, self.seed)
+                self.pending[step] = (path, ref)
+        return bool(self.pending)
 
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                self._scan()
-                self._collect(timeout=0)
+                if self._scan():
+                    self._collect(timeout=POLL_S)
+                    continue
             except Exception as e:  # noqa: BLE001 - storage hiccup: look again later
                 progress(f"probe: could not read {self.dir} ({type(e).__name__}); trying again")
             self._stop.wait(POLL_S)
 
     def finish(self) -> dict[int, dict[str, float]]:
-        """After training: probe what is left (the last checkpoint), wait for every probe,
-        and return {step: metrics}."""
+        """After training: probe what is left (the last checkpoint among them), waiting for
+        each, and return {step: metrics}."""
         self._stop.set()
         self._thread.join()
-        self._scan()
-        self._collect(timeout=None)
+        if self._warm is not None:
+            ray.wait([self._warm])
+        while self._scan():
+            self._collect(timeout=None)
         return dict(sorted(self.done.items()))

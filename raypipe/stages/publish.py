@@ -197,9 +197,18 @@ def _log_checkpoint_curve(parent, rows: dict, metric: str, *, suffix: str, title
         f"checkpoint_curve{suffix}.png",
         series,
         title=f"{title}: {shown} by the pretraining checkpoint fine-tuned",
-        xlabel="pretraining steps",
+        xlabel=_steps_label(curve),
         ylabel=shown,
     )
+
+
+def _steps_label(curve: list[dict]) -> str:
+    """`pretraining steps (8.19k tokens each)`: the compute behind a step, where known."""
+    for p in curve:
+        for unit in ("tokens", "images"):
+            if p["step"] and p.get(f"{unit}_seen"):
+                return f"pretraining steps ({p[f'{unit}_seen'] / p['step']:,.0f} {unit} each)"
+    return "pretraining steps"
 
 
 def log_scoreboard(cfg: PipelineConfig, parent: tracking.RunRef, summary) -> None:
