@@ -12,6 +12,7 @@ from raypipe.errors import UserError, find_user_error
 from raypipe.progress import console
 from raypipe.redaction import redact
 from raypipe.registered import refuse_pickles
+from raypipe.tracking import quiet_run_links
 
 EXIT_USER_ERROR = 2
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     # No MLflow call in a raypipe process may unpickle what a store holds (a model.pth planted
     # beside a registered model, say): raypipe's own models load without it (pt2, checked).
     refuse_pickles()
+    quiet_run_links()
     args = _parser().parse_args(argv)
     try:
         return _main(args)

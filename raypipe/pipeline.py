@@ -166,6 +166,7 @@ def run_pipeline(
     try:
         _log_pipeline_inputs(cfg, ctx, parent)
         _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary)
+        publish.log_headline(parent, summary)
         summary.seconds = time.perf_counter() - started
         tracking.RunLogger(parent).log_metrics({"pipeline/seconds": summary.seconds}, 0)
         tracking.log_text(parent, summary_to_json(summary), SUMMARY_ARTIFACT)

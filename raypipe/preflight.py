@@ -12,6 +12,7 @@ of the data) and the model spec that follows from it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -129,6 +130,7 @@ def check_inputs(cfg: PipelineConfig, *, address: str | None = None) -> Checked:
         return replace(next(iter(each.values())), tasks=each)
     plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
+    _refuse_storage_in_job_copy(cfg.storage)
     _generate_if_missing(cfg)
     sources = _data_files(cfg, plan)
     _check_init_tokenizer(cfg)
@@ -195,6 +197,30 @@ def _generate_if_missing(cfg: PipelineConfig) -> None:
         unlabeled_dir=paths[0], train_dir=paths[1], validation_dir=paths[2], seed=cfg.seed
     )
     console.line(f"[data] generated quickstart data: {rows}")
+
+
+def _in_job_copy() -> bool:
+    """Whether this is a `ray job submit` driver run in Ray's unpacked copy of the job's
+    working_dir (Ray's job supervisor passes the job's runtime env in this variable)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        runtime_env = (json.loads(raw) if raw else {}).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(runtime_env.get("working_dir"))
+
+
+def _refuse_storage_in_job_copy(location: str) -> None:
+    """A relative storage under `ray job submit --working-dir` would land in Ray's temporary
+    copy of that directory: checkpoints and the MLflow store gone with the job's files."""
+    if storage.is_remote(location) or os.path.isabs(os.path.expanduser(location)):
+        return
+    if _in_job_copy():
+        raise UserError(
+            f"storage: '{location}' is relative, and this Ray job runs in Ray's temporary copy "
+            f"of its working_dir ({os.getcwd()}), which is deleted with the job's files; give "
+            "an absolute path every node shares, or a URI (s3://…)"
+        )
 
 
 def _check_storage(location: str) -> str:

@@ -116,9 +116,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def ui_command(uri: str) -> str:
+    """How to see the runs: a server's own address, or the command that serves a local store."""
     if uri.startswith(("http://", "https://", "databricks")):
-        return f"open {uri}"
+        return uri
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def quiet_run_links() -> None:
+    """No "View run … / View experiment …" lines from MLflow on each run a server ends (ten
+    pairs per quickstart): the summary names the run and the UI once. A user's own setting of
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT wins."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 @dataclass(frozen=True)
@@ -514,6 +522,11 @@ def promote_champion(
     return version, "new champion"
 
 
+#: MLflow's log_model works on its process-wide tracking URI: one registration at a time
+#: (fine-tuning tasks run side by side register from threads of one driver).
+_REGISTERING = threading.Lock()
+
+
 def log_registered_model(
     ref: RunRef,
     *,
@@ -523,12 +536,12 @@ def log_registered_model(
     registered_name: str,
     extra_files: list[str],
     tags: dict[str, Any],
+    description: str | None = None,
 ) -> tuple[str, str]:
     """Log `model` (a torch module) in MLflow's pt2 format, which loads without unpickling
-    code, and register it. Returns (model URI, registered version)."""
-    import mlflow
+    code, and register it, with `description` on the version. Returns (model URI, registered
+    version)."""
     import numpy as np
-    import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -539,6 +552,21 @@ def log_registered_model(
     )
     # log_model works on MLflow's global tracking URI (and exports it to the environment):
     # set it for this call only, so the caller's process is left as it was.
+    with _REGISTERING:
+        info = _log_model(ref, model, input_example, signature, registered_name, extra_files, tags)
+    version = str(info.registered_model_version)
+    client = _client(ref.tracking_uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(registered_name, version, k, redact(str(v)))
+    if description:
+        client.update_model_version(registered_name, version, description=redact(description))
+    return info.model_uri, version
+
+
+def _log_model(ref, model, input_example, signature, registered_name, extra_files, tags):
+    import mlflow
+    import torch
+
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(ref.tracking_uri)
     try:
@@ -563,8 +591,4 @@ def log_registered_model(
             )
     finally:
         mlflow.set_tracking_uri(previous)
-    version = str(info.registered_model_version)
-    client = _client(ref.tracking_uri)
-    for k, v in tags.items():
-        client.set_model_version_tag(registered_name, version, k, redact(str(v)))
-    return info.model_uri, version
+    return info

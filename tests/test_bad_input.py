@@ -490,3 +490,31 @@ def test_a_set_value_that_is_not_yaml_is_one_line(tmp_path, quickstart_data, cap
     err = capsys.readouterr().err.strip()
     assert code == cli.EXIT_USER_ERROR and len(err.splitlines()) == 1, err
     assert "--set pretrain.max_steps: the value is invalid YAML at line 1" in err
+
+
+def test_relative_storage_in_a_ray_jobs_working_dir_copy_is_refused(
+    tmp_path, quickstart_data, monkeypatch, capsys
+):
+    """Under `ray job submit --working-dir`, the driver runs in Ray's temporary copy of that
+    directory: a relative storage would put checkpoints and the MLflow store there. One line,
+    before anything is written; outside a job (or with an absolute path) it is fine."""
+    raw = tiny_config(quickstart_data, "runs")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    monkeypatch.setattr(localray, "start_in_background", lambda **kwargs: None)
+    code = cli.main(["run", "p.yaml"])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_USER_ERROR, err
+    assert err == (
+        f"raypipe: error: storage: 'runs' is relative, and this Ray job runs in Ray's temporary "
+        f"copy of its working_dir ({tmp_path}), which is deleted with the job's files; give an "
+        "absolute path every node shares, or a URI (s3://…)"
+    )
+    assert not (tmp_path / "runs").exists()
+    # A job without a working_dir runs where it was started: no objection there.
+    from raypipe.preflight import _in_job_copy
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    assert not _in_job_copy()

@@ -110,6 +110,21 @@ def test_mlflow_run_tree(first_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["raypipe.kind"] == "pipeline"
     assert parent.data.params["pretrain.max_steps"] == "30"
     assert "pipeline/seconds" in parent.data.metrics
+    # The answer on the pipeline run itself (runs table, charts): each arm and the gap, equal
+    # to the summary's, and the same figures as the run's description.
+    metric = cfg.finetune.sweep.metric
+    pre, scr, base = (summary.arms[a]["best_metric"] for a in ("pretrained", "scratch", "baseline"))
+    found = {k: v for k, v in parent.data.metrics.items() if k.startswith("headline/")}
+    assert found == {
+        f"headline/{metric}/pretrained_1": pytest.approx(pre),
+        f"headline/{metric}/scratch_1": pytest.approx(scr),
+        f"headline/{metric}/baseline_1": pytest.approx(base),
+        f"headline/{metric}/gap_1": pytest.approx(pre - scr),
+    }
+    note = parent.data.tags["mlflow.note.content"]
+    assert (
+        f"| tiny | {metric} | 1 | {pre:.4f} | {scr:.4f} | {base:.4f} | {pre - scr:+.4f} |" in note
+    )
     assert "config/pipeline.yaml" in [
         a.path for a in client.list_artifacts(summary.run_id, "config")
     ]
@@ -235,6 +250,12 @@ def test_lineage_in_mlflow(first_run, quickstart_data):
     assert "raypipe.pretrain_run_id" not in runs["scratch-00000"].data.tags
 
     mv = client.get_model_version("tiny", summary.model["version"])
+    # The version says what it is: task, arm, data and metric, in words.
+    assert mv.description.startswith(
+        f"classification fine-tuned by raypipe pipeline 'tiny': arm {summary.model['arm']} "
+        f"(1 of the labels, "
+    )
+    assert quickstart_data["train"] in mv.description and "val/accuracy" in mv.description
     assert mv.tags["raypipe.pipeline_fingerprint"] == parent.data.tags["raypipe.fingerprint"]
     assert mv.tags["raypipe.pipeline_run_id"] == summary.run_id
     assert mv.tags["raypipe.label_fraction"] == "1.0"

@@ -17,7 +17,15 @@ from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
 from raypipe.progress import console
 from raypipe.stages.arms import ArmResult
 from raypipe.stages.cache import Stage
-from raypipe.summary import checkpoint_curve, label_efficiency, on_test, scoreboard, test_key
+from raypipe.summary import (
+    TaskResult,
+    by_fraction,
+    checkpoint_curve,
+    label_efficiency,
+    on_test,
+    scoreboard,
+    test_key,
+)
 from raypipe.tracking import Tag
 
 
@@ -74,6 +82,7 @@ def register_best(
             spec=task.serving_spec(),
             registered_name=cfg.tracking.registered_model,
             extra_files=extra_files,
+            description=_version_description(cfg, best, arms, repeat, test_metrics),
             tags={
                 Tag.ARM: best.arm.label,
                 Tag.TRIAL: trial,
@@ -107,6 +116,30 @@ def register_best(
         checkpoint=checkpoint,
         champion=champion,
     )
+
+
+def _version_description(cfg: PipelineConfig, best: ArmResult, arms: list[ArmResult], repeat,
+                         test_metrics: dict) -> str:  # fmt: skip
+    """The registered version in a sentence or three: task, arm, data, metric, and the gap to
+    the scratch arm on the same rows."""
+    f, lab = cfg.finetune, cfg.data.labeled
+    metric = f.sweep.metric
+    value = repeat.metric if repeat else best.best_metric
+    rows = f"{best.num_train_rows} labeled rows" if best.num_train_rows else "its labeled rows"
+    text = (f"{f.task} fine-tuned by raypipe pipeline '{cfg.name}': arm {best.arm.label} "
+            f"({best.arm.label_fraction:g} of the labels, {rows} of {lab.train.path}). "
+            f"{metric} {value:.4f} on validation ({lab.validation.path})")  # fmt: skip
+    test = test_key(metric)
+    if test in test_metrics:
+        text += f", {test} {test_metrics[test]:.4f} on test"
+    scratch = next((a for a in arms if a.arm.base == "scratch"
+                    and a.arm.label_fraction == best.arm.label_fraction), None)  # fmt: skip
+    theirs = scratch.representative()[0] if scratch is not None else None
+    if best.arm.base == "pretrained" and theirs is not None:
+        ours = best.representative()[0]
+        text += (f"; the arms' validation means: this arm {ours:.4f}, from scratch on the same "
+                 f"rows {theirs:.4f} (gap {ours - theirs:+.4f})")  # fmt: skip
+    return text + "."
 
 
 def _child_run(stage_run: tracking.RunRef, run_name: str) -> tracking.RunLogger | None:
@@ -300,3 +333,39 @@ def plot_finetuning(cfg: PipelineConfig, stage: Stage, arms: list[ArmResult]) ->
             xlabel="epoch",
             ylabel=metric,
         )
+
+
+def log_headline(parent: tracking.RunRef, summary) -> None:
+    """The answer on the pipeline run itself, so that pipelines compare in MLflow's runs table
+    and charts: per task and label fraction, `headline/[<task>/]<metric>/<arm>_<fraction>`
+    (pretrained, scratch, baseline, and gap = pretrained - scratch) on the reported split, and
+    a description (the run's note) with the same figures as a table."""
+    tasks = summary.tasks or ({"": TaskResult(summary.metric, summary.mode, summary.arms,
+                                               summary.model)} if summary.arms else {})  # fmt: skip
+    metrics, lines = {}, []
+    for name, task in tasks.items():
+        if not task.metric or not task.arms:
+            continue
+        shown = test_key(task.metric) if on_test(task.arms) else task.metric
+        prefix = f"headline/{name + '/' if name else ''}{shown}"
+        for row in by_fraction(task.arms, task.metric):
+            figures = {k: row.get(k) for k in ("pretrained", "scratch", "baseline")}
+            if figures["pretrained"] is not None and figures["scratch"] is not None:
+                figures["gap"] = figures["pretrained"] - figures["scratch"]
+            for arm, value in figures.items():
+                if value is not None:
+                    metrics[f"{prefix}/{arm}_{row['fraction']:g}"] = value
+            cells = [f"{v:+.4f}" if k == "gap" else f"{v:.4f}" if v is not None else "-"
+                     for k, v in figures.items()]  # fmt: skip
+            lines.append(f"| {name or summary.name} | {shown} | {row['fraction']:g} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    if not metrics:
+        return
+    tracking.RunLogger(parent).log_metrics(metrics, 0)
+    head = ["| task | metric | labels | pretrained | scratch | baseline | gap |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    note = (
+        f"raypipe pipeline '{summary.name}': what pretraining bought (gap = pretrained - "
+        "scratch, on the test split when there is one).\n\n" + "\n".join(head + lines)
+    )
+    tracking.RunLogger(parent).set_tags({"mlflow.note.content": note})
