@@ -56,7 +56,8 @@ def tiny_config(data: dict[str, str], storage: Path, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def first_run(ray_session, quickstart_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    cfg = parse_config(tiny_config(quickstart_data, storage))
+    # System metrics sampled often enough to land within a tiny pretraining.
+    cfg = parse_config(tiny_config(quickstart_data, storage, tracking={"system_metrics_s": 0.5}))
     return cfg, run_pipeline(cfg), storage
 
 
@@ -139,6 +140,13 @@ def test_mlflow_run_tree(first_run):
     losses = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in losses] == [10, 20, 30]
     assert "perf/data_wait_share" in pre.data.metrics and "perf/tokens_per_s" in pre.data.metrics
+    # MLflow's system metrics of the node that trained (its first rank), named by node.
+    import socket
+
+    node = f"system/{socket.gethostname()}-rank0"
+    cpu = client.get_metric_history(pre.info.run_id, f"{node}/cpu_utilization_percentage")
+    assert cpu and all(0 <= m.value <= 100 for m in cpu)
+    assert pre.data.metrics[f"{node}/system_memory_usage_megabytes"] > 0
 
     trials = [
         r

@@ -422,6 +422,13 @@ class TrackingConfig(Strict):
     registered_model: str | None = Field(
         None, description="Registry name of the best model; default the name."
     )
+    system_metrics_s: PositiveFloat | None = Field(
+        10.0,
+        description="Every this many seconds, MLflow's system metrics (CPU, memory, disk, "
+        "network; GPU utilisation and memory with nvidia-ml-py) of each pretraining node on the "
+        "pretrain run, as system/<node>/…; null: none.",
+        json_schema_extra=RUN_ONLY,
+    )
 
 
 TaskName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]

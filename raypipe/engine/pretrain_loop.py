@@ -81,6 +81,8 @@ class PretrainJob:
     #: pretrain.probe.patience: the probe writes this file when pretraining should stop; the
     #: loop looks for it at each checkpoint
     stop_file: str | None = None
+    #: tracking.system_metrics_s: MLflow's system metrics of each node, every this many seconds
+    system_metrics_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ plain-PyTorch loop of engine/pretrain_loop.py over a `TrainSession`.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +225,7 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
         local_ray=local_ray,
         milestones=milestones,
         probe=probe,
+        system_metrics_s=cfg.tracking.system_metrics_s,
     )
 
 
@@ -237,7 +239,11 @@ def _train_worker(config: dict[str, Any]):
         keep_here=config["in_process"],
         num_to_keep=job.cfg.num_checkpoints_to_keep,
     )
-    outcome = pretrain_loop(job, session)
+    ctx = ray.train.get_context()
+    node = f"{socket.gethostname()}-rank{session.rank}"  # one monitor per node: its first rank
+    every = job.system_metrics_s if ctx.get_local_rank() == 0 else None
+    with tracking.system_metrics(config["run"], every_s=every, node=node):
+        outcome = pretrain_loop(job, session)
     session.logger.close()  # waits for metrics queued while the tracking server was away
     return outcome
 
@@ -343,6 +349,7 @@ def train(
     local_ray: bool = False,
     milestones: tuple[int, ...] = (),
     probe: tuple[ProbeConfig, list] | None = None,
+    system_metrics_s: float | None = None,
 ) -> PretrainResult:
     """Train on `files` (less a `holdout` share of their rows, scored on instead of the
     `validation` files), mixed by `source.weights` over `groups` (each listed path's files)
@@ -383,6 +390,7 @@ def train(
         probe_every=probe[0].every if probe else None, probe_dir=storage.join(stage_dir, "probe"),
         stop_file=(storage.join(stage_dir, "probe", probing.STOP_FILE)
                    if probe and probe[0].patience else None),
+        system_metrics_s=system_metrics_s,
     )  # fmt: skip
     trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir)
     result, probes = _fit_and_probe(trainer, job, here=here, probe=probe, run=run)
