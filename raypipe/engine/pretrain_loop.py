@@ -436,25 +436,33 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
                 _status(cfg, objective.unit, state, metrics)
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             _evaluate(job, session, objective, optimizers, schedulers, state, text)
-        if step % cfg.checkpoint_every == 0 or last:
-            stop = not last and _probe_says_stop(job, world)
-            # This step's metrics reach MLflow before the checkpoint that a resume starts
-            # after (so a driver killed in between loses none); no wait while it is away.
-            session.logger.flush(timeout=10)
-            save = _saver(job, session, objective, optimizers, schedulers, state)
-            _keep_copies(job, step, save, last=last or stop, rank=rank)
-            done = {"step": step, "loss": state.final_loss}
-            session.record(done, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
-            state.last_saved = step
-            if stop:
-                if rank == 0:
-                    progress(f"pretrain: stopped at step {step} of {cfg.max_steps}: the probe "
-                             f"stopped improving (pretrain.probe.patience)")  # fmt: skip
-                break
+        if (step % cfg.checkpoint_every == 0 or last) and _checkpoint(
+            job, session, objective, optimizers, schedulers, state, last=last
+        ):
+            break  # the probe stopped improving (pretrain.probe.patience)
     return PretrainOutcome(
         steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped,
         stopped_by_probe=state.step < cfg.max_steps,
     )  # fmt: skip
+
+
+def _checkpoint(job, session, objective, optimizers, schedulers, state: _State, *, last: bool):
+    """This step's checkpoint, and its kept copies; True if pretraining stops here, before
+    max_steps, because the probe asked it to."""
+    step, rank = state.step, session.rank
+    stop = not last and _probe_says_stop(job, session.world)
+    # This step's metrics reach MLflow before the checkpoint that a resume starts after (so a
+    # driver killed in between loses none); no wait while it is away.
+    session.logger.flush(timeout=10)
+    save = _saver(job, session, objective, optimizers, schedulers, state)
+    _keep_copies(job, step, save, last=last or stop, rank=rank)
+    done = {"step": step, "loss": state.final_loss}
+    session.record(done, save=save, checkpoint_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+    state.last_saved = step
+    if stop and rank == 0:
+        progress(f"pretrain: stopped at step {step} of {job.cfg.max_steps}: the probe stopped "
+                 "improving (pretrain.probe.patience)")  # fmt: skip
+    return stop
 
 
 def _probe_says_stop(job: PretrainJob, world: int) -> bool:

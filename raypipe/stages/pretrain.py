@@ -53,6 +53,7 @@ from raypipe.stages import cache, probing, publish
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.sessions import TrainSession, scaling_config
 from raypipe.summary import StageOutcome
+from raypipe.system_metrics import system_metrics
 from raypipe.tracking import RunRef, Tag
 
 
@@ -242,7 +243,7 @@ def _train_worker(config: dict[str, Any]):
     ctx = ray.train.get_context()
     node = f"{socket.gethostname()}-rank{session.rank}"  # one monitor per node: its first rank
     every = job.system_metrics_s if ctx.get_local_rank() == 0 else None
-    with tracking.system_metrics(config["run"], every_s=every, node=node):
+    with system_metrics(config["run"], every_s=every, node=node):
         outcome = pretrain_loop(job, session)
     session.logger.close()  # waits for metrics queued while the tracking server was away
     return outcome
