@@ -3,11 +3,14 @@
 On the driver, before training: each fine-tuning task's first labeled rows, encoded as
 fine-tuning encodes them (`samples`). While training runs: the loop copies the checkpoint of
 each probed step (every `probe.every` steps, and the last) into the stage's `probe/` folder;
-a thread watches it, and for each new checkpoint starts one Ray task, which reads its weights
-and fits the probe (engine/feature_probe.py); the thread logs `probe/<task>/<metric>` on the
-pretrain run at that step and deletes the copy. The Ray task asks for no CPU:
-it is small, and a training worker or Ray Data holding every CPU must not make it wait (nor
-it them); the training loop itself never waits for a probe.
+a thread watches it and probes each new checkpoint with a Ray task, one at a time in step
+order (on the worker a warm-up task readied), which reads its weights and fits the probe
+(engine/feature_probe.py); the thread logs `probe/<task>/<metric>` on the pretrain run at
+that step and deletes the copy. The Ray task asks for no CPU: it is small, and a training
+worker or Ray Data holding every CPU must not make it wait (nor it them); the training loop
+itself never waits for a probe. With probe.patience the thread also decides when the probe
+has stopped improving (`plateau`) and writes STOP_FILE, which the loop looks for at each
+checkpoint.
 """
 
 from __future__ import annotations
