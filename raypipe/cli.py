@@ -1,4 +1,4 @@
-"""`raypipe run | validate | prepare | report`: the command-line face. Imports nothing heavy
+"""`raypipe run | validate | prepare | report | predict`: the command-line face. Imports nothing heavy
 until it must."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from raypipe.cli_predict import NO_STORE, TRACKING_HELP, add_predict, run_predict_cmd, tracking_uri
 from raypipe.cli_prepare import add_prepare, run_prepare
 from raypipe.errors import UserError, find_user_error
 from raypipe.progress import console
@@ -58,13 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the summary `raypipe run` ended with, read back from MLflow.",
     )
     rep.add_argument("run_id", help="the pipeline run's id (the summary's `mlflow run` line)")
-    rep.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store "
-        "./raypipe-runs/mlflow.db)",
-    )
+    rep.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     add_prepare(sub)
+    add_predict(sub)
     return parser
 
 
@@ -89,17 +86,9 @@ def _error(message: str) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(args.tracking_uri)
     if uri is None:
-        local = Path("raypipe-runs") / "mlflow.db"
-        if not local.is_file():
-            return _error(
-                "no tracking store: pass --tracking-uri (e.g. sqlite:///PATH/raypipe-runs/"
-                "mlflow.db, as the run's summary printed) or set MLFLOW_TRACKING_URI"
-            )
-        uri = f"sqlite:///{local.resolve()}"
+        return _error(NO_STORE)
     from raypipe import tracking
     from raypipe.summary import format_summary, read_summary
 
@@ -140,6 +129,10 @@ def _main(args: argparse.Namespace) -> int:
         return run_prepare(args, _error)
     if args.command == "report":
         return _report(args)
+    if args.command == "predict":
+        if not args.verbose:
+            _quiet_driver()
+        return run_predict_cmd(args, _error)
     from raypipe.config import load_config, to_yaml
 
     try:

@@ -11,6 +11,9 @@ unpickles, and MLflow then checks the archive itself with pickle switched off.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -25,6 +28,38 @@ def refuse_pickles() -> None:
     os.environ[PICKLE_SWITCH] = "false"
 
 
+#: MLflow resolves `models:/` URIs, and logs models, through its process-wide tracking and
+#: registry URIs: one block at a time sets them (fine-tuning tasks run side by side register
+#: from threads of one driver).
+_GLOBAL_STORE = threading.Lock()
+
+
+@contextmanager
+def global_store(uri: str | None) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to `uri` for the block, then put
+    back as they were (environment included, which MLflow exports them to)."""
+    import mlflow
+
+    if uri is None:
+        yield
+        return
+    with _GLOBAL_STORE:
+        tracking = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(tracking)
+            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def load_model(model_uri: str, *, tracking_uri: str | None = None):
     """The registered model at `model_uri` (`models:/NAME/VERSION`, `models:/NAME@champion`,
     a run's artifact URI or a local folder) as a torch module, refusing anything but the
@@ -32,7 +67,8 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None):
     import mlflow
 
     refuse_pickles()
-    local = Path(mlflow.artifacts.download_artifacts(model_uri, tracking_uri=tracking_uri))
+    with global_store(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
     check_model_folder(local, model_uri)
     return mlflow.pytorch.load_model(str(local))
 

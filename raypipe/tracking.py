@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from raypipe.errors import UserError
 from raypipe.progress import progress
 from raypipe.redaction import redact
+from raypipe.registered import global_store
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -522,11 +523,6 @@ def promote_champion(
     return version, "new champion"
 
 
-#: MLflow's log_model works on its process-wide tracking URI: one registration at a time
-#: (fine-tuning tasks run side by side register from threads of one driver).
-_REGISTERING = threading.Lock()
-
-
 def log_registered_model(
     ref: RunRef,
     *,
@@ -545,14 +541,17 @@ def log_registered_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    (in_name, in_dtype, in_shape), (out_name, out_dtype, out_shape) = spec["input"], spec["output"]
+    (_, in_dtype, in_shape), (_, out_dtype, out_shape) = spec["input"], spec["output"]
+    # Unnamed tensors: MLflow's scoring server hands a named one to the PyTorch flavor as a
+    # dict, which it refuses (every /invocations a 400); an unnamed one arrives as the array
+    # `{"inputs": [[...], ...]}` holds (README, "Use the model").
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(in_dtype), tuple(in_shape), in_name)]),
-        outputs=Schema([TensorSpec(np.dtype(out_dtype), tuple(out_shape), out_name)]),
+        inputs=Schema([TensorSpec(np.dtype(in_dtype), tuple(in_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(out_dtype), tuple(out_shape))]),
     )
     # log_model works on MLflow's global tracking URI (and exports it to the environment):
     # set it for this call only, so the caller's process is left as it was.
-    with _REGISTERING:
+    with global_store(ref.tracking_uri):
         info = _log_model(ref, model, input_example, signature, registered_name, extra_files, tags)
     version = str(info.registered_model_version)
     client = _client(ref.tracking_uri)
@@ -567,28 +566,24 @@ def _log_model(ref, model, input_example, signature, registered_name, extra_file
     import mlflow
     import torch
 
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(ref.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=ref.run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pt2",
-                input_example=input_example,
-                signature=signature,
-                registered_model_name=registered_name,
-                extra_files=extra_files,
-                # Listing requirements skips MLflow's inference, which re-loads the model in a
-                # subprocess and costs seconds.
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}",
-                ],
-                tags={k: redact(str(v)) for k, v in tags.items()},
-                # The serving-input check goes through pyfunc, which the pt2 tensor flavor lacks.
-                validate_serving_input=False,
-            )
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with mlflow.start_run(run_id=ref.run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            serialization_format="pt2",
+            input_example=input_example,
+            signature=signature,
+            registered_model_name=registered_name,
+            extra_files=extra_files,
+            # Listing requirements skips MLflow's inference, which re-loads the model in a
+            # subprocess and costs seconds.
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+            tags={k: redact(str(v)) for k, v in tags.items()},
+            # MLflow scores its own serving example through the model: a registered model
+            # the scoring server could not answer fails here.
+            validate_serving_input=True,
+        )
     return info

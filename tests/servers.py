@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -293,3 +294,35 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def model_server(root: Path, model_uri: str, tracking_uri: str) -> Iterator[Server]:
+    """`mlflow models serve` of a registered model, in this environment (no new virtualenv),
+    with MLflow's pickle loading off as raypipe's processes have it."""
+    port = free_port()
+    tag = f"model-server-{os.getpid()}-{port}"
+    log = root / "model-server.log"
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    env = marked_env(tag, MLFLOW_TRACKING_URI=tracking_uri,
+                     MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")  # fmt: skip
+    with open(log, "w") as out:
+        subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _http_ok(f"{url}/ping"), "mlflow models serve", 120)
+        yield Server(url, tag, log)
+    finally:
+        stop_marked(tag)
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -218,6 +219,95 @@ def test_registered_model_loads_and_predicts(first_run, quickstart_data):
     assert torch.allclose(logits, expected, atol=1e-4)
     mv = _client(summary.tracking_uri).get_model_version("tiny", version)
     assert mv.tags["raypipe.arm"] == summary.model["arm"]
+
+
+def _validation_ids(quickstart_data, tokenizer_json: str, rows: int | None = None):
+    from raypipe.data.text import encode_labeled
+
+    table = pq.read_table(next(Path(quickstart_data["validation"]).glob("*.parquet")))
+    texts = table.column("text").to_pylist()[:rows]
+    batch = encode_labeled(
+        {"text": np.array(texts, dtype=object), "label": np.zeros(len(texts), dtype=np.int64)},
+        tokenizer_json=tokenizer_json, text_column="text", label_column="label", max_len=32,
+    )  # fmt: skip
+    return table, torch.from_numpy(batch["input_ids"]).long()
+
+
+def _registered(summary):
+    """The registered version's URI, its graph, tokenizer and local folder."""
+    import mlflow
+
+    from raypipe.registered import global_store, load_model
+
+    uri = f"models:/tiny/{summary.model['version']}"
+    with global_store(summary.tracking_uri):  # models:/ resolves through MLflow's global URIs
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    model = load_model(uri, tracking_uri=summary.tracking_uri)
+    return uri, model, (local / "extra_files" / "tokenizer.json").read_text(), local
+
+
+def test_predict_writes_the_registered_models_outputs(first_run, quickstart_data, tmp_path):
+    """`raypipe predict` through real Ray Data: every validation row's probabilities and label
+    equal the registered model's own on the same rows, beside the rows' label column."""
+    from raypipe.predict import run_predict
+
+    cfg, summary, _ = first_run
+    uri, model, tokenizer_json, _ = _registered(summary)
+    out = tmp_path / "preds"
+    outcome = run_predict(uri, quickstart_data["validation"], str(out),
+                          tracking_uri=summary.tracking_uri, batch_size=16)  # fmt: skip
+    table, ids = _validation_ids(quickstart_data, tokenizer_json)
+    got = pq.read_table(out)
+    assert outcome.rows == got.num_rows == table.num_rows == 64
+    assert got.column_names == ["label", "prediction", "probabilities"]
+    assert got.column("label").to_pylist() == table.column("label").to_pylist()  # order kept
+    with torch.no_grad():
+        expected = torch.softmax(model(ids), -1).numpy()
+    probs = np.array(got.column("probabilities").to_pylist())
+    assert np.allclose(probs, expected, atol=1e-5)
+    assert got.column("prediction").to_pylist() == expected.argmax(-1).tolist()
+
+
+def test_predict_bad_input_is_one_line_and_keeps_files(first_run, quickstart_data, tmp_path,
+                                                       capsys):  # fmt: skip
+    from raypipe.cli import main
+
+    _, summary, _ = first_run
+    uri = f"models:/tiny/{summary.model['version']}"
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.parquet").write_bytes(b"user data")
+    noncol = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"body": ["a film"]}), noncol)
+    cases = [
+        ([uri, quickstart_data["validation"], "--out", str(taken)], "already holds files"),
+        ([uri, str(noncol), "--out", str(tmp_path / "a")], "DATA has no column 'text'"),
+        (["models:/nope/1", str(noncol), "--out", str(tmp_path / "b")], "cannot load model"),
+    ]
+    for args, message in cases:
+        code = main(["predict", *args, "--tracking-uri", summary.tracking_uri])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert (taken / "mine.parquet").read_bytes() == b"user data"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_mlflow_serves_the_registered_model(first_run, quickstart_data, tmp_path):
+    """A real `mlflow models serve` answers a real request with the registered model's own
+    outputs (token ids as the README's pre-step makes them), and its own serving example."""
+    from tests.servers import model_server, post_json
+
+    _, summary, _ = first_run
+    uri, model, tokenizer_json, example = _registered(summary)
+    _, ids = _validation_ids(quickstart_data, tokenizer_json, rows=5)
+    with model_server(tmp_path, uri, summary.tracking_uri) as server:
+        status, body = post_json(f"{server.url}/invocations", {"inputs": ids.tolist()})
+        assert status == 200, body
+        served = json.loads((example / "serving_input_example.json").read_text())
+        assert post_json(f"{server.url}/invocations", served)[0] == 200
+    with torch.no_grad():
+        expected = model(ids).numpy()
+    assert np.allclose(np.array(body["predictions"]), expected, atol=1e-5)
 
 
 def test_lineage_in_mlflow(first_run, quickstart_data):

@@ -191,7 +191,24 @@ def encode_translation(
     tgt = _encode(tok, _texts(batch, target_column))
     rows, starts = [], []
     for s_ids, t_ids in zip(src, tgt, strict=True):
-        prompt = [BOS_ID, *s_ids[: max_len // 2 - 2], EOS_ID]
+        prompt = _prompt(s_ids, max_len)
         rows.append(prompt + [*t_ids, EOS_ID])
         starts.append(len(prompt))
     return {"input_ids": _pad_rows(rows, max_len), "target_start": np.asarray(starts, np.int64)}
+
+
+def _prompt(source_ids: list[int], max_len: int) -> list[int]:
+    return [BOS_ID, *source_ids[: max_len // 2 - 2], EOS_ID]
+
+
+def encode_prompts(
+    batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, max_len: int
+) -> dict[str, np.ndarray]:
+    """Translation sources alone, as `encode_translation` begins each pair (what greedy
+    decoding starts from): right-padded to `max_len`, with each prompt's length."""
+    src = _encode(load_tokenizer(tokenizer_json), _texts(batch, text_column))
+    rows = [_prompt(s_ids, max_len) for s_ids in src]
+    return {
+        "input_ids": _pad_rows(rows, max_len),
+        "target_start": np.asarray([len(r) for r in rows], np.int64),
+    }

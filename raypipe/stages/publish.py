@@ -14,6 +14,7 @@ import torch
 from raypipe import tracking
 from raypipe.config import PipelineConfig
 from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
+from raypipe.model_card import CARD_FILE, card_for
 from raypipe.progress import console
 from raypipe.stages.arms import ArmResult
 from raypipe.stages.cache import Stage
@@ -70,7 +71,10 @@ def register_best(
     task = load_task(checkpoint).eval()
     meta = read_meta(checkpoint)
     with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp, torch.no_grad():
-        extra_files = []
+        card = card_for(task, task_name=f.task, source=cfg.data.labeled.train,
+                        max_len=f.max_len, truncation=f.truncation)  # fmt: skip
+        (Path(tmp) / CARD_FILE).write_text(card.to_json())
+        extra_files = [str(Path(tmp) / CARD_FILE)]
         if tokenizer_json is not None:
             tok_file = Path(tmp) / TOKENIZER_FILE
             tok_file.write_text(tokenizer_json)

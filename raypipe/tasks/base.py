@@ -38,6 +38,9 @@ class Task(nn.Module):
       `serving_spec()` its input and output (name, dtype, shape with -1 for free dims).
       `predict` is exported with `torch.export` for the registered model: tensor operations
       only (no `.item()`, `.tolist()`, NumPy, or Python branches on tensor values).
+    - `prediction`: what `raypipe predict` makes of `predict`'s output: "classes" (logits ->
+      label and probabilities), "value" (one number per row), "tokens" (next-token logits,
+      decoded greedily into text) or "raw" (the output as it is, a list per row).
 
     Checked on the driver before Ray starts (raypipe/probe.py): `forward` runs once on the
     `meta` device and must return (loss, stats); `summarize` must exist and report the sweep
@@ -54,6 +57,7 @@ class Task(nn.Module):
     label_dtype: ClassVar[str] = "int64"
     model_overrides: ClassVar[dict[str, Any]] = {}
     needs_tokenizer: ClassVar[bool] = False
+    prediction: ClassVar[str] = "raw"
 
     def __init__(self, backbone: nn.Module, *, input: str = "text"):
         super().__init__()

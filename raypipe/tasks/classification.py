@@ -19,6 +19,7 @@ class Classification(Task):
     option_names = ("num_classes", "pool", "dropout", "input")
     metrics = ("accuracy", "macro_f1", "loss")
     baseline = "linear"
+    prediction = "classes"
 
     def __init__(
         self,

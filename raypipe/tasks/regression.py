@@ -15,6 +15,7 @@ class Regression(Task):
     baseline = "linear"  # ridge regression on the same features (raypipe/baselines.py)
     label_dtype = "float32"
     output_name = "value"
+    prediction = "value"
 
     def __init__(
         self, backbone: nn.Module, *, pool: str = "mean", dropout: float = 0.0, input: str = "text"

@@ -22,6 +22,7 @@ class Translation(Task):
     data_kind = "pairs"
     model_overrides = {"causal": True}
     needs_tokenizer = True
+    prediction = "tokens"
 
     def __init__(self, backbone: nn.Module, *, tokenizer_json: str, max_new_tokens: int = 64):
         super().__init__(backbone, input="text")
@@ -56,33 +57,18 @@ class Translation(Task):
 
     @torch.no_grad()
     def translate(self, ids: torch.Tensor, start: torch.Tensor) -> list[list[int]]:
-        """Greedy decoding of every row from its source prompt `ids[:, :start]`.
+        """Greedy decoding of every row from its source prompt `ids[:, :start]`."""
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        cols = torch.arange(ids.shape[1], device=ids.device)
 
-        Batched without a cache: rows grow at their own lengths in one right-padded buffer;
-        causal attention keeps each row's prediction independent of what lies beyond it.
-        """
-        ids, start = ids.long(), start.long()
-        b, width = ids.shape
-        max_len = min(width, self.backbone.config.max_len)
-        rows = torch.arange(b, device=ids.device)
-        cols = torch.arange(width, device=ids.device)
-        buf = ids.masked_fill(cols[None, :] >= start[:, None], self.pad_id)
-        lengths = start.clone()
-        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        for _ in range(self.max_new_tokens):
-            active = ~done & (lengths < max_len)
-            if not bool(active.any()):
-                break
-            cur = int(lengths.max())
-            hidden = self.backbone(buf[:, :cur], padding_mask=cols[None, :cur] < lengths[:, None])
-            nxt = self.backbone.lm_logits(hidden[rows, lengths - 1]).argmax(-1)
-            buf[rows[active], lengths[active]] = nxt[active]
-            done |= active & (nxt == EOS_ID)
-            lengths += active.long()
-        out = []
-        for row, s, n in zip(buf.tolist(), start.tolist(), lengths.tolist(), strict=True):
-            out.append([t for t in row[s:n] if t != EOS_ID])
-        return out
+        def next_logits(buf: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            mask = cols[None, : buf.shape[1]] < lengths[:, None]
+            return self.backbone.lm_logits(self.backbone(buf, padding_mask=mask)[rows, lengths - 1])
+
+        return greedy_decode(
+            next_logits, ids, start, max_len=self.backbone.config.max_len,
+            max_new_tokens=self.max_new_tokens, pad_id=self.pad_id,
+        )  # fmt: skip
 
     def _bleu_stats(self, ids: torch.Tensor, start: torch.Tensor) -> dict[str, torch.Tensor]:
         hyps = [self.tokenizer.decode(h) for h in self.translate(ids, start)]
@@ -116,3 +102,38 @@ class Translation(Task):
             )
             out["bleu"] = float(score.score)
         return out
+
+
+@torch.no_grad()
+def greedy_decode(
+    next_logits, ids: torch.Tensor, start: torch.Tensor, *, max_len: int, max_new_tokens: int,
+    pad_id: int,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy decoding of every row of `ids` from its prompt `ids[:, :start]`;
+    `next_logits(buf, lengths)` gives each row's next-token logits (B, vocab) from the
+    right-padded `buf` (B, T), whose row i holds `lengths[i]` tokens.
+
+    Batched without a cache: rows grow at their own lengths in one right-padded buffer;
+    causal attention keeps each row's prediction independent of what lies beyond it. A row
+    ends at <eos> (or <pad>, never a target token), at `max_len` or after `max_new_tokens`.
+    """
+    ids, start = ids.long(), start.long()
+    b, width = ids.shape
+    max_len = min(width, max_len)
+    rows = torch.arange(b, device=ids.device)
+    cols = torch.arange(width, device=ids.device)
+    buf = ids.masked_fill(cols[None, :] >= start[:, None], pad_id)
+    lengths = start.clone()
+    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        active = ~done & (lengths < max_len)
+        if not bool(active.any()):
+            break
+        nxt = next_logits(buf[:, : int(lengths.max())], lengths).argmax(-1)
+        ended = (nxt == EOS_ID) | (nxt == pad_id)
+        buf[rows[active & ~ended], lengths[active & ~ended]] = nxt[active & ~ended]
+        done |= active & ended
+        lengths += (active & ~ended).long()
+    return [
+        row[s:n] for row, s, n in zip(buf.tolist(), start.tolist(), lengths.tolist(), strict=True)
+    ]
