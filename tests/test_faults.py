@@ -8,8 +8,10 @@ process that is SIGKILLed.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -336,3 +338,43 @@ def test_killed_driver_resumes_without_recomputing(quickstart_data, tmp_path):
     ]
     assert [s for s in steps if s <= at] == list(range(4, at + 1, 4))
     assert max(steps) == 16
+
+
+def _spent(runs: Path) -> float:
+    found = list(runs.glob("finetune-*/**/sweep-scratch/budget.json"))
+    return json.loads(found[0].read_text())["spent_s"] if found else 0.0
+
+
+def test_a_time_budget_cuts_the_sweep_and_counts_the_time_before_a_crash(quickstart_data,
+                                                                          tmp_path):  # fmt: skip
+    """finetune.sweep.time_budget_s: the driver is killed part-way through the budget; the
+    same command again gets only what is left, the budget stops the sweep, the best epoch of
+    the trials that ran is registered, and the summary says what was cut."""
+    raw = tiny_config(quickstart_data, tmp_path / "runs")
+    raw["finetune"].update(init="scratch", epochs=40, min_epoch_rows=192)  # ~15 s a trial
+    raw["finetune"]["sweep"].update(num_samples=4, max_concurrent_trials=1, scheduler="fifo",
+                                    time_budget_s=30)  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    runs = tmp_path / "runs" / "tiny"
+
+    first = _Driver(["run", "p.yaml"], tmp_path)
+    first.wait_for(lambda: _spent(runs) >= 8, 600)
+    first.kill()
+    before = _spent(runs)
+    assert 8 <= before < 30
+
+    second = _Driver(["run", "p.yaml"], tmp_path)
+    assert second.finish(timeout=600) == 0, "\n".join(second.lines[-40:])
+    (line,) = [x for x in second.lines if "sweep's time budget:" in x]
+    left, spent_before = re.search(r"(\d+) s left of 30 s \((\d+) s spent before", line).groups()
+    assert abs(int(spent_before) - before) <= 1.5 and abs(int(left) - (30 - before)) <= 1.5
+    assert second.seen("[finetune] time budget spent: scratch")
+    assert second.seen("registered 'tiny' version 1")
+    (summary_line,) = [x for x in second.lines if "time budget scratch" in x]
+    cut, total = map(int, re.search(r"(\d+) of (\d+) trial\(s\) cut", summary_line).groups())
+    assert total == 4 and cut >= 1
+    # The clock went on from where the first driver left it, and stopped at the budget.
+    assert 30 <= _spent(runs) < 30 + 30
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name='tiny'")
+    assert "time budget (30 s) cut" in version.description

@@ -290,6 +290,13 @@ class SweepConfig(Strict):
         "that still fails is recorded as failed and the sweep goes on without it.",
         json_schema_extra=RUN_ONLY,
     )
+    time_budget_s: PositiveFloat | None = Field(
+        None,
+        description="Wall-clock seconds each arm's sweep may take, counted across driver "
+        "restarts (the time before a crash counts). When it runs out, running trials stop at "
+        "their last epoch and pending ones never start; the best epoch of the trials that ran "
+        "is registered, and the summary says what was cut. Repeats are not counted.",
+    )
 
 
 #: Fine-tune settings a sweep may search over (keys of `finetune.sweep.space`).

@@ -27,6 +27,7 @@ from raypipe.progress import console
 from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
+from raypipe.stages.budget import budget_line
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.counts import num_trials, repeat_seeds, sweep_is_a_repeat
 from raypipe.stages.sweep import run_repeats, run_sweep
@@ -61,7 +62,7 @@ def with_task_overrides(spec: dict[str, Any], task_cls) -> dict[str, Any]:
 def fingerprint(cfg: PipelineConfig, ctx: RunContext, spec: dict, upstream: str | None) -> str:
     return cache.fingerprint(
         "finetune",
-        cfg.finetune.model_dump(exclude=run_only_exclusions(FinetuneConfig)),
+        _fingerprinted(cfg.finetune),
         cfg.data.labeled.fingerprinted(),
         cfg.data.bad_images,
         cfg.seed,
@@ -70,6 +71,15 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext, spec: dict, upstream: str 
         datafiles.manifest_digest(ctx.train + ctx.validation + ctx.test),
         cfg.tracking.registered_model,
     )
+
+
+def _fingerprinted(f: FinetuneConfig) -> dict[str, Any]:
+    """What of `finetune` a stage fingerprint covers: no time budget key when there is none,
+    so stages fingerprinted before budgets existed are still reused."""
+    out = f.model_dump(exclude=run_only_exclusions(FinetuneConfig))
+    if out["sweep"].get("time_budget_s") is None:
+        out["sweep"].pop("time_budget_s", None)
+    return out
 
 
 def lineage(init_ckpt: str | None) -> dict[str, Any]:
@@ -158,10 +168,17 @@ def run_stage(
             "trials": sum(a.num_trials for a in result.arms),
             "stopped early": sum(a.num_stopped_early for a in result.arms),
             "failed": sum(a.num_failed for a in result.arms),
+            **_budgets(result.arms),
             **lengths,
         }
     )
     return result, outcome
+
+
+def _budgets(arms) -> dict[str, str]:
+    """{"time budget": each arm's spent of its budget and what it cut}, when there is one."""
+    lines = [budget_line(a.arm.label, **a.budget) for a in arms if a.budget]
+    return {"time budget": "; ".join(lines)} if lines else {}
 
 
 #: Training rows tokenized to say how many texts `finetune.max_len` cuts.

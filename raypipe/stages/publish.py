@@ -143,6 +143,10 @@ def _version_description(cfg: PipelineConfig, best: ArmResult, arms: list[ArmRes
         ours = best.representative()[0]
         text += (f"; the arms' validation means: this arm {ours:.4f}, from scratch on the same "
                  f"rows {theirs:.4f} (gap {ours - theirs:+.4f})")  # fmt: skip
+    if best.budget and best.budget["cut"]:
+        b = best.budget
+        text += (f". Its sweep's time budget ({b['limit_s']:.0f} s) cut {b['cut']} of "
+                 f"{b['total']} trials: the best epoch of those that ran")  # fmt: skip
     return text + "."
 
 

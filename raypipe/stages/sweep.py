@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,8 +27,10 @@ from raypipe.engine.finetune_loop import is_better
 from raypipe.errors import find_user_error
 from raypipe.progress import console
 from raypipe.stages.arms import Arm, ArmResult, Repeat
+from raypipe.stages.budget import Budget, BudgetClock, budget_line, read_budget
 from raypipe.stages.counts import num_trials
 from raypipe.stages.trial import (
+    DONE_FILE,
     REPEAT_SEED,
     ArmSweep,
     hyperparameters,
@@ -182,6 +185,7 @@ class _Experiment:
     scheduler: Any
     search: Any
     total: int  # trials in all
+    budget: Budget | None = None  # the sweep's time budget (repeats have none)
 
 
 class TrialRecord(tune.Callback):
@@ -228,6 +232,7 @@ def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -
             scheduler=exp.scheduler,
             search_alg=exp.search,
             reuse_actors=inline_trials(cfg),
+            time_budget_s=exp.budget.left_s if exp.budget else None,
         ),
         run_config=tune.RunConfig(
             name=exp.name,
@@ -237,6 +242,11 @@ def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -
             callbacks=[
                 _SweepStatus(spec.arm, cfg, total=exp.total, what=exp.what),
                 TrialRecord(spec),
+                *(
+                    [BudgetClock(exp.budget, storage.join(stage_dir, exp.name))]
+                    if exp.budget
+                    else []
+                ),
             ],
         ),
     )
@@ -260,7 +270,7 @@ def _fit(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment):
 def _raise_if_all_failed(grid, arm: Arm) -> int:
     """The number of failed trials; when every trial failed, the cause instead."""
     errors = [r.error for r in grid if r.error is not None]
-    if len(errors) == len(grid):
+    if grid and len(errors) == len(grid):
         # Every trial failed: surface the cause instead of an empty sweep.
         cause = next((u for u in map(find_user_error, errors) if u is not None), None)
         if cause is not None:
@@ -305,13 +315,22 @@ def _best_checkpoint(spec: ArmSweep, good: set[str]) -> _Best:
 
 
 def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
-    """Every trial of one arm; its best checkpoint by the sweep metric."""
+    """Every trial of one arm (as many as its time budget allows); its best checkpoint by the
+    sweep metric."""
     cfg = spec.cfg
+    name = f"sweep-{spec.arm.label}"
     exp = _Experiment(
-        name=f"sweep-{spec.arm.label}", what="sweep", num_samples=cfg.sweep.num_samples,
+        name=name, what="sweep", num_samples=cfg.sweep.num_samples,
         scheduler=_scheduler(cfg, spec.seed), search=_search(cfg.sweep, spec.seed),
         total=num_trials(cfg.sweep),
+        budget=read_budget(cfg.sweep.time_budget_s, storage.join(stage_dir, name)),
     )  # fmt: skip
+    if exp.budget is not None and exp.budget.left_s <= 0:
+        return _budget_spent(spec, exp)
+    if exp.budget is not None and exp.budget.spent_s > 0:
+        b = exp.budget
+        console.line(f"[finetune] the {spec.arm.label} sweep's time budget: {b.left_s:.0f} s left "
+                     f"of {b.limit_s:.0f} s ({b.spent_s:.0f} s spent before this run)")  # fmt: skip
     space = _search_space(cfg.sweep.space)
     grid = _fit(spec, stage_dir, _trainable(spec, train_ds, val_ds), space, exp)
     stopped = _close_trial_runs(spec.parent, spec.arm, grid, cfg.epochs, kind="trial")
@@ -319,6 +338,9 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
     good = {
         trial_name(spec.arm, r.metrics["trial_id"]) for r in grid if r.error is None and r.metrics
     }
+    cut = _cut(spec, exp, stage_dir)
+    if cut is not None:
+        good, cut = cut
     best = _best_checkpoint(spec, good)
     return ArmResult(
         arm=spec.arm,
@@ -327,11 +349,65 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
         best_trial=best.trial,
         best_epoch=best.epoch,
         best_params=best.params,
-        num_trials=len(grid),
-        num_stopped_early=stopped,
+        num_trials=max(len(grid), exp.total) if cut else len(grid),
+        # A trial the budget cut is not one the scheduler stopped.
+        num_stopped_early=max(stopped - (cut["started"] if cut else 0), 0),
         num_failed=failed,
         num_train_rows=None,
+        budget={k: v for k, v in cut.items() if k != "started"} if cut else None,
     )
+
+
+def _cut(spec: ArmSweep, exp: _Experiment, stage_dir: str) -> tuple[set[str], dict] | None:
+    """With a budget: the arm's trials that did not fail (by raypipe's records, so that trials
+    finished before a restart count even if this driver's Tune never reached them again), and
+    what the budget cut (the trials never finished with: stopped mid-way or never started),
+    said on the console. None without a budget."""
+    if exp.budget is None:
+        return None
+    ran, ended, failed = _records(spec)
+    spent = read_budget(exp.budget.limit_s, storage.join(stage_dir, exp.name)).spent_s
+    record = {"limit_s": exp.budget.limit_s, "spent_s": spent, "cut": exp.total - len(ended),
+              "total": exp.total}  # fmt: skip
+    if record["cut"]:
+        console.line(f"[finetune] time budget spent: {budget_line(spec.arm.label, **record)}; "
+                     "the best finished epoch stands")  # fmt: skip
+    return ran - failed, {**record, "started": len(ran - ended)}
+
+
+def _records(spec: ArmSweep) -> tuple[set[str], set[str], set[str]]:
+    """The arm's sweep trials with a checkpoint, those Tune finished with (done.json), and
+    those that failed."""
+    pattern = re.compile(re.escape(spec.arm.label) + r"-\d+")
+    ran, ended, failed = set(), set(), set()
+    for meta_file in storage.list_files(spec.trials_dir, META_FILE):
+        trial = json.loads(storage.read_text(meta_file)).get("trial", "")
+        if pattern.fullmatch(trial):
+            ran.add(trial)
+    for done_file in storage.list_files(spec.trials_dir, DONE_FILE):
+        trial = done_file.rstrip("/").rsplit("/", 2)[-2]
+        if pattern.fullmatch(trial):
+            ended.add(trial)
+            if "error" in json.loads(storage.read_text(done_file)):
+                failed.add(trial)
+    return ran, ended, failed
+
+
+def _budget_spent(spec: ArmSweep, exp: _Experiment) -> ArmResult:
+    """A sweep whose budget earlier drivers spent: not started again; the best epoch of its
+    trials that did not fail stands."""
+    ran, ended, failed = _records(spec)
+    best = _best_checkpoint(spec, ran - failed)
+    b = exp.budget
+    console.line(f"[finetune] the {spec.arm.label} sweep's time budget ({b.limit_s:.0f} s) was "
+                 "spent before the restart: not started again; its best finished epoch stands")  # fmt: skip
+    return ArmResult(
+        arm=spec.arm, best_metric=best.metric, best_checkpoint=best.checkpoint,
+        best_trial=best.trial, best_epoch=best.epoch, best_params=best.params,
+        num_trials=exp.total, num_failed=len(failed),
+        budget={"limit_s": b.limit_s, "spent_s": b.spent_s, "total": exp.total,
+                "cut": exp.total - len(ended)},
+    )  # fmt: skip
 
 
 def run_repeats(
