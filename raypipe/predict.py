@@ -61,8 +61,8 @@ class _Actor:
         # Ray gives a 1-CPU actor one torch thread; the model is most of the work, so it gets
         # its share of the node's cores (reading and writing are light beside it).
         torch.set_num_threads(threads)
-        self._dir = tempfile.mkdtemp(prefix="raypipe-predict-")
-        model, card, tokenizer_json = load_registered(model_uri, tracking_uri, self._dir)
+        self._dir = tempfile.TemporaryDirectory(prefix="raypipe-predict-")  # gone with the actor
+        model, card, tokenizer_json = load_registered(model_uri, tracking_uri, self._dir.name)
         self.predictor = RowPredictor(model.to(device), card, tokenizer_json, device)
         self.keep = keep
 

@@ -131,6 +131,7 @@ def check_inputs(cfg: PipelineConfig, *, address: str | None = None) -> Checked:
     plugins.activate(cfg.plugins)
     plan = make_plan(cfg)
     _refuse_storage_in_job_copy(cfg.storage)
+    _warn_relative_data_in_job_copy(cfg)
     _generate_if_missing(cfg)
     sources = _data_files(cfg, plan)
     _check_init_tokenizer(cfg)
@@ -220,6 +221,42 @@ def _refuse_storage_in_job_copy(location: str) -> None:
             f"storage: '{location}' is relative, and this Ray job runs in Ray's temporary copy "
             f"of its working_dir ({os.getcwd()}), which is deleted with the job's files; give "
             "an absolute path every node shares, or a URI (s3://…)"
+        )
+
+
+def _source_paths(section, key: str):
+    """(config key, path) of every data source under `section` (a config model)."""
+    from pydantic import BaseModel
+
+    from raypipe.config.data_schema import Source
+
+    if isinstance(section, Source):
+        yield from ((f"{key}.path", p) for p in section.paths)
+    elif isinstance(section, BaseModel):
+        for name in type(section).model_fields:
+            yield from _source_paths(getattr(section, name), f"{key}.{name}" if key else name)
+    elif isinstance(section, list | tuple):
+        for i, item in enumerate(section):
+            yield from _source_paths(item, f"{key}[{i}]")
+    elif isinstance(section, dict):
+        for name, item in section.items():
+            yield from _source_paths(item, f"{key}.{name}")
+
+
+def _warn_relative_data_in_job_copy(cfg: PipelineConfig) -> None:
+    """A relative data path under `ray job submit --working-dir` reads (or, for generated
+    data, writes) Ray's temporary copy of that directory: say so once, since the data a user
+    meant may be elsewhere."""
+    if not _in_job_copy():
+        return
+    relative = [f"{k} '{p}'" for k, p in _source_paths(cfg, "")
+                if not storage.is_remote(p) and not os.path.isabs(os.path.expanduser(p))]  # fmt: skip
+    if relative:
+        console.line(
+            f"[data] warning: {', '.join(relative[:3])}{' …' if len(relative) > 3 else ''} "
+            f"relative: read from this Ray job's temporary copy of its working_dir "
+            f"({os.getcwd()}), i.e. what `ray job submit` uploaded; give absolute paths every "
+            "node shares, or URIs, for data that lives elsewhere"
         )
 
 

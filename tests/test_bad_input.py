@@ -518,3 +518,21 @@ def test_relative_storage_in_a_ray_jobs_working_dir_copy_is_refused(
 
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
     assert not _in_job_copy()
+
+
+def test_relative_data_in_a_ray_jobs_working_dir_copy_is_named(monkeypatch, capsys):
+    """Relative data paths under `ray job submit --working-dir` read Ray's temporary copy of
+    the working_dir: one warning line names them (absolute paths and URIs are not named)."""
+    from raypipe.config import parse_config
+    from raypipe.preflight import _warn_relative_data_in_job_copy
+
+    data = {"unlabeled": "data/u", "train": "/abs/train", "validation": "s3://bucket/val"}
+    cfg = parse_config(tiny_config(data, "/abs/runs"))
+    _warn_relative_data_in_job_copy(cfg)  # not in a job: nothing said
+    assert capsys.readouterr().out == ""
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    _warn_relative_data_in_job_copy(cfg)
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "[data] warning: data.unlabeled.path 'data/u'" in out
+    assert "/abs/train" not in out and "s3://" not in out
