@@ -310,6 +310,35 @@ def test_mlflow_serves_the_registered_model(first_run, quickstart_data, tmp_path
     assert np.allclose(np.array(body["predictions"]), expected, atol=1e-5)
 
 
+def test_checkpoints_are_logged_models(first_run):
+    """Every kept checkpoint is one of MLflow 3's logged models (no artifacts: its storage path
+    as a tag), with its metrics, comparable in the experiment's Models tab."""
+    from raypipe.stages.checkpoint_models import MODEL_TYPE
+
+    cfg, summary, storage = first_run
+    client = _client(summary.tracking_uri)
+    parent = client.get_run(summary.run_id)
+    models = [m for m in client.search_logged_models([parent.info.experiment_id])
+              if m.model_type == MODEL_TYPE]  # fmt: skip
+    by_name = {m.name: m for m in models}
+    assert len(by_name) == len(models)  # each checkpoint once
+    (stage_dir,) = (storage / "tiny").glob("pretrain-*")
+    for step in (20, 30):
+        m = by_name[f"pretrain-step-{step:08d}"]
+        assert m.tags["raypipe.checkpoint"] == str(stage_dir / "train" / f"step-{step:08d}")
+        assert {x.key for x in m.metrics} >= {"checkpoint/loss", "checkpoint/tokens_seen"}
+    trials = [m for m in models if not m.name.startswith("pretrain-")]
+    kept = list((storage / "tiny").glob("finetune-*/**/epoch-*/meta.json"))
+    assert len(trials) == len(kept) > 0
+    best = summary.arms["pretrained"]
+    m = next(m for m in trials if m.tags["raypipe.checkpoint"] == best["best_checkpoint"])
+    metrics = {x.key: x.value for x in m.metrics}
+    assert metrics[f"checkpoint/{cfg.finetune.sweep.metric}"] == pytest.approx(best["best_metric"])
+    assert "lr" in m.params
+    trial_run = client.get_run(m.source_run_id)  # the trial's own run
+    assert trial_run.info.run_name == best["best_trial"]
+
+
 def test_lineage_in_mlflow(first_run, quickstart_data):
     """Datasets as run inputs with digests; trials and the registered version tied to the
     pretraining run and step; the champion alias on the first version."""

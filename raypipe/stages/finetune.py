@@ -28,6 +28,7 @@ from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
 from raypipe.stages.budget import budget_line
+from raypipe.stages.checkpoint_models import record_checkpoints
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.counts import num_trials, repeat_seeds, sweep_is_a_repeat
 from raypipe.stages.sweep import run_repeats, run_sweep
@@ -162,6 +163,7 @@ def run_stage(
             dataset_inputs(cfg, ctx, only=("train", "validation", "test"), prefix=prefix),
         )
         publish.plot_finetuning(cfg, stage, list(result.arms))
+        record_checkpoints(stage.run, stage.dir, kind="trial")
         lengths = _text_lengths(cfg, ctx, tokenizer_json, stage.run)
     outcome = stage.outcome(
         {

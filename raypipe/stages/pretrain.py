@@ -50,6 +50,7 @@ from raypipe.errors import UserError, find_user_error
 from raypipe.preflight import RunContext, dataset_inputs, model_spec_for, tokenizer_json
 from raypipe.progress import progress
 from raypipe.stages import cache, probing, publish
+from raypipe.stages.checkpoint_models import record_checkpoints
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.sessions import TrainSession, scaling_config
 from raypipe.summary import StageOutcome
@@ -178,6 +179,7 @@ def run_stage(
         )
         publish.plot_pretraining(cfg, stage)
         publish.plot_probe(cfg, stage)
+        record_checkpoints(stage.run, storage.join(stage.dir, "train"), kind="pretrain")
     metrics = {"steps": result.steps, "final loss": round(result.final_loss, 4)}
     if result.stopped_by_probe:
         metrics["stopped"] = f"by the probe, of {cfg.pretrain.max_steps}"
