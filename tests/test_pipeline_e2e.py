@@ -154,6 +154,8 @@ def test_mlflow_run_tree(first_run):
         for r in children(stages["finetune"].info.run_id)
         if r.data.tags["raypipe.kind"] == "trial"
     ]
+    # ... and of the node each trial trained on, on the trial's own run.
+    assert any(f"{node}/cpu_utilization_percentage" in t.data.metrics for t in trials)
     assert (
         sorted(t.data.tags["raypipe.arm"] for t in trials) == ["pretrained"] * 2 + ["scratch"] * 2
     )

@@ -351,7 +351,7 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
         num_train_rows=rows.num_rows * rows.repeat, trials_dir=storage.join(rows.where, "trials"),
         parent=stage.run, seed=cfg.seed, fingerprint=inputs.fingerprint,
         lineage={**(tags if ckpt else {}), Tag.LABEL_FRACTION: arm.label_fraction},
-        faults=os.environ.get(faults.ENV, ""),
+        faults=os.environ.get(faults.ENV, ""), system_metrics_s=cfg.tracking.system_metrics_s,
     )  # fmt: skip
     datasets = {"train_ds": rows.dataset, "val_ds": data.validation}
     result = run_sweep(spec, stage_dir=rows.where, **datasets)

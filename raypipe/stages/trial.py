@@ -9,6 +9,7 @@ checkpoint when it exploits), reported to Tune with that checkpoint so PBT can c
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from raypipe.engine.finetune_loop import CHECKPOINT_PREFIX, FinetuneJob, finetun
 from raypipe.plan import task_options
 from raypipe.stages.arms import Arm
 from raypipe.stages.sessions import TrainSession, TrialSession, scaling_config
+from raypipe.system_metrics import system_metrics
 from raypipe.tracking import RunRef, Tag
 
 #: Beside a trial's checkpoints once Tune has finished with it (ran every epoch, stopped by the
@@ -54,6 +56,7 @@ class ArmSweep:
     fingerprint: str
     lineage: dict[str, Any] = field(default_factory=dict)  # the pretraining it started from
     faults: str = ""
+    system_metrics_s: float | None = None  # tracking.system_metrics_s, on each trial's run
 
 
 def trial_name(arm: Arm, trial_id: str) -> str:
@@ -134,7 +137,11 @@ def _job(sweep: ArmSweep, hp: dict, name: str, seed: int) -> FinetuneJob:
 
 def _finetune_worker(config: dict[str, Any]) -> None:
     """A TorchTrainer worker's entry point (trials with several workers)."""
-    finetune_loop(config["job"], TrainSession(config["run"]))
+    session = TrainSession(config["run"])
+    local_first = ray.train.get_context().get_local_rank() == 0  # one monitor per node
+    with system_metrics(config["run"], every_s=config["system_metrics_s"] if local_first else None,
+                        node=f"{socket.gethostname()}-rank{session.rank}"):  # fmt: skip
+        finetune_loop(config["job"], session)
 
 
 def _fit_inline(sweep, job, run, run_dir, datasets, *, to_tune: bool, num_to_keep) -> None:
@@ -144,7 +151,8 @@ def _fit_inline(sweep, job, run, run_dir, datasets, *, to_tune: bool, num_to_kee
         run, run_dir=run_dir, prefix=CHECKPOINT_PREFIX, datasets=datasets,
         use_gpu=cfg.scaling.use_gpu, num_to_keep=num_to_keep, to_tune=to_tune,
     )  # fmt: skip
-    finetune_loop(job, session)
+    with system_metrics(run, every_s=sweep.system_metrics_s, node=f"{socket.gethostname()}-rank0"):
+        finetune_loop(job, session)
     if to_tune and session.last_metrics is not None:
         write_done(run_dir, job.hp, result=session.last_metrics)
 
@@ -160,7 +168,7 @@ def _fit(sweep, job, run, name: str, datasets, *, to_tune: bool, num_to_keep) ->
         return found[0] if found else None
     trainer = TorchTrainer(
         _finetune_worker,
-        train_loop_config={"job": job, "run": run},
+        train_loop_config={"job": job, "run": run, "system_metrics_s": sweep.system_metrics_s},
         scaling_config=scaling_config(sweep.cfg.scaling),
         run_config=ray.train.RunConfig(
             name=name,
