@@ -32,7 +32,10 @@ def cluster() -> dict:
 def test_cluster_yaml_is_valid(cluster):
     prepared = _validate(cluster)
     types = prepared["available_node_types"]
-    assert set(types) == {"head", "cpu_worker", "gpu_worker"}
+    assert set(types) == {"head", "cpu_worker", "gpu_worker", "gpu_spot_worker"}
+    spot = types["gpu_spot_worker"]
+    assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert spot["resources"] == types["gpu_worker"]["resources"] and spot["min_workers"] == 0
     assert types["head"]["resources"] == {"CPU": 0}  # nothing trains or preprocesses there
     assert types["gpu_worker"]["min_workers"] == 0 and types["cpu_worker"]["min_workers"] == 0
     assert types["gpu_worker"]["resources"]["GPU"] == 1
@@ -70,7 +73,7 @@ def test_cluster_nodes_get_scoped_roles_and_a_closed_security_group(cluster):
     nodes = cluster["available_node_types"]
     roles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in nodes.items()}
     assert roles == {"head": "raypipe-head", "cpu_worker": "raypipe-worker",
-                     "gpu_worker": "raypipe-worker"}  # fmt: skip
+                     "gpu_worker": "raypipe-worker", "gpu_spot_worker": "raypipe-worker"}  # fmt: skip
     groups = {tuple(t["node_config"]["SecurityGroupIds"]) for t in nodes.values()}
     assert len(groups) == 1  # one group of its own: the launcher's (SSH from anywhere) unused
     policy = json.loads((ROOT / "aws" / "head-policy.json").read_text())
@@ -111,7 +114,9 @@ def test_kuberay_rayjob_manifest():
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["template"]["spec"]["containers"][0]["image"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert set(groups) == {"cpu", "gpu"}
+    assert set(groups) == {"cpu", "gpu", "gpu-spot"}
+    spot = groups["gpu-spot"]["template"]["spec"]
+    assert spot["nodeSelector"] == {"cloud.google.com/gke-spot": "true"} and spot["tolerations"]
     for g in groups.values():
         assert isinstance(g["rayStartParams"], dict)
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]

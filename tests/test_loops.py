@@ -69,6 +69,32 @@ def test_pretrain_loop_resumes_with_the_same_losses(tmp_path, monkeypatch):
     assert resumed.logger.series("train/loss") == clean.logger.series("train/loss")[3:]
 
 
+def test_a_reclaim_notice_writes_a_checkpoint_at_that_step_and_a_resume_starts_there(
+    tmp_path, monkeypatch
+):
+    """Spot preemption: the notice comes after step 4 (checkpoints every 3): a checkpoint of
+    step 4 is written at once, then no step runs until the deadline (+ grace); a node still
+    there then trains on. A run resumed from that checkpoint computes what a clean run does."""
+    import raypipe.engine.pretrain_loop as loop
+
+    clean, _ = _pretrain(tmp_path / "clean")
+    waited = []
+    monkeypatch.setattr(loop.time, "sleep", waited.append)
+    monkeypatch.setattr(loop, "RECLAIM_GRACE_S", 5.0)
+    session = MemorySession({"train": _rows()}, checkpoint_dir=tmp_path / "cut", prefix="step-")
+    session.reclaims = {4: loop.time.time() + 30.0}  # after the 4th step, a 30 s deadline
+    outcome = pretrain_loop(_pretrain_job(tmp_path / "cut"), session)
+    assert outcome.steps == 6 and not outcome.stopped_by_probe  # not reclaimed after all
+    assert len(waited) == 1 and 30 < waited[0] <= 35  # until the deadline + grace, once
+    assert [r["step"] for r in session.records] == [3, 4, 6]  # step 4: the notice's
+    # Resumed from step 4 (the node gone after its checkpoint): steps 5 and 6 as a clean run.
+    (tmp_path / "cut" / "step-00000006").rename(tmp_path / "gone")
+    resumed, outcome = _pretrain(tmp_path / "cut")
+    assert resumed.logger.metrics[0] == (4, {"train/resumed_from_step": 4})
+    assert [s for s, m in resumed.logger.metrics if "train/loss" in m] == [5, 6]
+    assert resumed.logger.series("train/loss") == clean.logger.series("train/loss")[4:]
+
+
 def _labeled(n, seed) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, tiny.VOCAB, (n, 10), generator=g)

@@ -115,6 +115,7 @@ class _State:
     position: DataPosition = field(default_factory=DataPosition)
     resumed: str | None = None  # the checkpoint it resumed from
     note: str = ""  # how the resume differs (another number of workers)
+    reclaim_at: int | None = None  # the step a node reclaim notice came at (spot preemption)
 
 
 def _batches_forever(session: Session, cfg: PretrainConfig, seed: int, at: DataPosition):
@@ -440,6 +441,8 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
             job, session, objective, optimizers, schedulers, state, last=last
         ):
             break  # the probe stopped improving (pretrain.probe.patience)
+        if not last and _reclaimed(job, session, objective, optimizers, schedulers, state):
+            break  # ... at the checkpoint a reclaim notice wrote
     return PretrainOutcome(
         steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped,
         stopped_by_probe=state.step < cfg.max_steps,
@@ -462,6 +465,33 @@ def _checkpoint(job, session, objective, optimizers, schedulers, state: _State, 
     if stop and rank == 0:
         progress(f"pretrain: stopped at step {step} of {job.cfg.max_steps}: the probe stopped "
                  "improving (pretrain.probe.patience)")  # fmt: skip
+    return stop
+
+
+#: How long past a reclaim deadline the loop waits for Ray Train to take its workers down;
+#: a node still here then was not reclaimed after all, and training goes on.
+RECLAIM_GRACE_S = 120.0
+
+
+def _reclaimed(job, session, objective, optimizers, schedulers, state: _State) -> bool:
+    """Spot preemption. On the notice that a node of this run is about to be reclaimed (Ray
+    Train's), a just-in-time checkpoint at this step boundary (unless this step wrote one),
+    then no more steps until the deadline: Ray Train takes the workers down there and
+    restarts the run from that checkpoint (a preemption, not one of `pretrain.max_failures`),
+    so no finished step is lost. Without a deadline training goes on from the checkpoint.
+    True if the probe asked to stop at that checkpoint."""
+    deadline = session.reclaim_notice()
+    if deadline is None or state.reclaim_at is not None:
+        return False
+    state.reclaim_at = step = state.step
+    stop = state.last_saved != step and _checkpoint(
+        job, session, objective, optimizers, schedulers, state, last=False
+    )
+    if session.rank == 0:
+        progress(f"pretrain: node reclaim notice at step {step}: checkpoint written"
+                 + ("; waiting for the restart" if math.isfinite(deadline) else ""))  # fmt: skip
+    if not stop and math.isfinite(deadline):
+        time.sleep(max(deadline + RECLAIM_GRACE_S - time.time(), 0.0))
     return stop
 
 

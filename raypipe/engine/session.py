@@ -52,6 +52,11 @@ class Session(Protocol):
     def record(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
         """Every rank calls this; rank 0's `save(directory)` writes the checkpoint, if any."""
 
+    def reclaim_notice(self) -> float | None:
+        """Whether a node this run trains on is about to be reclaimed (spot preemption): its
+        deadline in UNIX seconds (`math.inf` when none was given), the same answer on every
+        rank; None while there is no notice. Every rank calls it at the same steps."""
+
 
 class RecordingLogger:
     """A logger that keeps what it is given: [(step, metrics)] and the params."""
@@ -99,6 +104,9 @@ class MemorySession:
         self.num_to_keep = num_to_keep
         self.logger = RecordingLogger()
         self.records: list[dict[str, Any]] = []
+        #: {step: deadline}: the reclaim notice this session gives once that step is done
+        self.reclaims: dict[int, float] = {}
+        self._steps_asked = 0
 
     def batches(
         self,
@@ -129,6 +137,10 @@ class MemorySession:
     def resumed(self):
         found = latest_checkpoint(self.checkpoint_dir, prefix=self.prefix)
         yield found[0] if found else None
+
+    def reclaim_notice(self) -> float | None:
+        self._steps_asked += 1  # asked once a step
+        return next((d for at, d in self.reclaims.items() if self._steps_asked >= at), None)
 
     def record(self, metrics: dict[str, Any], *, save: Save | None, checkpoint_name: str) -> None:
         if save is not None:

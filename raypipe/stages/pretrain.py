@@ -302,7 +302,9 @@ def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str) -> 
             name="train",
             storage_path=stage_dir,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # A node reclaimed with notice (spot) restarts the run from the checkpoint written
+            # on the notice; those restarts are not counted against max_failures.
+            failure_config=FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=-1),
         ),
         datasets=datasets if isinstance(datasets, dict) else {"train": datasets},
         # Blocks arrive in read order, so a seeded run sees the same data in the same order.
