@@ -33,6 +33,8 @@ BLOCK_BYTES = 8 * 2**20
 #: A weighted mix draws whole blocks: small data is read in blocks this small for it, so the
 #: sources take turns every few hundred rows, not every pass.
 MIX_BLOCK_BYTES = 256 * 2**10
+#: The block size of data streamed from its shards (see build_dataset).
+STREAM_BLOCK_BYTES = 4 * 2**20
 #: A source is read at most this many times in one epoch of a weighted mix.
 MAX_MIX_REPEATS = 1000
 
@@ -267,6 +269,11 @@ def build_dataset(
             refs = ds.materialize().to_arrow_refs()
         ds = ray.data.from_arrow_refs(refs * passes)
     ds.context.raise_original_map_exception = True  # a UserError in a transform stays one
+    if not footprint.small:
+        # Streamed shards come out of their read tasks (and the transform) in blocks of this
+        # size, not Ray Data's 128 MiB: the first batch no longer waits for a whole shard to
+        # be read and transformed.
+        ds.context.target_max_block_size = STREAM_BLOCK_BYTES
     return ds.map_batches(
         enc.transform,
         batch_format="numpy",
