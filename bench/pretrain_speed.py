@@ -1,29 +1,29 @@
 """P1 step throughput, P2 data wait, P3 cold start, and what Ray's own processes cost.
 
-One run, side by side:
-  1. `raypipe run pipelines/quickstart.yaml` with pretraining only (a first, short run writes the
-     data and warms the page cache; its cold start is reported too), then the same short run
-     with its one worker in a Ray Train worker process instead of the driver (its cold start);
-  2. a plain PyTorch loop: the same model, the same pre-tokenized blocks (packed by the same
-     code from the same Parquet shards, held in memory), same seed, same torch threads as the
-     raypipe worker, a hand-written forward / backward / clip / AdamW / schedule step;
-  3. the measured raypipe run: its throughput, step time and data wait are read back from the
-     MLflow store (the `perf/*` metrics every run logs), its cold start from `startup/*`;
-     the CPU seconds of every process of the run's tree, grouped by role, over the steady
-     window;
-  4. the plain loop again. The plain rate is the better of 2 and 4 (the machine is shared and
-     noisy; the better run is the fairer baseline).
+Pairs, interleaved: `--pairs` rounds, each measuring every configuration once against its own
+plain loop, run right before or right after it (the order alternates pair to pair):
+  - raypipe: `raypipe run pipelines/quickstart.yaml` with pretraining only, read back from its
+    MLflow store (`perf/step_time_s`, `perf/data_wait_share`, `startup/*`), and the CPU seconds
+    of every process of its tree by role over the steady window. The configurations
+    (`--configs`): the quickstart's data read once on the driver (below the in-memory
+    threshold) or a copy above the threshold streamed from its shards, each with the worker
+    training in the driver process or in a Ray Train worker process;
+  - plain: a hand-written PyTorch loop, the same model, the same pre-tokenized blocks (packed
+    by the same code from the same Parquet shards, held in memory), same seed, same torch
+    threads as the raypipe worker: forward / backward / clip / fused AdamW / schedule.
 
-Warm-up (the first `--warmup` steps) is left out of both. Prints ratios, not single timings.
+A short first run writes the data and warms the page cache. The first `--warmup` steps of each
+run are left out. Prints each pair's ratio raypipe/plain, then per configuration the median
+and range of the ratios.
 
-    python bench/pretrain_speed.py [--steps 400] [--warmup 100] [--log-every 25]
+    python bench/pretrain_speed.py [--pairs 5] [--steps 300] [--warmup 100] [--configs ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,55 +191,37 @@ def plain_loop(ckpt: str, files: list[str], *, steps: int, warmup: int, threads:
     return (steps - warmup) * batch_size * (block - 1) / elapsed, elapsed / (steps - warmup)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--workdir", default=None)
-    args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="raypipe-speed-"))
-    work.mkdir(parents=True, exist_ok=True)
-    common = ["--set", "finetune=null", "--set", f"pretrain.log_every={args.log_every}"]
+#: The configurations measured: where the data is read, and where the worker trains.
+CONFIGS = {
+    "driver-read, in the driver": ("driver", True),
+    "driver-read, worker process": ("driver", False),
+    "streamed, in the driver": ("stream", True),
+    "streamed, worker process": ("stream", False),
+}
 
-    # 1. data + page cache; a first cold start (its checks include writing the data)
-    rc, out, wall = _raypipe(
-        [*common, "--set", "pretrain.max_steps=25", "--set", f"storage={work}/warm"], work
-    )
-    if rc:
-        print(out)
-        return rc
-    first_cold = re.search(r"first step ([\d.]+) s", out).group(1)
-    # 1b. the same short run with its worker in a Ray Train worker process, not in the driver
-    rc, out, _ = _raypipe(
-        [
-            *common,
-            "--set",
-            "pretrain.max_steps=25",
-            "--set",
-            "pretrain.scaling.in_process=false",
-            "--set",
-            f"storage={work}/worker",
-        ],
-        work,
-    )
-    if rc:
-        print(out)
-        return rc
-    worker_cold = re.search(r"first step .*", out).group(0)
-    files = sorted(str(p) for p in (work / "data/quickstart/unlabeled").glob("*.parquet"))
-    ckpt = next((work / "warm").rglob("step-00000025"))
 
-    # 2. plain loop (threads: what the raypipe worker uses, read back after the first run),
-    # once the first run's Ray processes have gone
-    time.sleep(10)
-    client, warm_run = _pretrain_run(f"{work}/warm")
-    threads = int(warm_run.data.params["torch_threads"])
-    plain_a, _ = plain_loop(
-        str(ckpt), files, steps=args.steps, warmup=args.warmup, threads=threads, seed=0
-    )
+def streamed_copy(base: Path, into: Path) -> Path:
+    """The quickstart's unlabeled rows repeated until their text is above the in-memory
+    threshold (`CACHE_MAX_BYTES`), in 8 shards: pretraining streams it from the shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    # 3. raypipe, measured; CPU by role over the steady window (after the warm-up step's line)
+    from raypipe.data.pipelines import CACHE_MAX_BYTES
+
+    table = pq.read_table(base)
+    copies = CACHE_MAX_BYTES // max(table.column("text").nbytes, 1) + 2
+    big = pa.concat_tables([table] * copies)
+    per = -(-big.num_rows // 8)
+    into.mkdir(parents=True, exist_ok=True)
+    for i in range(8):
+        pq.write_table(big.slice(i * per, per), into / f"part-{i}.parquet")
+    return into
+
+
+def raypipe_rate(work: Path, name: str, cfg: tuple[str, bool], stream: Path, args) -> dict:
+    """One measured `raypipe run` (pretraining only): its tokens/s after the warm-up, read back
+    from the MLflow store, its data wait, cold start, and CPU seconds by role."""
+    path, here = cfg
     meter: dict[str, CpuByRole] = {}
 
     def on_line(pid: int, line: str) -> None:
@@ -249,62 +231,111 @@ def main() -> int:
         if f"pretrain step {args.steps}/" in line and "cpu" in meter:
             meter["cpu"].stop()
 
-    rc, out, wall = _raypipe(
-        [
-            *common,
-            "--set",
-            f"pretrain.max_steps={args.steps}",
-            "--set",
-            f"pretrain.checkpoint_every={args.steps}",
-            "--set",
-            f"storage={work}/measured",
-        ],
-        work,
-        on_line,
+    sets = {
+        "finetune": "null",
+        "pretrain.log_every": args.log_every,
+        "pretrain.max_steps": args.steps,
+        "pretrain.checkpoint_every": args.steps,
+        "pretrain.scaling.in_process": str(here).lower(),
+        "storage": work / name,
+    }
+    if path == "stream":
+        sets["data.unlabeled.path"] = stream
+    rc, out, _ = _raypipe(
+        [a for k, v in sets.items() for a in ("--set", f"{k}={v}")], work, on_line
     )
     if rc:
-        print(out)
-        return rc
-    client, run = _pretrain_run(f"{work}/measured")
+        raise SystemExit(out)
+    client, run = _pretrain_run(str(work / name))
     step_times = _history(client, run.info.run_id, "perf/step_time_s", args.warmup)
     waits = _history(client, run.info.run_id, "perf/data_wait_share", args.warmup)
-    rates = _history(client, run.info.run_id, "perf/tokens_per_s", args.warmup)
-    startup = {
-        k.removeprefix("startup/").removesuffix("_s"): v
-        for k, v in run.data.metrics.items()
-        if k.startswith("startup/")
-    }
-    tokens_per_step = 32 * 64
-    raypipe_rate = tokens_per_step / (sum(step_times) / len(step_times))
-
-    # 4. plain loop again
-    time.sleep(10)
-    plain_b, plain_step = plain_loop(
-        str(ckpt), files, steps=args.steps, warmup=args.warmup, threads=threads, seed=0
-    )
-    plain = max(plain_a, plain_b)  # the better of the two: the baseline at its best
-
-    print(f"--- pretrain speed (workdir {work}; torch threads {threads}; {args.steps} steps, ")
-    print(f"    the first {args.warmup} left out; quickstart model, batch 32 x 64 tokens)")
-    print(f"P1 raypipe {raypipe_rate:,.0f} tokens/s (windows {min(rates):,.0f}-{max(rates):,.0f})")
-    print(f"   plain   {plain:,.0f} tokens/s (before {plain_a:,.0f}, after {plain_b:,.0f})")
-    print(f"   ratio   {raypipe_rate / plain:.3f}")
-    print(
-        f"P2 data wait {100 * sum(waits) / len(waits):.2f} % of step time "
-        f"(windows {100 * min(waits):.2f}-{100 * max(waits):.2f} %), from MLflow perf/data_wait_share"
-    )
-    total = startup.pop("total")
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in startup.items())
-    print(
-        f"P3 cold start {total:.1f} s to the first step ({parts}); first run (writes data) {first_cold} s"
-    )
-    print(f"   with a Ray Train worker process (in_process: false): {worker_cold}")
     cpu = meter.get("cpu")
-    if cpu is not None:
-        print(f"CPU seconds over the steady window ({cpu.seconds:.1f} s wall, 2 cores):")
-        for role, sec in cpu.by_role().items():
-            print(f"   {role:22s} {sec:7.1f} s  ({100 * sec / cpu.seconds:5.1f} % of one core)")
-    print(f"whole run {wall:.1f} s")
+    return {
+        "rate": 32 * 64 / (sum(step_times) / len(step_times)),
+        "wait": sum(waits) / len(waits),
+        "cold": run.data.metrics.get("startup/total_s", float("nan")),
+        "cpu": (cpu.by_role(), cpu.seconds) if cpu is not None else None,
+    }
+
+
+def _warm(work: Path, log_every: int) -> tuple[str, list[str], int]:
+    """A short first run: writes the data, warms the page cache, leaves a checkpoint whose
+    model the plain loop builds, and says how many torch threads the worker got."""
+    sets = ["--set", "finetune=null", "--set", f"pretrain.log_every={log_every}",
+            "--set", "pretrain.max_steps=25", "--set", f"storage={work}/warm"]  # fmt: skip
+    rc, out, _ = _raypipe(sets, work)
+    if rc:
+        raise SystemExit(out)
+    files = sorted(str(p) for p in (work / "data/quickstart/unlabeled").glob("*.parquet"))
+    ckpt = str(next((work / "warm").rglob("step-00000025")))
+    _, warm_run = _pretrain_run(f"{work}/warm")
+    return ckpt, files, int(warm_run.data.params["torch_threads"])
+
+
+def _report(seen: dict[str, list[tuple[dict, float]]], args) -> None:
+    med = statistics.median
+    print(f"--- pretrain speed: {args.pairs} interleaved raypipe/plain pairs per configuration, ")
+    print(f"    {args.steps} steps each, the first {args.warmup} left out; quickstart model, "
+          "batch 32 x 64 tokens")  # fmt: skip
+    for name, pairs in seen.items():
+        ratios = [r["rate"] / plain for r, plain in pairs]
+        print(f"P1 {name}: ratio median {med(ratios):.3f} (range {min(ratios):.3f}-"
+              f"{max(ratios):.3f}; pairs {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
+        print(f"   raypipe {med([r['rate'] for r, _ in pairs]):,.0f} tokens/s, plain "
+              f"{med([p for _, p in pairs]):,.0f} tokens/s (medians)")  # fmt: skip
+        waits = [100 * r["wait"] for r, _ in pairs]
+        colds = [r["cold"] for r, _ in pairs]
+        print(f"P2 data wait median {med(waits):.2f} % (range {min(waits):.2f}-{max(waits):.2f} %)"
+              f"; P3 first step median {med(colds):.1f} s ({min(colds):.1f}-{max(colds):.1f})")  # fmt: skip
+        cpu = pairs[-1][0]["cpu"]
+        if cpu is not None:
+            roles, wall = cpu
+            print(
+                f"   CPU over the last run's steady window ({wall:.1f} s wall, 2 cores): "
+                + ", ".join(f"{k} {100 * v / wall:.0f} %" for k, v in roles.items() if v > 0.5)
+            )
+
+
+def _pair(work, run_name, name, *, plain_first, args, plain, stream) -> tuple[dict, float]:
+    """One raypipe run of configuration `name` and one plain loop, in the given order (it
+    alternates pair to pair, so neither always has the quieter machine)."""
+    ckpt, files, threads = plain
+
+    def plain_rate() -> float:
+        time.sleep(5)  # the last run's Ray processes gone
+        rate, _ = plain_loop(ckpt, files, steps=args.steps, warmup=args.warmup, threads=threads,
+                             seed=0)  # fmt: skip
+        return rate
+
+    if plain_first:
+        p = plain_rate()
+        return raypipe_rate(work, run_name, CONFIGS[name], stream, args), p
+    m = raypipe_rate(work, run_name, CONFIGS[name], stream, args)
+    return m, plain_rate()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="raypipe-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, files, threads = _warm(work, args.log_every)
+    stream = streamed_copy(work / "data/quickstart/unlabeled", work / "streamed")
+    seen: dict[str, list[tuple[dict, float]]] = {c: [] for c in args.configs}
+    for r in range(args.pairs):
+        for i, name in enumerate(args.configs):
+            m, p = _pair(work, f"run-{r}-{i}", name, plain_first=(r + i) % 2 == 0, args=args,
+                         plain=(ckpt, files, threads), stream=stream)  # fmt: skip
+            seen[name].append((m, p))
+            print(f"pair {r + 1} {name}: raypipe {m['rate']:,.0f}, plain {p:,.0f} tokens/s, "
+                  f"ratio {m['rate'] / p:.3f}", flush=True)  # fmt: skip
+    _report(seen, args)
     return 0
 
 

@@ -160,8 +160,9 @@ def test_pretrain_loop_equals_ray_train_local_mode(ray_session, tmp_path):
         torch.set_num_threads(threads)
     ds = ray_session.data.from_items([{"input_ids": r} for r in _rows()["input_ids"].numpy()])
     job = _pretrain_job(tmp_path / "ray" / "train")
-    pretrain._limit_to_driver(ds, job.cfg)
-    trainer = pretrain._trainer(job, None, ds, here=True, stage_dir=str(tmp_path / "ray"))
+    pretrain._limit_to_driver({"train": ds}, job.cfg, streamed=False)
+    trainer = pretrain._trainer(job, None, {"train": ds}, here=True, stage_dir=str(tmp_path / "ray"),
+                                streamed=False)  # fmt: skip
     result = pretrain._fit_in_process(trainer, job.cfg)
     assert result.return_value.final_loss == pytest.approx(outcome.final_loss, rel=1e-6)
     ours = load_file(tmp_path / "memory" / "step-00000006" / "model.safetensors")

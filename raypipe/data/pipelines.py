@@ -19,6 +19,7 @@ import ray.data
 
 from raypipe.config import LabeledSource, PreprocessConfig, PretrainConfig, Source
 from raypipe.data import files as datafiles
+from raypipe.data.idle_nap import nap_when_idle
 from raypipe.data.kinds import Needs, labeled_kind, pretrain_kind
 
 #: Bytes of text per token, a generous upper bound (BPE on English gives 2-5): so the count of
@@ -35,6 +36,11 @@ BLOCK_BYTES = 8 * 2**20
 MIX_BLOCK_BYTES = 256 * 2**10
 #: The block size of data streamed from its shards (see build_dataset).
 STREAM_BLOCK_BYTES = 4 * 2**20
+#: How much of streamed training data (per worker) may wait in Ray's object store ahead of the
+#: trainer: a few blocks, minutes of training. Unbounded, Ray Data reads and tokenizes the
+#: shards as fast as its CPUs allow, and on a small machine that competes with the training
+#: step itself (P1 in BENCHMARKS.md).
+STREAM_AHEAD_BYTES = 64 * 2**20
 #: A source is read at most this many times in one epoch of a weighted mix.
 MAX_MIX_REPEATS = 1000
 
@@ -274,13 +280,14 @@ def build_dataset(
         # size, not Ray Data's 128 MiB: the first batch no longer waits for a whole shard to
         # be read and transformed.
         ds.context.target_max_block_size = STREAM_BLOCK_BYTES
-    return ds.map_batches(
+    ds = ds.map_batches(
         enc.transform,
         batch_format="numpy",
         batch_size=enc.batch_size,
         fn_kwargs=enc.kwargs,
         **preprocess_args(preprocess),
     )
+    return nap_when_idle(ds)  # no busy loop against the training step (see data/idle_nap.py)
 
 
 def labeled_dataset(

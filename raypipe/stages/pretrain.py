@@ -29,6 +29,7 @@ from raypipe.config import (
 )
 from raypipe.data import files as datafiles
 from raypipe.data.pipelines import (
+    STREAM_AHEAD_BYTES,
     Holdout,
     Tally,
     build_dataset,
@@ -280,18 +281,28 @@ def _fit_in_process(trainer: TorchTrainer, cfg: PretrainConfig):
         torch.set_num_threads(threads)
 
 
-def _limit_to_driver(dataset, cfg: PretrainConfig) -> None:
-    """Ray Train's local mode gives the loop the dataset itself: set what DataConfig and the
-    worker's placement would (stream order; the CPU this process trains on is not Ray
+def _ingest(name: str, cfg: PretrainConfig, *, streamed: bool, cpu: float | None = None):
+    """How Ray Data runs dataset `name` into training: in read order (a seeded run sees the
+    same data in the same order), and a streamed training stream at most STREAM_AHEAD_BYTES
+    per worker ahead of the trainer (backpressure: reading and tokenizing keep pace with the
+    steps instead of racing the training step for the CPUs)."""
+    ahead = STREAM_AHEAD_BYTES * cfg.scaling.num_workers if streamed and name == "train" else None
+    limits = ExecutionResources.for_limits(cpu=cpu, object_store_memory=ahead)
+    return ExecutionOptions(preserve_order=True, resource_limits=limits)
+
+
+def _limit_to_driver(datasets: dict, cfg: PretrainConfig, *, streamed: bool) -> None:
+    """Ray Train's local mode gives the loop the datasets themselves: set what DataConfig and
+    the worker's placement would (`_ingest`; the CPU this process trains on is not Ray
     Data's, though Ray never reserved it: at least one CPU stays, never a deadlock). The
-    context is this dataset's own (a copy made when it was read), not Ray's global."""
-    cpus = ray.cluster_resources().get("CPU", 1.0) - cfg.scaling.cpus_per_worker
-    dataset.context.execution_options = ExecutionOptions(
-        preserve_order=True, resource_limits=ExecutionResources.for_limits(cpu=max(cpus, 1.0))
-    )
+    context is each dataset's own (a copy made when it was read), not Ray's global."""
+    cpus = max(ray.cluster_resources().get("CPU", 1.0) - cfg.scaling.cpus_per_worker, 1.0)
+    for name, ds in datasets.items():
+        ds.context.execution_options = _ingest(name, cfg, streamed=streamed, cpu=cpus)
 
 
-def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str) -> TorchTrainer:
+def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str,
+             streamed: bool) -> TorchTrainer:  # fmt: skip
     cfg = job.cfg
     return TorchTrainer(
         _train_worker,
@@ -306,9 +317,10 @@ def _trainer(job: PretrainJob, run, datasets, *, here: bool, stage_dir: str) -> 
             # on the notice; those restarts are not counted against max_failures.
             failure_config=FailureConfig(max_failures=cfg.max_failures, max_preemption_failures=-1),
         ),
-        datasets=datasets if isinstance(datasets, dict) else {"train": datasets},
-        # Blocks arrive in read order, so a seeded run sees the same data in the same order.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        datasets=datasets,
+        dataset_config=DataConfig(
+            execution_options={n: _ingest(n, cfg, streamed=streamed) for n in datasets}
+        ),
     )
 
 
@@ -382,8 +394,7 @@ def train(
     timing.mark("dataset")
     train_dir = storage.join(stage_dir, "train")
     if here:
-        for ds in datasets.values():
-            _limit_to_driver(ds, cfg)
+        _limit_to_driver(datasets, cfg, streamed=not footprint.small)
     job = PretrainJob(
         cfg=cfg, model_spec=model_spec, tokenizer_json=tokenizer_json, seed=seed,
         fingerprint=fingerprint, checkpoint_dir=train_dir, best_dir=storage.join(stage_dir, "best"),
@@ -397,7 +408,9 @@ def train(
                    if probe and probe[0].patience else None),
         system_metrics_s=system_metrics_s,
     )  # fmt: skip
-    trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir)
+    trainer = _trainer(
+        job, run, datasets, here=here, stage_dir=stage_dir, streamed=not footprint.small
+    )
     result, probes = _fit_and_probe(trainer, job, here=here, probe=probe, run=run)
     outcome = result.return_value
     if outcome is not None and outcome.error:
