@@ -8,10 +8,8 @@ worker, in the driver (Ray Train's local mode) and in the tests and benchmarks w
 
 from __future__ import annotations
 
-import gc
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -375,26 +373,7 @@ def _mfu_of(objective, cfg: PretrainConfig, device):
     return lambda rate: mfu(rate, per_token, peak)
 
 
-@contextmanager
-def gc_frozen():
-    """The objects alive when training starts (a `raypipe run` driver holds 360,000: Ray's,
-    MLflow's, the libraries') kept out of the cyclic GC's scans while it trains, and put back
-    after: each step makes objects enough for two collections, and scanning the rest cost
-    about 1 % of the quickstart's step (P1 in BENCHMARKS.md)."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
-    """Pretrain `job` in `session`, from its latest checkpoint when there is one."""
-    with gc_frozen():
-        return _pretrain_loop(job, session)
-
-
-def _pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
     marks = {"workers": time.time()}  # this worker's cold-start milestones
     cfg, rank, world, device = job.cfg, session.rank, session.world, session.device
     objective = _build(job, device)
