@@ -26,6 +26,7 @@ from raypipe.preflight import (
 )
 from raypipe.stages import cache, finetune, pretrain, probing, publish
 from raypipe.stages.connect import RayConnection
+from raypipe.stages.worker_budget import finetune_share_s, pipeline_spent, pretrain_share_s
 from raypipe.summary import ARTIFACT as SUMMARY_ARTIFACT
 from raypipe.summary import Summary, TaskResult
 from raypipe.summary import to_json as summary_to_json
@@ -62,9 +63,9 @@ def _reached(steps: list[int | None], pre) -> list[int | None]:
     return [s for s in steps if s not in beyond]
 
 
-def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_conn):
-    """One fine-tuning task from the pretraining `pre` (None: none in this pipeline): its
-    result and its stage's outcome."""
+def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_conn, budget_s):
+    """One fine-tuning task from the pretraining `pre` (None: none in this pipeline), spending
+    at most `budget_s` worker-seconds (None: no budget): its result and its stage's outcome."""
     cfg, f = view.cfg, view.cfg.finetune
     if pre is not None:
         tokenizer, spec, upstream = pre.tokenizer_json, pre.model_spec, pre.fingerprint
@@ -81,7 +82,7 @@ def _run_task(view: TaskView, ctx: RunContext, pre, parent, pipeline_fp, ray_con
     result, outcome = finetune.run_stage(
         view, ctx, parent, ray_conn,
         tokenizer_json=tokenizer, spec=spec, init_ckpts=init_ckpts,
-        upstream=upstream or f.init, pipeline_fp=pipeline_fp,
+        upstream=upstream or f.init, pipeline_fp=pipeline_fp, worker_budget_s=budget_s,
     )  # fmt: skip
     rows = {a.arm.label: a.to_dict() for a in result.arms}
     publish.log_label_efficiency(cfg, parent, rows, task=view.name if view.several else None)
@@ -108,13 +109,13 @@ def side_by_side(views: list[TaskView], capacity: dict[str, float]) -> int:
     return max(1, min([len(views), *fits]))
 
 
-def _run_tasks(views: list[TaskView], ctx, pre, parent, pipeline_fp, ray_conn) -> list:
+def _run_tasks(views: list[TaskView], ctx, pre, parent, pipeline_fp, ray_conn, budget_s) -> list:
     """Every task, [(result, outcome)] in their order: side by side where the cluster holds
     several tasks' sweeps at once (threads on this driver, each driving its own Tune sweeps),
     else one after another. A task that fails lets the others finish (their stages are
     kept), then its error is raised."""
     width = side_by_side(views, ray_conn.capacity()) if len(views) > 1 else 1
-    run = [(v, ctx.task(v.name), pre, parent, pipeline_fp, ray_conn) for v in views]
+    run = [(v, ctx.task(v.name), pre, parent, pipeline_fp, ray_conn, budget_s) for v in views]
     if width == 1:
         return [_run_task(*args) for args in run]
     progress.console.line(f"[finetune] {len(views)} tasks, {width} at a time: the cluster holds "
@@ -126,19 +127,22 @@ def _run_tasks(views: list[TaskView], ctx, pre, parent, pipeline_fp, ray_conn) -
 
 
 def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> None:
-    """Pretraining (if any), then each fine-tuning task from it (if any), each cached."""
-    pre = None
+    """Pretraining (if any), then each fine-tuning task from it (if any), each cached, each
+    within its worker-hour budget (if any)."""
+    pre, views = None, task_views(cfg)
     if cfg.pretrain is not None:
         probes = [probing.ProbeTask(v.name, v.cfg, c.train, c.validation)
-                  for v in task_views(cfg) for c in [ctx.task(v.name)]]  # fmt: skip
+                  for v in views for c in [ctx.task(v.name)]]  # fmt: skip
         pre, outcome = pretrain.run_stage(
             without_tasks(cfg), ctx, parent, ray_conn, milestones=_milestones(cfg),
             probe_tasks=probes if cfg.pretrain.probe is not None else [],
+            worker_budget_s=pretrain_share_s(cfg, len(views)),
         )  # fmt: skip
         summary.stages.append(outcome)
-    views = task_views(cfg)
-    for view, (task, outcome) in zip(views, _run_tasks(views, ctx, pre, parent, pipeline_fp,
-                                                       ray_conn), strict=True):  # fmt: skip
+    pre_spent = (pre.worker_spent_s or 0.0) if pre is not None else 0.0
+    budget_s = finetune_share_s(cfg, len(views), pre_spent) if views else None
+    tasks = _run_tasks(views, ctx, pre, parent, pipeline_fp, ray_conn, budget_s)
+    for view, (task, outcome) in zip(views, tasks, strict=True):
         if view.several:
             summary.tasks[view.name] = task
         else:
@@ -146,6 +150,7 @@ def _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary: Summary) -> No
         summary.stages.append(outcome)
     if has_tasks(cfg):
         publish.log_scoreboard(cfg, parent, summary)
+    summary.budget = pipeline_spent(cfg, pre_spent, [task.arms for task, _ in tasks])
 
 
 def run_pipeline(
@@ -167,6 +172,7 @@ def run_pipeline(
         _log_pipeline_inputs(cfg, ctx, parent)
         _run_stages(cfg, ctx, parent, pipeline_fp, ray_conn, summary)
         publish.log_headline(parent, summary)
+        publish.log_budget(parent, summary.budget)
         summary.seconds = time.perf_counter() - started
         tracking.RunLogger(parent).log_metrics({"pipeline/seconds": summary.seconds}, 0)
         tracking.log_text(parent, summary_to_json(summary), SUMMARY_ARTIFACT)

@@ -42,6 +42,9 @@ class Summary:
     model: dict[str, Any] = field(default_factory=dict)
     #: with several named tasks: each task's outcome (the fields above stay empty)
     tasks: dict[str, TaskResult] = field(default_factory=dict)
+    #: with a worker-hour budget: {limit_s (the pipeline's, or None), spent_s, pretrain_s,
+    #: finetune_s}, in worker-seconds
+    budget: dict[str, Any] | None = None
 
 
 #: Where a finished pipeline run keeps its summary in MLflow (`raypipe report` reads it).
@@ -389,6 +392,19 @@ def _scoreboard_lines(s: Summary) -> list[str]:
     return lines
 
 
+def _budget_lines(b: dict[str, Any] | None) -> list[str]:
+    if b is None:
+        return []
+
+    def hours(seconds: float) -> str:
+        return f"{seconds / 3600:.3g}"
+
+    of = f" of {hours(b['limit_s'])}" if b.get("limit_s") is not None else ""
+    return [f"  budget    {hours(b['spent_s'])}{of} worker-hours spent (pretraining "
+            f"{hours(b['pretrain_s'])}, fine-tuning {hours(b['finetune_s'])}); what it cut is "
+            "on the stage lines"]  # fmt: skip
+
+
 def format_summary(s: Summary) -> str:
     lines = [f"raypipe: pipeline '{s.name}' finished in {s.seconds:.0f}s"]
     width = max(9, *(len(st.name) for st in s.stages)) if s.stages else 9
@@ -399,6 +415,7 @@ def format_summary(s: Summary) -> str:
     for name, t in s.tasks.items():
         lines += [f"  task '{name}'"] + ["  " + line for line in _task_lines(t)]
     lines += _scoreboard_lines(s)
+    lines += _budget_lines(s.budget)
     lines.append(f"  mlflow    run {s.run_id} in {s.tracking_uri}")
     lines.append(f"  open the UI: {tracking.ui_command(s.tracking_uri)}")
     return tracking.redact("\n".join(lines))

@@ -36,9 +36,24 @@ def cross_checks(cfg: PipelineConfig) -> list[str]:
         problems.extend(_tasks_checks(cfg))
     elif cfg.finetune is not None:
         problems.extend(_finetune_checks(cfg))
+    problems.extend(_budget_checks(cfg))
     cfg.tracking.experiment = cfg.tracking.experiment or cfg.name
     cfg.tracking.registered_model = cfg.tracking.registered_model or cfg.name
     return problems
+
+
+def _budget_checks(cfg: PipelineConfig) -> list[str]:
+    b = cfg.budget
+    if b.pretrain_worker_hours is not None and cfg.pretrain is None:
+        return ["budget.pretrain_worker_hours: this pipeline does not pretrain; remove it"]
+    if b.finetune_worker_hours is not None and cfg.finetune is None:
+        return ["budget.finetune_worker_hours: this pipeline does not fine-tune; remove it"]
+    both = cfg.pretrain is not None and cfg.finetune is not None
+    split = b.pretrain_worker_hours is not None or b.finetune_worker_hours is not None
+    if b.worker_hours is not None and both and not split:
+        return ["budget.worker_hours: say how it splits between the stages: set "
+                "budget.pretrain_worker_hours or budget.finetune_worker_hours too"]  # fmt: skip
+    return []
 
 
 def _probe_checks(cfg: PipelineConfig) -> list[str]:

@@ -469,6 +469,32 @@ FinetuneSection = Annotated[
 ]
 
 
+class BudgetConfig(Strict):
+    """What the pipeline may spend, in worker-hours: one training worker (a Ray Train worker,
+    or a trial training itself) held for one hour. Enforced across driver restarts (the time
+    before a crash counts) and reported in the summary: spent against the budget, and what it
+    cut."""
+
+    worker_hours: PositiveFloat | None = Field(
+        None,
+        description="The whole pipeline: pretraining and every task's fine-tuning sweeps. With "
+        "both stages, also set pretrain_worker_hours or finetune_worker_hours to say how it "
+        "splits.",
+    )
+    pretrain_worker_hours: PositiveFloat | None = Field(
+        None,
+        description="Pretraining (num_workers x its wall-clock hours). When it is spent, "
+        "pretraining checkpoints at that step and stops; fine-tuning starts from there.",
+    )
+    finetune_worker_hours: PositiveFloat | None = Field(
+        None,
+        description="Each task's fine-tuning sweeps, shared equally by its arms (pretrained, "
+        "scratch, per label fraction) so that they compare on the same spend. When an arm's "
+        "share is spent, its running trials stop at their last epoch and pending ones never "
+        "start; the best finished epoch is registered. Repeats are not counted.",
+    )
+
+
 class PipelineConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] = Field(
         description="Pipeline name: experiment, run and directory names derive from it."
@@ -494,6 +520,7 @@ class PipelineConfig(Strict):
         description="The fine-tuning stage; or a mapping of named tasks, each with its own "
         "`data` (labeled splits), all fine-tuned from the same pretraining.",
     )
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
 
 def _config_class(annotation: Any) -> type[BaseModel] | None:

@@ -83,6 +83,9 @@ class PretrainJob:
     stop_file: str | None = None
     #: tracking.system_metrics_s: MLflow's system metrics of each node, every this many seconds
     system_metrics_s: float | None = None
+    #: budget.pretrain_worker_hours: the wall-clock moment (time.time()) the driver worked out
+    #: the stage's worker-hours run out at; the loop checkpoints and stops there
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class PretrainOutcome:
     skipped_steps: int = 0
     error: str | None = None  # a non-finite stop: the message for the user
     stopped_by_probe: bool = False  # before max_steps, because the probe stopped improving
+    stopped_by_budget: bool = False  # before max_steps, because its worker-hours ran out
 
 
 @dataclass
@@ -443,6 +447,9 @@ def pretrain_loop(job: PretrainJob, session: Session) -> PretrainOutcome:
             break  # the probe stopped improving (pretrain.probe.patience)
         if not last and _reclaimed(job, session, objective, optimizers, schedulers, state):
             break  # ... at the checkpoint a reclaim notice wrote
+        if not last and _out_of_budget(job, session, objective, optimizers, schedulers, state):
+            return PretrainOutcome(steps=state.step, final_loss=state.final_loss,
+                                   skipped_steps=state.skipped, stopped_by_budget=True)  # fmt: skip
     return PretrainOutcome(
         steps=state.step, final_loss=state.final_loss, skipped_steps=state.skipped,
         stopped_by_probe=state.step < cfg.max_steps,
@@ -493,6 +500,22 @@ def _reclaimed(job, session, objective, optimizers, schedulers, state: _State) -
     if not stop and math.isfinite(deadline):
         time.sleep(max(deadline + RECLAIM_GRACE_S - time.time(), 0.0))
     return stop
+
+
+def _out_of_budget(job, session, objective, optimizers, schedulers, state: _State) -> bool:
+    """budget.pretrain_worker_hours: past the driver's deadline, this step's checkpoint (as
+    the last one: the probe scores it too) and no more steps. The ranks agree: one rank looks
+    every step; several look together at each logging step (a collective)."""
+    if job.deadline is None or (session.world > 1 and state.step % job.cfg.log_every):
+        return False
+    if not any(all_gather(time.time() >= job.deadline, session.world)):
+        return False
+    if state.last_saved != state.step:
+        _checkpoint(job, session, objective, optimizers, schedulers, state, last=True)
+    if session.rank == 0:
+        progress(f"pretrain: stopped at step {state.step} of {job.cfg.max_steps}: its "
+                 "worker-hour budget is spent")  # fmt: skip
+    return True
 
 
 def _probe_says_stop(job: PretrainJob, world: int) -> bool:

@@ -66,8 +66,9 @@ class ArmResult:
     pretrain_step: int | None = None
     #: ... and what pretraining had seen there: samples, tokens or images, flops (known ones)
     pretrain_seen: dict[str, float] | None = None
-    #: with finetune.sweep.time_budget_s: {limit_s, spent_s, cut, total} (cut: trials the
-    #: budget stopped mid-way or never started)
+    #: with a budget: {cut, total} (cut: trials the budget stopped mid-way or never started)
+    #: and with finetune.sweep.time_budget_s {limit_s, spent_s}, with a worker-hour budget
+    #: {worker_limit_s, worker_spent_s} (worker-seconds)
     budget: dict[str, float] | None = None
 
     @property

@@ -27,7 +27,7 @@ from raypipe.progress import console
 from raypipe.stages import cache, publish
 from raypipe.stages.arms import PRETRAINED, SCRATCH, Arm, ArmResult, Repeat
 from raypipe.stages.baseline import evaluations, run_baseline
-from raypipe.stages.budget import budget_line
+from raypipe.stages.budget import budget_line, worker_hours
 from raypipe.stages.checkpoint_models import record_checkpoints
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.counts import num_trials, repeat_seeds, sweep_is_a_repeat
@@ -60,7 +60,8 @@ def with_task_overrides(spec: dict[str, Any], task_cls) -> dict[str, Any]:
     return {"type": spec["type"], "config": {**spec["config"], **overrides}}
 
 
-def fingerprint(cfg: PipelineConfig, ctx: RunContext, spec: dict, upstream: str | None) -> str:
+def fingerprint(cfg: PipelineConfig, ctx: RunContext, spec: dict, upstream: str | None,
+                worker_budget_s: float | None = None) -> str:  # fmt: skip
     return cache.fingerprint(
         "finetune",
         _fingerprinted(cfg.finetune),
@@ -71,6 +72,8 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext, spec: dict, upstream: str 
         upstream,
         datafiles.manifest_digest(ctx.train + ctx.validation + ctx.test),
         cfg.tracking.registered_model,
+        # A worker-hour budget may cut the sweeps; absent, the parts stay as they were.
+        *([{"worker_budget_s": worker_budget_s}] if worker_budget_s is not None else []),
     )
 
 
@@ -124,6 +127,7 @@ class _Start:
     tokenizer_json: str | None
     init_ckpts: tuple[tuple[int | None, str], ...]
     fingerprint: str
+    worker_budget_s: float | None = None  # the stage's, shared equally by its sweeps
 
 
 def run_stage(
@@ -137,16 +141,19 @@ def run_stage(
     init_ckpts: tuple[tuple[int | None, str], ...],
     upstream: str | None,
     pipeline_fp: str,
+    worker_budget_s: float | None = None,
 ) -> tuple[FinetuneResult, StageOutcome]:
     """Sweep every arm and label fraction of one task and register its best model, or reuse
-    the completed stage with the same fingerprint."""
+    the completed stage with the same fingerprint; `worker_budget_s`: what its sweeps may
+    spend in all (budget.finetune_worker_hours, or the task's share of what the pipeline's
+    budget left)."""
     cfg, name = view.cfg, view.stage
     spec = with_task_overrides(spec, ctx.plan.task)
-    fp = fingerprint(cfg, ctx, spec, upstream)
+    fp = fingerprint(cfg, ctx, spec, upstream, worker_budget_s)
     prefix = f"{cfg.name}-{view.name}" if view.several else None
     with cache.open_stage(cfg, ctx, parent, name, fp, before_work=ray_conn.ensure) as stage:
         if stage.marker is None:
-            inputs = _Start(spec, tokenizer_json, init_ckpts, fp)
+            inputs = _Start(spec, tokenizer_json, init_ckpts, fp, worker_budget_s)
             result = _sweep_and_register(cfg, ctx, stage, inputs, parent, pipeline_fp)
             stage.complete(result.to_marker())
         else:
@@ -178,9 +185,14 @@ def run_stage(
 
 
 def _budgets(arms) -> dict[str, str]:
-    """{"time budget": each arm's spent of its budget and what it cut}, when there is one."""
+    """{"budget": each arm's spent of its budgets and what they cut}, when there is one."""
     lines = [budget_line(a.arm.label, **a.budget) for a in arms if a.budget]
-    return {"time budget": "; ".join(lines)} if lines else {}
+    return {"budget": "; ".join(lines)} if lines else {}
+
+
+def worker_spent_s(result: FinetuneResult) -> float:
+    """The worker-seconds the stage's sweeps spent of a worker-hour budget (0 without)."""
+    return sum((a.budget or {}).get("worker_spent_s", 0.0) for a in result.arms)
 
 
 #: Training rows tokenized to say how many texts `finetune.max_len` cuts.
@@ -337,8 +349,9 @@ def _run_repeats(spec: ArmSweep, result: ArmResult, data: _Data, rows: _Rows, se
 
 
 def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm, ckpt,
-             seeded=None):  # fmt: skip
-    """One arm on one fraction's rows: its sweep, its best checkpoint on test, its repeats."""
+             seeded=None, worker_budget_s=None):  # fmt: skip
+    """One arm on one fraction's rows: its sweep (spending at most `worker_budget_s`
+    worker-seconds), its best checkpoint on test, its repeats."""
     f, tags = cfg.finetune, lineage(ckpt)
     console.line(
         f"[finetune] sweeping the {arm.label} arm: {num_trials(f.sweep)} trial(s) "
@@ -352,6 +365,7 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
         parent=stage.run, seed=cfg.seed, fingerprint=inputs.fingerprint,
         lineage={**(tags if ckpt else {}), Tag.LABEL_FRACTION: arm.label_fraction},
         faults=os.environ.get(faults.ENV, ""), system_metrics_s=cfg.tracking.system_metrics_s,
+        worker_budget_s=worker_budget_s,
     )  # fmt: skip
     datasets = {"train_ds": rows.dataset, "val_ds": data.validation}
     result = run_sweep(spec, stage_dir=rows.where, **datasets)
@@ -369,6 +383,16 @@ def _run_arm(cfg, ctx, stage, inputs: _Start, data: _Data, rows: _Rows, arm: Arm
     return result
 
 
+def _arm_share(worker_budget_s: float | None, sweeps: int) -> float | None:
+    """Each sweep's equal share of the stage's worker-hour budget, said on the console: the
+    arms compare on the same spend."""
+    if worker_budget_s is None:
+        return None
+    console.line(f"[finetune] worker-hour budget {worker_hours(worker_budget_s)}: "
+                 f"{worker_hours(worker_budget_s / sweeps)} for each of {sweeps} sweep(s)")  # fmt: skip
+    return worker_budget_s / sweeps
+
+
 def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) -> FinetuneResult:
     f = cfg.finetune
     tracking.RunLogger(stage.run).log_params(
@@ -380,6 +404,7 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
     bases = pretrained + ([(SCRATCH, None, None)] if f.compare_scratch or not pretrained else [])
     evals = evaluations(cfg, ctx, inputs.spec) if f.baseline == "linear" else None
     arms = []
+    share = _arm_share(inputs.worker_budget_s, len(f.label_fractions) * len(bases))
     for fraction in sorted(f.label_fractions, reverse=True):
         rows = _label_rows(cfg, ctx, stage, data.encode, data.full_train, fraction)
         seeded = None  # with resample_labels: each repeat seed's own rows, shared by the arms
@@ -391,7 +416,7 @@ def _sweep_and_register(cfg, ctx, stage, inputs: _Start, parent, pipeline_fp) ->
             }
         for base, step, ckpt in bases:
             arm = Arm(base, fraction, step)
-            arms.append(_run_arm(cfg, ctx, stage, inputs, data, rows, arm, ckpt, seeded))
+            arms.append(_run_arm(cfg, ctx, stage, inputs, data, rows, arm, ckpt, seeded, share))
         if evals is not None:
             arms.append(run_baseline(cfg, stage.run, evals, rows.files, fraction=fraction,
                                      max_rows=rows.max_rows, spec=inputs.spec))  # fmt: skip

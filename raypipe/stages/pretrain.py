@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -49,11 +50,13 @@ from raypipe.engine.checkpoint import (
 from raypipe.engine.pretrain_loop import CHECKPOINT_PREFIX, PretrainJob, pretrain_loop
 from raypipe.errors import UserError, find_user_error
 from raypipe.preflight import RunContext, dataset_inputs, model_spec_for, tokenizer_json
-from raypipe.progress import progress
+from raypipe.progress import console, progress
 from raypipe.stages import cache, probing, publish
+from raypipe.stages.budget import WORKER_FILE, read_budget, spends_text, worker_hours
 from raypipe.stages.checkpoint_models import record_checkpoints
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.sessions import TrainSession, scaling_config
+from raypipe.stages.worker_budget import StageClock
 from raypipe.summary import StageOutcome
 from raypipe.system_metrics import system_metrics
 from raypipe.tracking import RunRef, Tag
@@ -74,6 +77,11 @@ class PretrainResult:
     probe: dict[str, float] = field(default_factory=dict)
     #: stopped before max_steps by pretrain.probe.patience
     stopped_by_probe: bool = False
+    #: stopped before max_steps by its worker-hour budget
+    stopped_by_budget: bool = False
+    #: with a worker-hour budget: its limit and what pretraining spent, in worker-seconds
+    worker_limit_s: float | None = None
+    worker_spent_s: float | None = None
 
     def to_marker(self) -> dict[str, Any]:
         out = {"checkpoint": self.checkpoint, "steps": self.steps, "final_loss": self.final_loss}
@@ -81,7 +89,10 @@ class PretrainResult:
                     "best_val_loss": self.best_val_loss,
                     "milestones": {str(k): v for k, v in self.milestones.items()} or None,
                     "probe": self.probe or None,
-                    "stopped_by_probe": self.stopped_by_probe or None}  # fmt: skip
+                    "stopped_by_probe": self.stopped_by_probe or None,
+                    "stopped_by_budget": self.stopped_by_budget or None,
+                    "worker_limit_s": self.worker_limit_s,
+                    "worker_spent_s": self.worker_spent_s}  # fmt: skip
         return out | {k: v for k, v in optional.items() if v is not None}
 
     @classmethod
@@ -92,17 +103,27 @@ class PretrainResult:
             marker.get("best_val_loss"),
             {int(k): v for k, v in (marker.get("milestones") or {}).items()},
             marker.get("probe") or {}, bool(marker.get("stopped_by_probe")),
+            bool(marker.get("stopped_by_budget")), marker.get("worker_limit_s"),
+            marker.get("worker_spent_s"),
         )  # fmt: skip
+
+    @property
+    def stopped_early(self) -> str | None:
+        """Why pretraining stopped before max_steps, in the config's words (None: it did not)."""
+        if self.stopped_by_probe:
+            return "pretrain.probe.patience"
+        return "its worker-hour budget" if self.stopped_by_budget else None
 
     def start_from(self, step: int | None, key: str) -> str:
         """The checkpoint of pretraining step `step` (None: the one fine-tuning starts from by
         default); `key` names the setting that asked for it."""
         if step is None:
             return self.checkpoint
-        if step not in self.milestones and self.stopped_by_probe and step > self.steps:
+        if step not in self.milestones and self.stopped_early and step > self.steps:
             raise UserError(
-                f"{key}: pretraining stopped at step {self.steps} (pretrain.probe.patience), "
-                f"before step {step}; ask for steps up to {self.steps}, or remove the patience"
+                f"{key}: pretraining stopped at step {self.steps} ({self.stopped_early}), "
+                f"before step {step}; ask for steps up to {self.steps}, or "
+                + ("remove the patience" if self.stopped_by_probe else "raise the budget")
             )
         if step not in self.milestones:
             kept = sorted(self.milestones) or "none"
@@ -125,7 +146,7 @@ class PretrainResult:
         return {"type": spec["type"], "config": spec["config"]}
 
 
-def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
+def fingerprint(cfg: PipelineConfig, ctx: RunContext, worker_budget_s: float | None = None) -> str:
     return cache.fingerprint(
         "pretrain",
         cfg.model.model_dump(),
@@ -145,6 +166,8 @@ def fingerprint(cfg: PipelineConfig, ctx: RunContext) -> str:
         *([{"holdout": cfg.data.unlabeled_holdout}] if cfg.data.unlabeled_holdout else []),
         # An objective whose options came to mean something else (see Objective.revision).
         *([{"revision": r}] if (r := getattr(ctx.plan.objective, "revision", 0)) else []),
+        # A worker-hour budget may cut it (budget.pretrain_worker_hours, budget.worker_hours).
+        *([{"worker_budget_s": worker_budget_s}] if worker_budget_s is not None else []),
     )  # fmt: skip
 
 
@@ -156,15 +179,17 @@ def run_stage(
     *,
     milestones: tuple[int, ...] = (),
     probe_tasks: list[probing.ProbeTask] = (),
+    worker_budget_s: float | None = None,
 ) -> tuple[PretrainResult, StageOutcome]:
     """Pretrain, or reuse the completed stage with the same fingerprint; `milestones`: the
     steps whose checkpoints fine-tuning starts from, kept for good (they change what is kept,
-    not what is computed: not in the fingerprint)."""
-    fp = fingerprint(cfg, ctx)
+    not what is computed: not in the fingerprint); `worker_budget_s`: what it may spend."""
+    fp = fingerprint(cfg, ctx, worker_budget_s)
     with cache.open_stage(cfg, ctx, parent, "pretrain", fp, before_work=ray_conn.ensure) as stage:
         if stage.marker is None:
             result = _train_stage(cfg, ctx, stage, local_ray=ray_conn.local,
-                                  milestones=milestones, probe_tasks=list(probe_tasks))  # fmt: skip
+                                  milestones=milestones, probe_tasks=list(probe_tasks),
+                                  worker_budget_s=worker_budget_s)  # fmt: skip
             stage.complete(result.to_marker())
         else:
             result = PretrainResult.from_marker(stage.marker, fp)
@@ -184,6 +209,11 @@ def run_stage(
     metrics = {"steps": result.steps, "final loss": round(result.final_loss, 4)}
     if result.stopped_by_probe:
         metrics["stopped"] = f"by the probe, of {cfg.pretrain.max_steps}"
+    if result.stopped_by_budget:
+        metrics["stopped"] = f"by its budget, of {cfg.pretrain.max_steps}"
+    if result.worker_limit_s is not None:
+        metrics["budget"] = spends_text(worker_limit_s=result.worker_limit_s,
+                                        worker_spent_s=result.worker_spent_s)  # fmt: skip
     if result.probe:
         metrics["probe"] = ", ".join(
             f"{k.removeprefix('probe/')} {v:.4f}" for k, v in result.probe.items()
@@ -197,7 +227,8 @@ def run_stage(
 
 
 def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, local_ray: bool,
-                 milestones: tuple[int, ...], probe_tasks: list[probing.ProbeTask]):  # fmt: skip
+                 milestones: tuple[int, ...], probe_tasks: list[probing.ProbeTask],
+                 worker_budget_s: float | None):  # fmt: skip
     p = cfg.pretrain
     tokenizer = tokenizer_json(cfg, ctx)
     spec = model_spec_for(cfg, ctx, tokenizer)
@@ -230,6 +261,7 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
         milestones=milestones,
         probe=probe,
         system_metrics_s=cfg.tracking.system_metrics_s,
+        worker_budget_s=worker_budget_s,
     )
 
 
@@ -367,6 +399,7 @@ def train(
     milestones: tuple[int, ...] = (),
     probe: tuple[ProbeConfig, list] | None = None,
     system_metrics_s: float | None = None,
+    worker_budget_s: float | None = None,
 ) -> PretrainResult:
     """Train on `files` (less a `holdout` share of their rows, scored on instead of the
     `validation` files), mixed by `source.weights` over `groups` (each listed path's files)
@@ -408,28 +441,60 @@ def train(
                    if probe and probe[0].patience else None),
         system_metrics_s=system_metrics_s,
     )  # fmt: skip
-    trainer = _trainer(
-        job, run, datasets, here=here, stage_dir=stage_dir, streamed=not footprint.small
-    )
-    result, probes = _fit_and_probe(trainer, job, here=here, probe=probe, run=run)
+    budget = read_budget(worker_budget_s, stage_dir, WORKER_FILE)
+    if budget is not None and budget.left_s <= 0:  # spent before the driver restarted
+        console.line(f"[pretrain] its worker-hour budget was spent before this run "
+                     f"({worker_hours(budget.spent_s)} of {worker_hours(budget.limit_s)}): no "
+                     "more steps; it ends at its latest checkpoint")  # fmt: skip
+        return _result(job, None, stage_dir, milestones=milestones, probes={}, skipped=None,
+                       budget=(budget, budget.spent_s))  # fmt: skip
+    result, probes, spent = _fit_within(budget, job, run, datasets, here=here, probe=probe,
+                                        stage_dir=stage_dir, streamed=not footprint.small)  # fmt: skip
     outcome = result.return_value
     if outcome is not None and outcome.error:
         raise UserError(outcome.error)
-    return _result(job, result, stage_dir, milestones=milestones, probes=probes,
-                   skipped=ray.get(tally.get.remote()) if tally is not None else None)  # fmt: skip
+    return _result(job, outcome, stage_dir, milestones=milestones, probes=probes,
+                   skipped=ray.get(tally.get.remote()) if tally is not None else None,
+                   error=result.error, budget=(budget, spent) if budget else None)  # fmt: skip
 
 
-def _result(job: PretrainJob, result, stage_dir: str, *, milestones, probes, skipped):
+def _fit_within(budget, job: PretrainJob, run, datasets, *, here: bool, probe, stage_dir: str,
+                streamed: bool):  # fmt: skip
+    """Train within the stage's worker-hour `budget` (None: none), its clock running: the
+    training result, the probe's figures, and the worker-seconds spent (None: no budget)."""
+    if budget is not None and budget.spent_s > 0:
+        console.line(f"[pretrain] its worker-hour budget: {worker_hours(budget.left_s)} left of "
+                     f"{worker_hours(budget.limit_s)} ({worker_hours(budget.spent_s)} spent "
+                     "before this run)")  # fmt: skip
+    workers = 1 if here else job.cfg.scaling.num_workers
+    with StageClock(budget, stage_dir, workers=workers) if budget else nullcontext() as clock:
+        job = replace(job, deadline=clock.deadline()) if clock else job
+        trainer = _trainer(job, run, datasets, here=here, stage_dir=stage_dir, streamed=streamed)
+        result, probes = _fit_and_probe(trainer, job, here=here, probe=probe, run=run)
+    return result, probes, clock.spent_s() if clock else None
+
+
+def _result(job: PretrainJob, outcome, stage_dir: str, *, milestones, probes, skipped,
+            error=None, budget=None):  # fmt: skip
     """What pretraining left in storage, checked: its newest whole checkpoint (Ray Train's
-    record can lag one behind), the one fine-tuning starts from, the kept milestones."""
-    cfg, outcome = job.cfg, result.return_value
+    record can lag one behind), the one fine-tuning starts from, the kept milestones;
+    `budget`: its worker-hour budget and what it spent, when it has one."""
+    cfg = job.cfg
     found = latest_checkpoint(job.checkpoint_dir, prefix=CHECKPOINT_PREFIX)
+    if found is None and outcome is None and error is None:
+        raise UserError(
+            f"budget: pretraining's worker-hours ({worker_hours(budget[0].limit_s)}) were "
+            "spent before its first checkpoint; raise budget.pretrain_worker_hours or "
+            "budget.worker_hours"
+        )
     if found is None:
-        raise RuntimeError(f"pretraining ended without a checkpoint ({result.error})")
+        raise RuntimeError(f"pretraining ended without a checkpoint ({error})")
     checkpoint = storage.qualify(found[0], like=stage_dir)
     meta = read_meta(checkpoint)
     stopped = job.stop_file is not None and storage.is_file(job.stop_file)
-    if meta["step"] != cfg.max_steps and not stopped:
+    cut = (budget is not None and meta["step"] < cfg.max_steps and not stopped
+           and (outcome is None or outcome.stopped_by_budget))  # fmt: skip
+    if meta["step"] != cfg.max_steps and not stopped and not cut:
         raise RuntimeError(f"pretraining stopped at step {meta['step']} of {cfg.max_steps}")
     kept = latest_checkpoint(job.best_dir, prefix=CHECKPOINT_PREFIX) if cfg.keep == "best" else None
     chosen = storage.qualify(kept[0], like=stage_dir) if kept else checkpoint
@@ -445,7 +510,10 @@ def _result(job: PretrainJob, result, stage_dir: str, *, milestones, probes, ski
             job.milestone_dir, [s for s in milestones if s <= meta["step"]], like=stage_dir
         ),
         probe=next((v for v in reversed(probes.values()) if v), {}),
-        stopped_by_probe=meta["step"] < cfg.max_steps,
+        stopped_by_probe=meta["step"] < cfg.max_steps and not cut,
+        stopped_by_budget=cut,
+        worker_limit_s=budget[0].limit_s if budget else None,
+        worker_spent_s=budget[1] if budget else None,
     )
 
 

@@ -17,6 +17,7 @@ from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
 from raypipe.model_card import CARD_FILE, card_for
 from raypipe.progress import console
 from raypipe.stages.arms import ArmResult
+from raypipe.stages.budget import spends_text
 from raypipe.stages.cache import Stage
 from raypipe.summary import (
     TaskResult,
@@ -144,9 +145,9 @@ def _version_description(cfg: PipelineConfig, best: ArmResult, arms: list[ArmRes
         text += (f"; the arms' validation means: this arm {ours:.4f}, from scratch on the same "
                  f"rows {theirs:.4f} (gap {ours - theirs:+.4f})")  # fmt: skip
     if best.budget and best.budget["cut"]:
-        b = best.budget
-        text += (f". Its sweep's time budget ({b['limit_s']:.0f} s) cut {b['cut']} of "
-                 f"{b['total']} trials: the best epoch of those that ran")  # fmt: skip
+        b = {k: v for k, v in best.budget.items() if k not in ("cut", "total")}
+        text += (f". Its sweep's budget ({spends_text(**b)}) cut {best.budget['cut']} of "
+                 f"{best.budget['total']} trials: the best epoch of those that ran")  # fmt: skip
     return text + "."
 
 
@@ -341,6 +342,16 @@ def plot_finetuning(cfg: PipelineConfig, stage: Stage, arms: list[ArmResult]) ->
             xlabel="epoch",
             ylabel=metric,
         )
+
+
+def log_budget(parent: tracking.RunRef, budget: dict | None) -> None:
+    """The pipeline's worker-hours on its run: spent (in all, pretraining, fine-tuning) and
+    the budget, so that runs compare by what they cost."""
+    if budget is None:
+        return
+    metrics = {f"budget/{k.removesuffix('_s')}_worker_hours": v / 3600
+               for k, v in budget.items() if v is not None}  # fmt: skip
+    tracking.RunLogger(parent).log_metrics(metrics, 0)
 
 
 def log_headline(parent: tracking.RunRef, summary) -> None:

@@ -27,7 +27,15 @@ from raypipe.engine.finetune_loop import is_better
 from raypipe.errors import find_user_error
 from raypipe.progress import console
 from raypipe.stages.arms import Arm, ArmResult, Repeat
-from raypipe.stages.budget import Budget, BudgetClock, budget_line, read_budget
+from raypipe.stages.budget import (
+    WORKER_FILE,
+    Budget,
+    BudgetClock,
+    SpentStopper,
+    budget_line,
+    read_budget,
+    spends_text,
+)
 from raypipe.stages.counts import num_trials
 from raypipe.stages.trial import (
     DONE_FILE,
@@ -186,6 +194,7 @@ class _Experiment:
     search: Any
     total: int  # trials in all
     budget: Budget | None = None  # the sweep's time budget (repeats have none)
+    workers: Budget | None = None  # its share of budget.finetune_worker_hours, worker-seconds
 
 
 class TrialRecord(tune.Callback):
@@ -218,8 +227,18 @@ class TrialRecord(tune.Callback):
         self._write(trial, error=text.splitlines()[-1][:500] if text else "the trial failed")
 
 
+def _clocks(spec: ArmSweep, stage_dir: str, exp: _Experiment) -> list[BudgetClock]:
+    here = storage.join(stage_dir, exp.name)
+    out = [BudgetClock(exp.budget, here)] if exp.budget else []
+    if exp.workers:
+        workers = spec.cfg.scaling.num_workers
+        out.append(BudgetClock(exp.workers, here, file=WORKER_FILE, workers=workers))
+    return out
+
+
 def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -> tune.Tuner:
     cfg = spec.cfg
+    clocks = _clocks(spec, stage_dir, exp)
     if storage.exists(storage.join(stage_dir, exp.name, "tuner.pkl")):
         console.line(f"[finetune] resuming the {spec.arm.label} {exp.what} (from raypipe's record)")
     return tune.Tuner(
@@ -239,15 +258,12 @@ def _tuner(spec: ArmSweep, stage_dir: str, trainable, space, exp: _Experiment) -
             storage_path=stage_dir,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+            stop=SpentStopper(clocks[-1]) if exp.workers else None,
             callbacks=[
                 _SweepStatus(spec.arm, cfg, total=exp.total, what=exp.what),
                 TrialRecord(spec),
-                *(
-                    [BudgetClock(exp.budget, storage.join(stage_dir, exp.name))]
-                    if exp.budget
-                    else []
-                ),
-            ],
+                *clocks,
+            ],  # fmt: skip
         ),
     )
 
@@ -324,9 +340,11 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
         scheduler=_scheduler(cfg, spec.seed), search=_search(cfg.sweep, spec.seed),
         total=num_trials(cfg.sweep),
         budget=read_budget(cfg.sweep.time_budget_s, storage.join(stage_dir, name)),
+        workers=read_budget(spec.worker_budget_s, storage.join(stage_dir, name), WORKER_FILE),
     )  # fmt: skip
-    if exp.budget is not None and exp.budget.left_s <= 0:
-        return _budget_spent(spec, exp)
+    budgets = [b for b in (exp.budget, exp.workers) if b is not None]
+    if any(b.left_s <= 0 for b in budgets):
+        return _budget_spent(spec, exp, stage_dir)
     if exp.budget is not None and exp.budget.spent_s > 0:
         b = exp.budget
         console.line(f"[finetune] the {spec.arm.label} sweep's time budget: {b.left_s:.0f} s left "
@@ -358,19 +376,28 @@ def run_sweep(spec: ArmSweep, *, stage_dir: str, train_ds, val_ds) -> ArmResult:
     )
 
 
+def _spends(exp: _Experiment, stage_dir: str) -> dict[str, float]:
+    """Each budget's limit and what is spent of it now, by its clock in storage."""
+    here, out = storage.join(stage_dir, exp.name), {}
+    if exp.budget is not None:
+        out |= {"limit_s": exp.budget.limit_s, "spent_s": read_budget(1, here).spent_s}
+    if exp.workers is not None:
+        out |= {"worker_limit_s": exp.workers.limit_s,
+                "worker_spent_s": read_budget(1, here, WORKER_FILE).spent_s}  # fmt: skip
+    return out
+
+
 def _cut(spec: ArmSweep, exp: _Experiment, stage_dir: str) -> tuple[set[str], dict] | None:
     """With a budget: the arm's trials that did not fail (by raypipe's records, so that trials
     finished before a restart count even if this driver's Tune never reached them again), and
     what the budget cut (the trials never finished with: stopped mid-way or never started),
     said on the console. None without a budget."""
-    if exp.budget is None:
+    if exp.budget is None and exp.workers is None:
         return None
     ran, ended, failed = _records(spec)
-    spent = read_budget(exp.budget.limit_s, storage.join(stage_dir, exp.name)).spent_s
-    record = {"limit_s": exp.budget.limit_s, "spent_s": spent, "cut": exp.total - len(ended),
-              "total": exp.total}  # fmt: skip
+    record = {**_spends(exp, stage_dir), "cut": exp.total - len(ended), "total": exp.total}
     if record["cut"]:
-        console.line(f"[finetune] time budget spent: {budget_line(spec.arm.label, **record)}; "
+        console.line(f"[finetune] budget spent: {budget_line(spec.arm.label, **record)}; "
                      "the best finished epoch stands")  # fmt: skip
     return ran - failed, {**record, "started": len(ran - ended)}
 
@@ -393,20 +420,20 @@ def _records(spec: ArmSweep) -> tuple[set[str], set[str], set[str]]:
     return ran, ended, failed
 
 
-def _budget_spent(spec: ArmSweep, exp: _Experiment) -> ArmResult:
+def _budget_spent(spec: ArmSweep, exp: _Experiment, stage_dir: str) -> ArmResult:
     """A sweep whose budget earlier drivers spent: not started again; the best epoch of its
     trials that did not fail stands."""
     ran, ended, failed = _records(spec)
     best = _best_checkpoint(spec, ran - failed)
-    b = exp.budget
-    console.line(f"[finetune] the {spec.arm.label} sweep's time budget ({b.limit_s:.0f} s) was "
-                 "spent before the restart: not started again; its best finished epoch stands")  # fmt: skip
+    spends = _spends(exp, stage_dir)
+    console.line(f"[finetune] the {spec.arm.label} sweep's budget was spent before this run "
+                 f"({spends_text(**spends)}): not "
+                 "started again; its best finished epoch stands")  # fmt: skip
     return ArmResult(
         arm=spec.arm, best_metric=best.metric, best_checkpoint=best.checkpoint,
         best_trial=best.trial, best_epoch=best.epoch, best_params=best.params,
         num_trials=exp.total, num_failed=len(failed),
-        budget={"limit_s": b.limit_s, "spent_s": b.spent_s, "total": exp.total,
-                "cut": exp.total - len(ended)},
+        budget={**spends, "total": exp.total, "cut": exp.total - len(ended)},
     )  # fmt: skip
 
 

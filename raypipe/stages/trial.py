@@ -57,6 +57,8 @@ class ArmSweep:
     lineage: dict[str, Any] = field(default_factory=dict)  # the pretraining it started from
     faults: str = ""
     system_metrics_s: float | None = None  # tracking.system_metrics_s, on each trial's run
+    #: the arm's share of budget.finetune_worker_hours, in worker-seconds (None: no budget)
+    worker_budget_s: float | None = None
 
 
 def trial_name(arm: Arm, trial_id: str) -> str:
