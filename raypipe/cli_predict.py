@@ -36,8 +36,10 @@ def add_predict(sub) -> None:
         "columns. E.g. raypipe predict models:/quickstart@champion data/new.parquet --out preds",
     )
     pred.add_argument("model_uri", help="e.g. models:/NAME@champion or models:/NAME/VERSION")
-    pred.add_argument("data", help="a Parquet, CSV or .jsonl file, a folder of them, or a glob")
-    pred.add_argument("--out", required=True, help="a new (or empty) folder for the predictions")
+    pred.add_argument("data", help="a Parquet, CSV or .jsonl file, a folder of them, or a glob; "
+                      "or Parquet in an object store (s3://bucket/prefix)")  # fmt: skip
+    pred.add_argument("--out", required=True,
+                      help="a new (or empty) folder, or object-store prefix, for the predictions")  # fmt: skip
     pred.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     pred.add_argument("--keep", default=None, metavar="COL,COL",
                       help="the row columns written beside the predictions (default: all but "

@@ -23,6 +23,10 @@ LOCAL_RAY_ENV = {
     "RAY_health_check_period_ms": "10000",  # GCS -> raylet health checks, one node (3 s)
     # One machine is not preempted: no watcher process polling for it per Train run.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Data lists Parquet by reading the footers on a pool of actors (32 by default, each
+    # with 128 IO threads), started per read and killed once listed: on one machine, up to 32
+    # worker processes for a few local footers, each kill a failed task in the dashboard.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
 }
 
 _pending: dict[str, object] = {}  # "done" (an Event), and "error" if the start failed

@@ -30,6 +30,8 @@ class ModelCard(BaseModel):
     channels: PositiveInt | None = None
     max_new_tokens: PositiveInt | None = None  # translation: longest output
     pad_id: int = 0
+    #: classification on labels `prepare` numbered: each class id's name (its labels.json)
+    labels: list[str] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
@@ -46,8 +48,10 @@ class ModelCard(BaseModel):
             ) from None
 
 
-def card_for(task, *, task_name: str, source, max_len: int | None, truncation: str) -> ModelCard:
-    """The card of `task` (a fine-tuned Task) trained on rows of `source` (a LabeledSource)."""
+def card_for(task, *, task_name: str, source, max_len: int | None, truncation: str,
+             labels: list[str] | None = None) -> ModelCard:  # fmt: skip
+    """The card of `task` (a fine-tuned Task) trained on rows of `source` (a LabeledSource),
+    whose class ids are named `labels` (None: not named)."""
     config = task.backbone.config
     image = task.input == "image"
     return ModelCard(
@@ -61,4 +65,5 @@ def card_for(task, *, task_name: str, source, max_len: int | None, truncation: s
         channels=getattr(config, "channels", None) if image else None,
         max_new_tokens=getattr(task, "max_new_tokens", None),
         pad_id=getattr(config, "pad_id", 0),
+        labels=labels if task.prediction == "classes" else None,
     )

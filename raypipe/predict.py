@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from raypipe import storage
+from raypipe.data.files import resolve_parquet_files
 from raypipe.errors import UserError
-from raypipe.predict_rows import OUTPUT_COLUMNS, RowPredictor, read_card
+from raypipe.predict_rows import RowPredictor, output_columns, read_card
 from raypipe.progress import console
 
 #: Input files by suffix -> the Ray Data reader that reads them.
@@ -52,10 +54,14 @@ def load_registered(model_uri: str, tracking_uri: str | None, into: str):
 
 class _Actor:
     """One Ray Data actor: downloads the model once (a node of a cluster may not see the
-    driver's disk), then predicts batch after batch."""
+    driver's disk), then predicts each block it is given, `batch_size` rows at a time.
+
+    It takes whole blocks, not Ray Data's batches: Ray Data 2.60 returns the batches it cuts
+    from a block in the order they finish, even with `preserve_order`, which puts rows out of
+    order; whole blocks keep it."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, device: str, keep: list[str],
-                 threads: int):  # fmt: skip
+                 threads: int, batch_size: int):  # fmt: skip
         import torch
 
         # Ray gives a 1-CPU actor one torch thread; the model is most of the work, so it gets
@@ -64,9 +70,17 @@ class _Actor:
         self._dir = tempfile.TemporaryDirectory(prefix="raypipe-predict-")  # gone with the actor
         model, card, tokenizer_json = load_registered(model_uri, tracking_uri, self._dir.name)
         self.predictor = RowPredictor(model.to(device), card, tokenizer_json, device)
-        self.keep = keep
+        self.keep, self.batch_size = keep, batch_size
 
-    def __call__(self, batch):
+    def __call__(self, block):
+        import pyarrow as pa
+
+        rows = len(next(iter(block.values()))) if block else 0
+        parts = [self._predict({k: v[i : i + self.batch_size] for k, v in block.items()})
+                 for i in range(0, rows, self.batch_size)]  # fmt: skip
+        return pa.concat_tables(parts) if parts else self._predict(block)
+
+    def _predict(self, batch):
         import pyarrow as pa
 
         columns = {k: pa.array(batch[k]) for k in self.keep}
@@ -81,9 +95,16 @@ def _rows(values) -> bool:
 
 
 def input_files(data: str) -> tuple[str, list[str]]:
-    """(reader, files) for DATA: a file, a folder of one kind of file, or a glob."""
+    """(reader, files) for DATA: a file, a folder of one kind of file, or a glob; in an object
+    store (`s3://…`), Parquet."""
     import glob
 
+    if storage.is_remote(data):
+        files = resolve_parquet_files(data, key="DATA")
+        if any(Path(f).suffix != ".parquet" for f in files):
+            raise UserError(f"DATA: '{data}': from an object store, predict reads .parquet "
+                            "files only; convert it, or copy it here first")  # fmt: skip
+        return "read_parquet", files
     if any(ch in data for ch in "*?["):
         files = sorted(p for p in glob.glob(data, recursive=True) if os.path.isfile(p))
     elif os.path.isdir(data):
@@ -102,7 +123,18 @@ def input_files(data: str) -> tuple[str, list[str]]:
 
 
 def check_out(out: str) -> None:
-    """`--out` must be new or an empty folder: predictions never replace files."""
+    """`--out` must be new or an empty folder (local, or a prefix in an object store):
+    predictions never replace files."""
+    if storage.is_remote(out):
+        try:
+            taken = storage.exists(out) and (storage.is_file(out) or storage.list_files(out))
+        except OSError as e:  # a bucket that does not exist, or no credentials
+            raise UserError(f"--out: cannot use '{out}' ({e}); check the path and "
+                            "credentials (nothing was written)") from None  # fmt: skip
+        if taken:
+            raise UserError(f"--out: '{out}' already holds files; give a new prefix (nothing "
+                            "was written)")  # fmt: skip
+        return
     p = Path(out)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise UserError(
@@ -113,7 +145,7 @@ def check_out(out: str) -> None:
 def kept_columns(schema_names: list[str], card, keep: list[str] | None) -> list[str]:
     """The row columns written beside the predictions: `keep`, else every column but the
     model's input."""
-    clash = sorted(set(OUTPUT_COLUMNS[card.prediction]) & set(keep or schema_names))
+    clash = sorted(set(output_columns(card)) & set(keep or schema_names))
     missing = sorted({card.column, *(keep or [])} - set(schema_names))
     if missing:
         raise UserError(
@@ -133,7 +165,8 @@ def column_names(reader: str, first: str) -> list[str]:
 
     try:
         if reader == "read_parquet":
-            return list(pq.read_schema(first).names)
+            fs, path = storage.resolve(first)
+            return list(pq.read_schema(path, filesystem=fs).names)
         if reader == "read_csv":
             with csv.open_csv(first) as f:
                 return list(f.schema.names)
@@ -166,17 +199,17 @@ def run_predict(
         ds.context.raise_original_map_exception = True  # a UserError in a batch stays one
         console.line(f"[predict] {model_uri} ({card.task}) on {len(files)} file(s) -> {out}")
         ds = ds.map_batches(
-            _Actor, batch_size=batch_size, batch_format="numpy", concurrency=(1, workers),
+            _Actor, batch_size=None, batch_format="numpy", concurrency=(1, workers),
             num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                    "device": "cuda" if gpu else "cpu", "keep": keep,
-                                   "threads": _threads(workers)},
+                                   "threads": _threads(workers), "batch_size": batch_size},
         )  # fmt: skip
         ds.write_parquet(out)
     finally:
         if started:
             ray.shutdown()
-    return _written(out, keep + list(OUTPUT_COLUMNS[card.prediction]))
+    return _written(out, keep + list(output_columns(card)))
 
 
 def _threads(workers: int) -> int:
@@ -188,5 +221,9 @@ def _threads(workers: int) -> int:
 def _written(out: str, columns: list[str]) -> PredictOutcome:
     import pyarrow.parquet as pq
 
-    rows = sum(pq.read_metadata(f).num_rows for f in sorted(Path(out).glob("*.parquet")))
+    rows = 0
+    for f in storage.list_files(out, "*.parquet"):
+        fs, path = storage.resolve(f)
+        with fs.open_input_file(path) as handle:
+            rows += pq.read_metadata(handle).num_rows
     return PredictOutcome(rows=rows, out=out, columns=columns)

@@ -25,6 +25,13 @@ OUTPUT_COLUMNS = {
 }
 
 
+def output_columns(card: ModelCard) -> tuple[str, ...]:
+    """What a prediction writes: OUTPUT_COLUMNS, and each class's name when the card has
+    them (`prediction_label`)."""
+    named = card.prediction == "classes" and card.labels
+    return OUTPUT_COLUMNS[card.prediction] + (("prediction_label",) if named else ())
+
+
 def read_card(model_dir: Path, where: str) -> tuple[ModelCard, str | None]:
     """The card and tokenizer a registered model carries (extra_files/)."""
     from raypipe.errors import UserError
@@ -73,11 +80,18 @@ class RowPredictor:
             return {"translation": self._translate(x, torch.as_tensor(encoded["target_start"]))}
         out = self.model(x).float().cpu()
         if kind == "classes":
-            probs = torch.softmax(out, -1).numpy()
-            return {"prediction": out.argmax(-1).numpy(), "probabilities": list(probs)}
+            probs, ids = torch.softmax(out, -1).numpy(), out.argmax(-1).numpy()
+            got = {"prediction": ids, "probabilities": list(probs)}
+            if self.card.labels:
+                got["prediction_label"] = np.array([self._name(i) for i in ids])
+            return got
         if kind == "value":
             return {"prediction": out.reshape(len(out)).numpy()}
         return {"output": list(out.reshape(len(out), -1).numpy())}
+
+    def _name(self, class_id: int) -> str:
+        names = self.card.labels
+        return names[class_id] if class_id < len(names) else str(class_id)
 
     def _translate(self, ids: torch.Tensor, start: torch.Tensor) -> np.ndarray:
         rows = torch.arange(ids.shape[0], device=ids.device)

@@ -8,7 +8,10 @@ Owns raypipe's tag vocabulary (`Tag`) and the one find-or-reopen-or-start of a r
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -562,11 +565,32 @@ def log_registered_model(
     return info.model_uri, version
 
 
+class _Unregistered(io.TextIOBase):
+    """Standard error without MLflow's "Successfully registered model ..." and "Created
+    version ..." prints (the summary says what was registered); everything else goes on."""
+
+    QUIET = ("Successfully registered model", "Created version")
+
+    def __init__(self):
+        self.stream, self.dropped = sys.stderr, False
+
+    def write(self, text: str) -> int:
+        # print() writes its line, then its end ("\n") apart: that goes with the line.
+        drop = text.lstrip().startswith(self.QUIET) or (self.dropped and text == "\n")
+        self.dropped = drop and text != "\n"
+        if not drop:
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _log_model(ref, model, input_example, signature, registered_name, extra_files, tags):
     import mlflow
     import torch
 
-    with mlflow.start_run(run_id=ref.run_id):
+    with mlflow.start_run(run_id=ref.run_id), contextlib.redirect_stderr(_Unregistered()):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

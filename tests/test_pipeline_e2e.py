@@ -267,7 +267,47 @@ def test_predict_writes_the_registered_models_outputs(first_run, quickstart_data
         expected = torch.softmax(model(ids), -1).numpy()
     probs = np.array(got.column("probabilities").to_pylist())
     assert np.allclose(probs, expected, atol=1e-5)
-    assert got.column("prediction").to_pylist() == expected.argmax(-1).tolist()
+    # The label each row's probabilities pick, where they pick one: a barely trained model
+    # scores some rows near a tie, which another batch's float rounding can tip.
+    top2 = np.sort(expected, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4
+    assert clear.sum() >= len(clear) // 2
+    picked = np.array(got.column("prediction").to_pylist())
+    assert (picked[clear] == expected.argmax(-1)[clear]).all()
+
+
+def test_predict_reads_and_writes_an_object_store(first_run, quickstart_data, tmp_path):
+    """`raypipe predict` (the command, its own Ray) from Parquet in S3 (a real S3 server) to a
+    new S3 prefix: the same rows out as from the local copy; that prefix, now taken, is
+    refused in one line."""
+    from raypipe import storage
+    from raypipe.predict import run_predict
+    from tests.servers import patched_env, s3_server
+
+    _, summary, _ = first_run
+    uri = f"models:/tiny/{summary.model['version']}"
+    local = tmp_path / "local"
+    run_predict(uri, quickstart_data["validation"], str(local), tracking_uri=summary.tracking_uri,
+                batch_size=16)  # fmt: skip
+    with s3_server(tmp_path, "preds") as s3, patched_env(s3):
+        storage._remote_fs.cache_clear()
+        try:
+            for i, f in enumerate(sorted(Path(quickstart_data["validation"]).glob("*.parquet"))):
+                storage.write_bytes(f"s3://preds/in/part-{i}.parquet", f.read_bytes())
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            cmd = [sys.executable, "-m", "raypipe", "predict", uri, "s3://preds/in", "--out",
+                   "s3://preds/out", "--tracking-uri", summary.tracking_uri, "--batch-size", "16"]  # fmt: skip
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            written = storage.list_files("s3://preds/out", "*.parquet")
+            got = pa.concat_tables(pq.read_table(pa.BufferReader(storage.read_bytes(f)))
+                                   for f in written)  # fmt: skip
+            again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        finally:
+            storage._remote_fs.cache_clear()
+    assert got.equals(pq.read_table(local))
+    assert again.returncode == 2 and "already holds files" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
 
 
 def test_predict_bad_input_is_one_line_and_keeps_files(first_run, quickstart_data, tmp_path,
@@ -594,6 +634,9 @@ def test_cli_runs_the_quickstart_at_smoke_size(ray_session, tmp_path):
     assert (tmp_path / "data" / "quickstart" / "unlabeled").is_dir()  # generated on first run
     assert (tmp_path / "raypipe-runs" / "mlflow.db").is_file()
     assert "Traceback" not in proc.stderr
+    # MLflow's own registration prints are left out: the summary says what was registered.
+    assert "Successfully registered model" not in proc.stderr + out
+    assert "Created version" not in proc.stderr + out
     # The cold start, process start -> first step, printed once and logged on the stage's run.
     (line,) = [x for x in out.splitlines() if "after process start" in x]
     spans = ("imports", "checks", "ray", "setup", "dataset", "workers", "model", "first batch")

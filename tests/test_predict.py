@@ -14,7 +14,7 @@ from raypipe.data.text import encode_labeled, encode_translation, train_tokenize
 from raypipe.errors import UserError
 from raypipe.model_card import ModelCard, card_for
 from raypipe.predict import check_out, input_files, kept_columns
-from raypipe.predict_rows import RowPredictor
+from raypipe.predict_rows import RowPredictor, output_columns
 from raypipe.tasks import build_task
 from tests.test_tasks import text_model
 
@@ -46,6 +46,13 @@ def test_classification_rows_give_the_tasks_own_probabilities(tokenizer_json):
     expected = torch.softmax(logits, -1).numpy()
     assert np.allclose(np.stack(out["probabilities"]), expected, atol=1e-6)
     assert (out["prediction"] == expected.argmax(-1)).all()
+    assert "prediction_label" not in out  # the card names no classes
+    card = ModelCard.read(card.model_copy(update={"labels": ["neg", "neutral", "pos"]}).to_json(),
+                          "here")  # fmt: skip
+    named = RowPredictor(task.predictor(), card, tokenizer_json)(batch)
+    names = np.array(["neg", "neutral", "pos"])[expected.argmax(-1)]
+    assert (named["prediction_label"] == names).all()
+    assert output_columns(card) == ("prediction", "probabilities", "prediction_label")
 
 
 def test_regression_rows_give_one_value_each(tokenizer_json):

@@ -60,6 +60,31 @@ def test_table_tsv_with_string_labels_and_bad_rows(tmp_path):
     assert len(rep.skipped) == 2 and "t.tsv:4" in rep.skipped[0]
 
 
+def test_class_names_are_found_beside_the_shards_they_number(tmp_path):
+    """What registration names a model's classes by: the labels.json whose digest the shards'
+    footers carry (beside them, or above a split's folder); none for integer labels or a
+    labels.json that is not the shards'."""
+    from raypipe.data.files import label_names, resolve_parquet_files
+
+    f = tmp_path / "t.csv"
+    f.write_text("sentence,label\ngood film,pos\nbad film,neg\nok,pos\nmeh,neutral\n")
+    prepare("table", [str(f)], out=str(tmp_path / "named"), options={"shuffle": False})
+    files = resolve_parquet_files(str(tmp_path / "named"), key="k")
+    assert label_names(files) == ["neg", "neutral", "pos"]
+    v = tmp_path / "v.csv"
+    v.write_text("sentence,label\nfine,pos\nawful,neg\n")
+    prepare("table", [str(f)], out=str(tmp_path / "split"),
+            options={"shuffle": False, "splits": {"validation": [str(v)]}})  # fmt: skip
+    train = resolve_parquet_files(str(tmp_path / "split" / "train"), key="k")
+    assert label_names(train) == ["neg", "neutral", "pos"]
+    (tmp_path / "named" / "labels.json").write_text('{"ids": {"a": 0, "b": 1}}')
+    assert label_names(files) is None  # not the map these shards were numbered by
+    g = tmp_path / "ints.csv"
+    g.write_text("sentence,label\ngood,1\nbad,0\n")
+    prepare("table", [str(g)], out=str(tmp_path / "ints"), options={"shuffle": False})
+    assert label_names(resolve_parquet_files(str(tmp_path / "ints"), key="k")) is None
+
+
 def test_table_csv_jsonl_and_regression(tmp_path):
     c = tmp_path / "t.csv"
     c.write_text('text,score\n"a, quoted",0.5\nplain,-1\n')

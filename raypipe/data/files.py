@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import math
 import os
 
@@ -148,6 +149,28 @@ def label_maps(files: list[str]) -> dict[str, str]:
         if digest is not None:
             found.setdefault(digest.decode(errors="replace"), f)
     return found
+
+
+def label_names(files: list[str]) -> list[str] | None:
+    """Each class id's name, for shards `prepare` numbered by names: its labels.json (in the
+    shards' folder, or the one above a split's) whose digest their footers carry. None for
+    labels kept as integers, shards not prepared (or by several maps), or no such file."""
+    from raypipe.data.labels import IDENTITY, LABELS_FILE, LabelMap
+
+    found = label_maps(files)
+    if len(found) != 1 or IDENTITY in found:
+        return None
+    ((digest, first),) = found.items()
+    folder = first.rsplit("/", 1)[0]
+    for place in (folder, folder.rsplit("/", 1)[0]):
+        path = storage.join(place, LABELS_FILE)
+        try:
+            ids = json.loads(storage.read_text(path))["ids"] if storage.is_file(path) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            ids = None
+        if isinstance(ids, dict) and LabelMap(ids).digest == digest:
+            return LabelMap(ids).names()
+    return None
 
 
 def check_one_label_map(splits: dict[str, list[str]], *, key: str) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from raypipe import tracking
 from raypipe.config import PipelineConfig
+from raypipe.data.files import label_names, resolve_parquet_files
 from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
 from raypipe.model_card import CARD_FILE, card_for
 from raypipe.progress import console
@@ -73,7 +74,8 @@ def register_best(
     meta = read_meta(checkpoint)
     with tempfile.TemporaryDirectory(prefix="raypipe-") as tmp, torch.no_grad():
         card = card_for(task, task_name=f.task, source=cfg.data.labeled.train,
-                        max_len=f.max_len, truncation=f.truncation)  # fmt: skip
+                        max_len=f.max_len, truncation=f.truncation,
+                        labels=_class_names(cfg) if task.prediction == "classes" else None)  # fmt: skip
         (Path(tmp) / CARD_FILE).write_text(card.to_json())
         extra_files = [str(Path(tmp) / CARD_FILE)]
         if tokenizer_json is not None:
@@ -342,6 +344,12 @@ def plot_finetuning(cfg: PipelineConfig, stage: Stage, arms: list[ArmResult]) ->
             xlabel="epoch",
             ylabel=metric,
         )
+
+
+def _class_names(cfg: PipelineConfig) -> list[str] | None:
+    """The class names of the training rows, when `prepare` numbered them by name."""
+    files = resolve_parquet_files(cfg.data.labeled.train.path, key="data.labeled.train.path")
+    return label_names(files)
 
 
 def log_budget(parent: tracking.RunRef, budget: dict | None) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -76,7 +77,8 @@ class TrainSession:
     """A loop inside Ray Train. `checkpoints` + `prefix`: resume from the newest whole
     checkpoint in that storage directory (Ray Train's own record lags one behind after a
     crash); without them, from the checkpoint Ray Train hands a restarted worker group.
-    `keep_here`: write checkpoints straight to `checkpoints` (local mode persists none)."""
+    `keep_here`: write checkpoints straight to `checkpoints` (local mode persists none), and
+    run the training stream's execution in a coordinator actor (see `batches`)."""
 
     def __init__(self, run: RunRef | None, *, checkpoints: str | None = None, prefix: str = "",
                  keep_here: bool = False, num_to_keep: int | None = None):  # fmt: skip
@@ -87,11 +89,19 @@ class TrainSession:
         self._checkpoints, self._prefix = checkpoints, prefix
         self._into = checkpoints if keep_here else None
         self._num_to_keep = num_to_keep
+        self._here = keep_here
         self._shards: dict[str, Any] = {}
 
     def batches(self, name: str, **kwargs):
+        """Dataset `name`'s batches. In the driver (Ray Train's local mode hands the loop the
+        dataset itself), the training stream is one `streaming_split`, as a Train worker's is:
+        Ray Data's executor then runs in its coordinator actor, a process of its own, instead
+        of in this one, where its scheduling loop would take the GIL from the step."""
         if name not in self._shards:
-            self._shards[name] = ray.train.get_dataset_shard(name)
+            shard = ray.train.get_dataset_shard(name)
+            if self._here and name == "train" and isinstance(shard, ray.data.Dataset):
+                shard = shard.streaming_split(1)[0]
+            self._shards[name] = shard
         return _iterate(self._shards[name], self.device, **kwargs)
 
     def wrap(self, module: torch.nn.Module, *, find_unused_parameters: bool) -> torch.nn.Module:
