@@ -15,6 +15,7 @@ from raypipe import tracking
 from raypipe.config import PipelineConfig
 from raypipe.data.files import label_names, resolve_parquet_files
 from raypipe.engine.checkpoint import TOKENIZER_FILE, load_task, read_meta
+from raypipe.errors import UserError
 from raypipe.model_card import CARD_FILE, card_for
 from raypipe.progress import console
 from raypipe.stages.arms import ArmResult
@@ -46,6 +47,19 @@ class RegisteredModel:
         return asdict(self)
 
 
+def _candidates(arms: list[ArmResult]) -> list[ArmResult]:
+    """The arms with a checkpoint to register; none is an error naming its cause."""
+    candidates = [a for a in arms if a.best_checkpoint]
+    if not candidates and any(a.budget and a.budget["cut"] for a in arms):
+        raise UserError(
+            "budget: the sweeps' budget ran out before any trial finished an epoch; raise "
+            "budget.finetune_worker_hours (or budget.worker_hours, finetune.sweep.time_budget_s)"
+        )
+    if not candidates:
+        raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
+    return candidates
+
+
 def register_best(
     cfg: PipelineConfig,
     run: tracking.RunRef,
@@ -61,9 +75,7 @@ def register_best(
     champion on the same validation data."""
     f = cfg.finetune
     sign = 1 if f.sweep.mode == "max" else -1
-    candidates = [a for a in arms if a.best_checkpoint]
-    if not candidates:
-        raise RuntimeError("no fine-tune trial produced a checkpoint; see the trial errors above")
+    candidates = _candidates(arms)
     best = max(candidates, key=lambda a: sign * a.representative()[0])
     _, repeat = best.representative()
     checkpoint = repeat.checkpoint if repeat else best.best_checkpoint
