@@ -10,6 +10,8 @@ ends each stage with its final state.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -129,3 +131,27 @@ class Console:
 
 #: The driver's console (one process, one console).
 console = Console()
+
+
+class _Without(io.TextIOBase):
+    """A stream that passes on everything but the lines starting with `prefixes`."""
+
+    def __init__(self, stream: TextIO, prefixes: tuple[str, ...]):
+        self.stream, self.prefixes, self.dropped = stream, prefixes, False
+
+    def write(self, text: str) -> int:
+        # print() writes its line, then its end ("\n") apart: that goes with the line.
+        drop = text.lstrip().startswith(self.prefixes) or (self.dropped and text == "\n")
+        self.dropped = drop and text != "\n"
+        if not drop:
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def stderr_without(*prefixes: str):
+    """Standard error, inside the `with`, without the lines that start with `prefixes` (a
+    library's prints that say what raypipe says better); everything else goes on."""
+    return contextlib.redirect_stderr(_Without(sys.stderr, prefixes))

@@ -8,10 +8,7 @@ Owns raypipe's tag vocabulary (`Tag`) and the one find-or-reopen-or-start of a r
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from raypipe.errors import UserError
-from raypipe.progress import progress
+from raypipe.progress import progress, stderr_without
 from raypipe.redaction import redact
 from raypipe.registered import global_store
 
@@ -565,32 +562,13 @@ def log_registered_model(
     return info.model_uri, version
 
 
-class _Unregistered(io.TextIOBase):
-    """Standard error without MLflow's "Successfully registered model ..." and "Created
-    version ..." prints (the summary says what was registered); everything else goes on."""
-
-    QUIET = ("Successfully registered model", "Created version")
-
-    def __init__(self):
-        self.stream, self.dropped = sys.stderr, False
-
-    def write(self, text: str) -> int:
-        # print() writes its line, then its end ("\n") apart: that goes with the line.
-        drop = text.lstrip().startswith(self.QUIET) or (self.dropped and text == "\n")
-        self.dropped = drop and text != "\n"
-        if not drop:
-            self.stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def _log_model(ref, model, input_example, signature, registered_name, extra_files, tags):
     import mlflow
     import torch
 
-    with mlflow.start_run(run_id=ref.run_id), contextlib.redirect_stderr(_Unregistered()):
+    # MLflow prints what it registered: the summary says it already.
+    quiet = stderr_without("Successfully registered model", "Created version")
+    with mlflow.start_run(run_id=ref.run_id), quiet:
         info = mlflow.pytorch.log_model(
             model,
             name="model",

@@ -56,3 +56,16 @@ def test_terminal_redraws_one_status_line_below_plain_lines():
     assert text == "\r\033[Kstep 1/2\r\033[Kstep 2/2\r\033[Knote\nstep 2/2\n"
     console.line("after")  # no status: nothing to clear or redraw
     assert out.getvalue().endswith("step 2/2\nafter\n")
+
+
+def test_stderr_without_drops_only_the_named_lines(capsys):
+    import sys
+
+    from raypipe.progress import stderr_without
+
+    with stderr_without("Successfully registered model", "Created version"):
+        print("Successfully registered model 'x'.", file=sys.stderr)
+        print("a warning stays", file=sys.stderr)
+        print("Created version '1' of model 'x'.", file=sys.stderr)
+    print("after the with", file=sys.stderr)
+    assert capsys.readouterr().err == "a warning stays\nafter the with\n"
