@@ -481,7 +481,7 @@ def _result(job: PretrainJob, outcome, stage_dir: str, *, milestones, probes, sk
     `budget`: its worker-hour budget and what it spent, when it has one."""
     cfg = job.cfg
     found = latest_checkpoint(job.checkpoint_dir, prefix=CHECKPOINT_PREFIX)
-    if found is None and outcome is None and error is None:
+    if found is None and budget is not None and outcome is None and error is None:
         raise UserError(
             f"budget: pretraining's worker-hours ({worker_hours(budget[0].limit_s)}) were "
             "spent before its first checkpoint; raise budget.pretrain_worker_hours or "
