@@ -190,11 +190,6 @@ def _budgets(arms) -> dict[str, str]:
     return {"budget": "; ".join(lines)} if lines else {}
 
 
-def worker_spent_s(result: FinetuneResult) -> float:
-    """The worker-seconds the stage's sweeps spent of a worker-hour budget (0 without)."""
-    return sum((a.budget or {}).get("worker_spent_s", 0.0) for a in result.arms)
-
-
 #: Training rows tokenized to say how many texts `finetune.max_len` cuts.
 LENGTH_SAMPLE_ROWS = 2_000
 
