@@ -112,7 +112,9 @@ def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout
         job = wait_for(lambda: _try_submit(client, command, runtime_env), "the job agent", 120, 2)
         deadline, most = time.time() + timeout, 0
         while not (status := client.get_job_status(job)).is_terminal():
-            assert time.time() < deadline, f"job still {status} after {timeout}s"
+            assert time.time() < deadline, (
+                f"job still {status} after {timeout}s: {client.get_job_logs(job)[-4000:]}"
+            )
             most = max(most, alive_worker_nodes(cluster))
             if while_running is not None:
                 while_running(client, job)

@@ -76,11 +76,12 @@ def test_a_reclaim_notice_writes_a_checkpoint_at_that_step_and_a_resume_starts_t
     step 4 is written at once, then no step runs until the deadline (+ grace); a node still
     there then trains on. A run resumed from that checkpoint computes what a clean run does."""
     import raypipe.engine.pretrain_loop as loop
+    import raypipe.engine.reclaim as reclaim
 
     clean, _ = _pretrain(tmp_path / "clean")
     waited = []
     monkeypatch.setattr(loop.time, "sleep", waited.append)
-    monkeypatch.setattr(loop, "RECLAIM_GRACE_S", 5.0)
+    monkeypatch.setattr(reclaim, "RECLAIM_GRACE_S", 5.0)
     session = MemorySession({"train": _rows()}, checkpoint_dir=tmp_path / "cut", prefix="step-")
     session.reclaims = {4: loop.time.time() + 30.0}  # after the 4th step, a 30 s deadline
     outcome = pretrain_loop(_pretrain_job(tmp_path / "cut"), session)
@@ -148,6 +149,69 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     assert [r["epoch"] for r in other.records] == [1, 2, 3]  # started over
 
 
+class _NodeGone(BaseException):
+    """The node's end, during the wait after a reclaim notice."""
+
+
+def _same_epochs(ours, theirs) -> None:
+    """The same epochs with the same training and validation metrics (timings aside)."""
+    assert [r["epoch"] for r in ours] == [r["epoch"] for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        kept = sorted(k for k in b if not k.startswith("perf/"))
+        assert [a[k] for k in kept] == pytest.approx([b[k] for k in kept], rel=1e-6), kept
+
+
+def test_a_reclaim_notice_mid_epoch_resumes_at_that_batch(tmp_path, monkeypatch):
+    """Fine-tuning under spot preemption: three batches an epoch; the notice comes after the
+    5th step (epoch 2, batch 2). A checkpoint of that step is written and no step runs until
+    the node goes. The restarted trial reads past the two batches it had trained and ends
+    where a clean run ends: the same epochs' metrics (the epoch's training loss summed over
+    all its batches), logged once, and the same weights. A node still there after the
+    deadline trains on, and the reclaim checkpoint is gone once its epoch is over."""
+    from dataclasses import replace
+
+    import raypipe.engine.reclaim as reclaim
+
+    data = {"train": _labeled(24, 1), "validation": _labeled(32, 2)}
+    job = replace(_finetune_job(num_train_rows=24), save_every_epoch=True)
+    clean = MemorySession(
+        data, checkpoint_dir=tmp_path / "clean", prefix="epoch-", num_to_keep=None
+    )
+    finetune_loop(job, clean)
+
+    def gone(seconds):
+        waited.append(seconds)
+        raise _NodeGone
+
+    waited, cut = [], tmp_path / "cut"
+    monkeypatch.setattr(reclaim.time, "sleep", gone)
+    monkeypatch.setattr(reclaim, "RECLAIM_GRACE_S", 5.0)
+    first = MemorySession(data, checkpoint_dir=cut, prefix="epoch-", num_to_keep=None)
+    first.reclaims = {5: reclaim.time.time() + 30.0}
+    with pytest.raises(_NodeGone):
+        finetune_loop(replace(job, reclaim_dir=str(cut)), first)
+    assert len(waited) == 1 and 30 < waited[0] <= 35  # until the deadline + grace
+    assert [r["epoch"] for r in first.records] == [1]
+    assert sorted(p.name for p in cut.iterdir()) == ["epoch-0001", "reclaim-00000005"]
+
+    resumed = MemorySession(data, checkpoint_dir=cut, prefix="epoch-", num_to_keep=None)
+    finetune_loop(replace(job, reclaim_dir=str(cut)), resumed)
+    assert [r["epoch"] for r in resumed.records] == [2, 3]
+    _same_epochs(resumed.records, clean.records[1:])
+    assert sorted(p.name for p in cut.iterdir()) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    ours = load_file(cut / "epoch-0003" / "model.safetensors")
+    theirs = load_file(tmp_path / "clean" / "epoch-0003" / "model.safetensors")
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-6, atol=1e-7)
+
+    monkeypatch.setattr(reclaim.time, "sleep", waited.append)  # not reclaimed after all
+    stays = MemorySession(data, checkpoint_dir=tmp_path / "stays", prefix="epoch-")
+    stays.reclaims = {5: reclaim.time.time() - 60.0}
+    finetune_loop(replace(job, reclaim_dir=str(tmp_path / "stays")), stays)
+    _same_epochs(stays.records, clean.records)
+    assert not list((tmp_path / "stays").glob("reclaim-*"))
+
+
 @pytest.mark.slow
 def test_pretrain_loop_equals_ray_train_local_mode(ray_session, tmp_path):
     from raypipe.stages import pretrain
@@ -194,6 +258,36 @@ def test_finetune_loop_equals_a_tune_trials_session(ray_session, tmp_path, monke
     assert session.last_metrics["epoch"] == 3
     for key in ("train/loss", "val/loss", "val/accuracy"):
         assert session.last_metrics[key] == pytest.approx(memory.records[-1][key], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_trial_reads_its_nodes_drain_from_ray(ray_session, monkeypatch):
+    """A one-worker trial asks Ray's draining-node record (the call Ray Train's preemption
+    watcher makes; here against the real GCS, where nothing drains) about its own node only,
+    at most once a second, and keeps the first notice."""
+    from raypipe.stages import sessions
+
+    node = ray_session.get_runtime_context().get_node_id()
+    assert sessions.draining_deadline(node) is None  # a real call: no drain here
+    drains = {"another-node": 5_000}
+    state = ray_session._private.state.state
+    monkeypatch.setattr(state, "get_draining_nodes", lambda: dict(drains))
+    assert sessions.draining_deadline(node) is None  # another node's drain is not ours
+    drains[node] = 0
+    assert sessions.draining_deadline(node) == float("inf")  # a drain with no deadline
+    drains[node] = 1_796_000_000_000
+    assert sessions.draining_deadline(node) == 1_796_000_000.0
+    monkeypatch.setenv(sessions.PREEMPTION_WATCHER, "1")
+    trial = sessions.TrialSession(None, run_dir="unused", prefix="epoch-", datasets={},
+                                  use_gpu=False, num_to_keep=1, to_tune=False)  # fmt: skip
+    assert trial.reclaim_notice() == 1_796_000_000.0
+    drains.pop(node)
+    assert trial.reclaim_notice() == 1_796_000_000.0  # the notice stands
+    monkeypatch.setenv(sessions.PREEMPTION_WATCHER, "0")
+    drains[node] = 0
+    local = sessions.TrialSession(None, run_dir="unused", prefix="epoch-", datasets={},
+                                  use_gpu=False, num_to_keep=1, to_tune=False)  # fmt: skip
+    assert local.reclaim_notice() is None  # raypipe's embedded Ray: not asked
 
 
 def test_pretrain_loop_scores_held_out_rows_and_keeps_the_best(tmp_path):

@@ -41,7 +41,7 @@ def tiny_config(data: dict[str, str], storage: Path, **overrides) -> dict:
             "max_steps": 30,
             "batch_size": 16,
             "log_every": 10,
-            "checkpoint_every": 20,
+            "checkpoint_every": 10,
             "optimizer": {"lr": 3e-3, "warmup_steps": 5},
         },
         "finetune": {
@@ -353,8 +353,9 @@ def test_mlflow_serves_the_registered_model(first_run, quickstart_data, tmp_path
 
 
 def test_checkpoints_are_logged_models(first_run):
-    """Every kept checkpoint is one of MLflow 3's logged models (no artifacts: its storage path
-    as a tag), with its metrics, comparable in the experiment's Models tab."""
+    """Every pretraining checkpoint (also one pruned since) and every trial's kept checkpoint
+    is one of MLflow 3's logged models (no artifacts: its storage path as a tag), with its
+    metrics, comparable in the experiment's Models tab."""
     from raypipe.stages.checkpoint_models import MODEL_TYPE
 
     cfg, summary, storage = first_run
@@ -365,7 +366,8 @@ def test_checkpoints_are_logged_models(first_run):
     by_name = {m.name: m for m in models}
     assert len(by_name) == len(models)  # each checkpoint once
     (stage_dir,) = (storage / "tiny").glob("pretrain-*")
-    for step in (20, 30):
+    assert not (stage_dir / "train" / "step-00000010").exists()  # pruned: 2 are kept
+    for step in (10, 20, 30):  # each recorded as it was written
         m = by_name[f"pretrain-step-{step:08d}"]
         assert m.tags["raypipe.checkpoint"] == str(stage_dir / "train" / f"step-{step:08d}")
         assert {x.key for x in m.metrics} >= {"checkpoint/loss", "checkpoint/tokens_seen"}

@@ -218,8 +218,9 @@ def load_task(directory: str | os.PathLike):
 
 def save_into(run_dir: str, name: str, save, *, num_to_keep: int | None) -> str:
     """Write checkpoint `run_dir/name` with `save(dir)` straight to storage, whole or not at
-    all, and keep only the newest `num_to_keep` (as Train's CheckpointConfig does): for
-    training that runs without Ray Train workers, whose checkpoints Train does not persist."""
+    all, and keep only the newest `num_to_keep` of its kind (its name's prefix), as Train's
+    CheckpointConfig does: for training that runs without Ray Train workers, whose
+    checkpoints Train does not persist."""
     path = storage.join(run_dir, name)
     if storage.is_remote(path):
         with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +228,9 @@ def save_into(run_dir: str, name: str, save, *, num_to_keep: int | None) -> str:
     else:
         save(Path(path))  # written whole or not at all
     if num_to_keep is not None:
-        older = sorted({f.rsplit("/", 2)[-2] for f in storage.list_files(run_dir, META_FILE)})
+        kind = name.rstrip("0123456789")  # e.g. epoch-: a reclaim-… checkpoint is not pruned
+        names = {f.rsplit("/", 2)[-2] for f in storage.list_files(run_dir, META_FILE)}
+        older = sorted(n for n in names if n.startswith(kind) and n[len(kind) :].isdigit())
         for stale in older[:-num_to_keep]:
             storage.delete_dir(storage.join(run_dir, stale))
     return path

@@ -3,14 +3,15 @@
 Build the backbone (weights only from the init checkpoint: a new head and a fresh optimizer),
 put the task's head on it, resume or continue (PBT) where a checkpoint says, then epoch after
 epoch: train, validate, log, and hand the session a checkpoint when the sweep metric improves
-(every epoch under PBT). The same loop runs in a Tune trial's process, in TorchTrainer workers
+(every epoch under PBT). A node reclaim notice (spot preemption) writes a checkpoint inside the
+epoch, which a restarted trial resumes from (engine/reclaim.py). The same loop runs in a Tune trial's process, in TorchTrainer workers
 (DDP) and, without Ray, in the tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from raypipe import faults
 from raypipe.config import FinetuneConfig
+from raypipe.engine import reclaim
 from raypipe.engine.checkpoint import (
     load_task,
     load_train_state,
@@ -25,9 +27,11 @@ from raypipe.engine.checkpoint import (
     read_meta,
     rng_state,
     save_checkpoint,
+    save_into,
     set_rng_state,
 )
 from raypipe.engine.optim import build_optimizer, warmup_cosine
+from raypipe.engine.reclaim import RECLAIM_PREFIX, EpochPoint, same_settings, wait_for_reclaim
 from raypipe.engine.session import Session
 from raypipe.engine.step import (
     Meter,
@@ -40,6 +44,7 @@ from raypipe.engine.step import (
 )
 from raypipe.errors import UserError
 from raypipe.models import build_model
+from raypipe.progress import progress
 from raypipe.tasks import build_task
 
 #: A trial's checkpoints are `<trials>/<run name>/epoch-0003`.
@@ -67,6 +72,9 @@ class FinetuneJob:
     continue_from: str | None = None  # PBT: the checkpoint this segment continues
     stop_epoch: int | None = None  # PBT: the segment's last epoch; None: cfg.epochs
     save_every_epoch: bool = False  # PBT continues from the latest state, not the best
+    #: where a reclaim notice's just-in-time checkpoint goes (the trial's storage directory);
+    #: None: a notice is not acted on
+    reclaim_dir: str | None = None
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
@@ -142,10 +150,14 @@ def _continue(job: FinetuneJob, task, optimizer, scheduler, total_steps: int) ->
     return state["epoch"]
 
 
-def _train_epoch(job: FinetuneJob, session: Session, module, task, optimizer, scheduler, epoch):
-    """One pass over this rank's training rows: (summed stats, meter)."""
+def _train_epoch(job: FinetuneJob, session: Session, module, task, optimizer, scheduler,
+                 point: EpochPoint):  # fmt: skip
+    """One pass over this rank's training rows (the rest of one, resumed from a reclaim
+    checkpoint: the batches it had done are read past, in the same seeded order):
+    (summed stats, meter)."""
+    epoch = point.epoch
     meter = Meter(unit=task.unit)
-    totals: dict[str, torch.Tensor] = {}
+    totals = point.totals
     skipped = SkippedSteps(session.device)
     batches = iter(
         session.batches(
@@ -156,6 +168,8 @@ def _train_epoch(job: FinetuneJob, session: Session, module, task, optimizer, sc
             shuffle_seed=job.seed * 1000 + epoch,
         )
     )
+    for _ in itertools.islice(batches, point.done):
+        pass
     while True:
         try:
             batch = meter.timed_next(batches)
@@ -174,6 +188,9 @@ def _train_epoch(job: FinetuneJob, session: Session, module, task, optimizer, sc
             totals[k] = totals.get(k, 0) + v
         meter.steps += 1
         meter.items += task.items_in(batch) * session.world
+        point.done += 1
+        if not point.noticed and (deadline := session.reclaim_notice()) is not None:
+            _checkpoint_at_notice(job, session, task, optimizer, scheduler, point, deadline)
     if found := skipped.take(session.world):
         raise _nonfinite(job, epoch, f"{found // session.world} step(s) skipped")
     if not totals:
@@ -198,8 +215,23 @@ def _validate(session: Session, module) -> dict[str, torch.Tensor]:
     return all_reduce_sum(totals, device)
 
 
-def _saver(job: FinetuneJob, task, optimizer, scheduler, epoch: int, metrics: dict):
+def _saver(job: FinetuneJob, task, optimizer, scheduler, epoch: int, metrics: dict | None,
+           *, point: EpochPoint | None = None):  # fmt: skip
+    """save(directory) for the checkpoint of a finished epoch (its metrics), or, with
+    `point`, for a reclaim checkpoint inside one: no metrics, no trial named (see reclaim.py)."""
     spec = {**job.model_spec, "task": {"name": job.cfg.task, "options": job.task_options}}
+    meta = {
+        "epoch": epoch,
+        "task": job.cfg.task,
+        "arm": job.arm,
+        "hyperparameters": job.hp,
+        "init_checkpoint": job.init_checkpoint,
+        "fingerprint": job.fingerprint,
+    }
+    if point is None:
+        meta.update(trial=job.trial_name, metrics=metrics)
+    else:
+        meta.update(reclaim_of=job.trial_name, done_in_epoch=point.done)
 
     def save(directory):
         return save_checkpoint(
@@ -207,26 +239,60 @@ def _saver(job: FinetuneJob, task, optimizer, scheduler, epoch: int, metrics: di
             module=task,
             spec=spec,
             tokenizer_json=job.tokenizer_json,
-            meta={
-                "epoch": epoch,
-                "task": job.cfg.task,
-                "arm": job.arm,
-                "trial": job.trial_name,
-                "hyperparameters": job.hp,
-                "metrics": metrics,
-                "init_checkpoint": job.init_checkpoint,
-                "fingerprint": job.fingerprint,
-            },
+            meta=meta,
             train_state={
                 "epoch": epoch,
                 "steps": scheduler.last_epoch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
+                **(point.state() if point is not None else {}),
             },
         )
 
     return save
+
+
+def _checkpoint_at_notice(job: FinetuneJob, session: Session, task, optimizer, scheduler,
+                          point: EpochPoint, deadline: float) -> None:  # fmt: skip
+    """Spot preemption. On the notice that a node of this trial is about to be reclaimed, a
+    just-in-time checkpoint at this step boundary, then no more steps until the deadline:
+    the trial is restarted elsewhere (Ray Tune and Ray Train do not count a preemption as one
+    of `max_failures`) and goes on from this step. A node still here after the deadline and
+    its grace was not reclaimed after all: training goes on."""
+    point.noticed = True
+    if job.reclaim_dir is None:
+        return
+    where = f"epoch {point.epoch}, batch {point.done}"
+    if session.rank == 0:
+        save = _saver(job, task, optimizer, scheduler, point.epoch, None, point=point)
+        name = f"{RECLAIM_PREFIX}{scheduler.last_epoch:08d}"
+        point.written = save_into(job.reclaim_dir, name, save, num_to_keep=1)
+        progress(f"finetune {job.trial_name}: node reclaim notice at {where}: checkpoint written"
+                 + ("; waiting for the restart" if math.isfinite(deadline) else ""))  # fmt: skip
+    wait_for_reclaim(deadline)
+
+
+def _resume_at_notice(job: FinetuneJob, task, optimizer, scheduler, start_epoch: int,
+                      best: float | None) -> EpochPoint:  # fmt: skip
+    """Where the trial's training starts: after `start_epoch`, or inside a later epoch where
+    a reclaim checkpoint of these settings says (its weights, optimizer, schedule, RNG)."""
+    point = EpochPoint(epoch=start_epoch + 1, best=best)
+    found = job.reclaim_dir and reclaim.find(
+        job.reclaim_dir, hp=job.hp, fingerprint=job.fingerprint
+    )
+    if not found or found[1]["epoch"] <= start_epoch:
+        return point
+    path, state = found
+    _resume(path, task, optimizer, scheduler)
+    device = next(task.parameters()).device
+    point = EpochPoint(
+        epoch=state["epoch"], best=state["best"], done=state["done_in_epoch"],
+        totals={k: v.to(device) for k, v in state["totals"].items()}, written=path,
+    )  # fmt: skip
+    progress(f"finetune {job.trial_name} resumed at epoch {point.epoch}, batch {point.done} "
+             "(the checkpoint of a node reclaim notice)")  # fmt: skip
+    return point
 
 
 def score(checkpoint: str, batches, *, device: torch.device) -> dict[str, float]:
@@ -234,13 +300,6 @@ def score(checkpoint: str, batches, *, device: torch.device) -> dict[str, float]
     from stats summed over every batch."""
     task = load_task(checkpoint).to(device)
     return task.summarize(evaluate(task, batches, device=device))
-
-
-def _same(recorded: dict | None, hp: dict) -> bool:
-    """Settings equal as they are written to meta.json (JSON: tuples become lists)."""
-    return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(
-        hp, sort_keys=True, default=str
-    )
 
 
 def finetune_loop(job: FinetuneJob, session: Session) -> None:
@@ -253,13 +312,15 @@ def finetune_loop(job: FinetuneJob, session: Session) -> None:
     with session.resumed() as d:
         # A checkpoint of other settings under this trial's name (a resumed search that
         # suggested differently) is not this trial's: it starts over.
-        if d is not None and _same(read_meta(d).get("hyperparameters"), job.hp):
+        if d is not None and same_settings(read_meta(d).get("hyperparameters"), job.hp):
             start_epoch = _resume(d, task, optimizer, scheduler)["epoch"]
             best = read_meta(d)["metrics"][metric]
         else:
             d = None
     if d is None and job.continue_from:
         start_epoch = _continue(job, task, optimizer, scheduler, total_steps)
+    point = _resume_at_notice(job, task, optimizer, scheduler, start_epoch, best)
+    start_epoch, best = point.epoch - 1, point.best
     two_towers = len(getattr(backbone, "modalities", ())) > 1
     # A two-tower backbone (CLIP, captioner) leaves the tower the task does not read unused.
     module = session.wrap(task, find_unused_parameters=two_towers)
@@ -267,7 +328,10 @@ def finetune_loop(job: FinetuneJob, session: Session) -> None:
     try:
         for epoch in range(start_epoch + 1, (job.stop_epoch or cfg.epochs) + 1):
             inject_fault(injected, task, place=job.trial_name, rank=session.rank, at=epoch)
-            train, meter = _train_epoch(job, session, module, task, optimizer, scheduler, epoch)
+            point = point if point.epoch == epoch else point.next(best)
+            train, meter = _train_epoch(job, session, module, task, optimizer, scheduler, point)
+            if session.rank == 0:  # before the record: no epoch is trained twice
+                reclaim.discard(point)
             val = _validate(session, module)
             metrics = {
                 "epoch": epoch,

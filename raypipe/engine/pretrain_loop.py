@@ -36,6 +36,7 @@ from raypipe.engine.parallel import (
     shard,
 )
 from raypipe.engine.precision import autocast_for
+from raypipe.engine.reclaim import wait_for_reclaim
 from raypipe.engine.session import Session
 from raypipe.engine.step import (
     Meter,
@@ -475,11 +476,6 @@ def _checkpoint(job, session, objective, optimizers, schedulers, state: _State, 
     return stop
 
 
-#: How long past a reclaim deadline the loop waits for Ray Train to take its workers down;
-#: a node still here then was not reclaimed after all, and training goes on.
-RECLAIM_GRACE_S = 120.0
-
-
 def _reclaimed(job, session, objective, optimizers, schedulers, state: _State) -> bool:
     """Spot preemption. On the notice that a node of this run is about to be reclaimed (Ray
     Train's), a just-in-time checkpoint at this step boundary (unless this step wrote one),
@@ -497,8 +493,8 @@ def _reclaimed(job, session, objective, optimizers, schedulers, state: _State) -
     if session.rank == 0:
         progress(f"pretrain: node reclaim notice at step {step}: checkpoint written"
                  + ("; waiting for the restart" if math.isfinite(deadline) else ""))  # fmt: skip
-    if not stop and math.isfinite(deadline):
-        time.sleep(max(deadline + RECLAIM_GRACE_S - time.time(), 0.0))
+    if not stop:
+        wait_for_reclaim(deadline)
     return stop
 
 

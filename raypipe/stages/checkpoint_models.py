@@ -5,14 +5,17 @@ train and validation metrics and its hyperparameters.
 
 The weights stay where raypipe keeps them (safetensors in `storage`; the logged model's
 `raypipe.checkpoint` tag says where): a logged model here is a record with no artifacts, never
-a second copy. Recorded from the driver when the stage ends (and again when it is reused,
-adding only what is missing), each checkpoint once.
+a second copy. A pretraining checkpoint is recorded as it is written (by the rank that wrote
+it, on a thread of its own: `CheckpointRecorder`), so the history stays in MLflow after
+`pretrain.num_checkpoints_to_keep` has pruned its files; and from the driver when a stage ends
+(and again when it is reused), adding only what is missing: each checkpoint once.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raypipe import storage, tracking
@@ -41,6 +44,38 @@ def _trial_record(meta: dict[str, Any]) -> tuple[str, int, dict, dict]:
                if isinstance(v, int | float) and k != "epoch" and not k.startswith("perf/")}  # fmt: skip
     params = {k: str(v) for k, v in (meta.get("hyperparameters") or {}).items()}
     return f"{meta['trial']}-epoch-{epoch:04d}", epoch, metrics, params
+
+
+class CheckpointRecorder:
+    """Records each checkpoint of a pretraining run as it is written, on one thread (the
+    step loop does not wait for MLflow). `close` waits for what is queued. Never fails the
+    run: a store that cannot take them is said once (the stage's end tries again)."""
+
+    def __init__(self, run: tracking.RunRef):
+        self.run = run
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="raypipe-checkpoint-models")
+        self._failed = False
+
+    def add(self, path: str) -> None:
+        self._pool.submit(self._record, path)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _record(self, path: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            meta = json.loads(storage.read_text(storage.join(path, META_FILE)))
+            name, step, metrics, params = _pretrain_record(meta)
+            client = MlflowClient(tracking_uri=self.run.tracking_uri)
+            _record(client, self.run.experiment_id, self.run.run_id, name, step, metrics,
+                    params, path)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a record for the UI: never worth a run
+            if not self._failed:
+                self._failed = True
+                console.line(f"[mlflow] could not record checkpoint {path} as a logged model "
+                             f"({e}); the stage's end tries again")  # fmt: skip
 
 
 def record_checkpoints(run: tracking.RunRef, folder: str, *, kind: str) -> int:

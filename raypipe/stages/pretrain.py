@@ -53,7 +53,7 @@ from raypipe.preflight import RunContext, dataset_inputs, model_spec_for, tokeni
 from raypipe.progress import console, progress
 from raypipe.stages import cache, probing, publish
 from raypipe.stages.budget import WORKER_FILE, read_budget, spends_text, worker_hours
-from raypipe.stages.checkpoint_models import record_checkpoints
+from raypipe.stages.checkpoint_models import CheckpointRecorder, record_checkpoints
 from raypipe.stages.connect import RayConnection
 from raypipe.stages.sessions import TrainSession, scaling_config
 from raypipe.stages.worker_budget import StageClock
@@ -268,18 +268,24 @@ def _train_stage(cfg: PipelineConfig, ctx: RunContext, stage: cache.Stage, *, lo
 def _train_worker(config: dict[str, Any]):
     """Ray Train's entry point on every worker (or the driver, in local mode)."""
     job: PretrainJob = config["job"]
+    recorder = CheckpointRecorder(config["run"]) if config["run"] is not None else None
     session = TrainSession(
         config["run"],
         checkpoints=job.checkpoint_dir,
         prefix=CHECKPOINT_PREFIX,
         keep_here=config["in_process"],
         num_to_keep=job.cfg.num_checkpoints_to_keep,
+        recorder=recorder,
     )
     ctx = ray.train.get_context()
     node = f"{socket.gethostname()}-rank{session.rank}"  # one monitor per node: its first rank
     every = job.system_metrics_s if ctx.get_local_rank() == 0 else None
-    with system_metrics(config["run"], every_s=every, node=node):
-        outcome = pretrain_loop(job, session)
+    try:
+        with system_metrics(config["run"], every_s=every, node=node):
+            outcome = pretrain_loop(job, session)
+    finally:
+        if recorder is not None:
+            recorder.close()  # the checkpoints' records, queued for MLflow
     session.logger.close()  # waits for metrics queued while the tracking server was away
     return outcome
 

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ import torch
 from ray import tune
 from ray.train import ScalingConfig
 
+from raypipe import storage
 from raypipe.config import ScalingConfig as ScalingSection
 from raypipe.engine.checkpoint import latest_checkpoint, save_into
+from raypipe.stages.checkpoint_models import CheckpointRecorder
 from raypipe.tracking import RunRef, logger_for
 
 #: Ray Train's switch for its preemption watcher (on unless "0"; raypipe's local Ray sets "0").
@@ -81,7 +84,8 @@ class TrainSession:
     run the training stream's execution in a coordinator actor (see `batches`)."""
 
     def __init__(self, run: RunRef | None, *, checkpoints: str | None = None, prefix: str = "",
-                 keep_here: bool = False, num_to_keep: int | None = None):  # fmt: skip
+                 keep_here: bool = False, num_to_keep: int | None = None,
+                 recorder: CheckpointRecorder | None = None):  # fmt: skip
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -91,6 +95,8 @@ class TrainSession:
         self._num_to_keep = num_to_keep
         self._here = keep_here
         self._shards: dict[str, Any] = {}
+        #: records each checkpoint in MLflow as it is written (rank 0; needs `checkpoints`)
+        self._recorder = recorder if self.rank == 0 and checkpoints else None
 
     def batches(self, name: str, **kwargs):
         """Dataset `name`'s batches. In the driver (Ray Train's local mode hands the loop the
@@ -126,6 +132,8 @@ class TrainSession:
             metrics, rank=self.rank, save=save, checkpoint_name=checkpoint_name,
             into=self._into, num_to_keep=self._num_to_keep,
         )  # fmt: skip
+        if save is not None and self._recorder is not None:
+            self._recorder.add(storage.join(self._checkpoints, checkpoint_name))
 
     def reclaim_notice(self) -> float | None:
         """Ray Train's preemption notice (`ray.train.get_preemption_info`, agreed across the
@@ -138,6 +146,23 @@ class TrainSession:
         if info is None:
             return None
         return info.deadline_ms / 1000 if info.deadline_ms else math.inf
+
+
+#: How often a one-worker trial asks Ray whether its node is draining (a GCS call).
+RECLAIM_POLL_S = 1.0
+
+
+def draining_deadline(node_id: str) -> float | None:
+    """The deadline (UNIX seconds; `math.inf` if none) of a drain of node `node_id` (a spot
+    reclaim notice, as `ray drain-node` or the autoscaler gives it), or None. Ray Train's
+    preemption watcher asks Ray Core the same; a failed call is no notice."""
+    try:
+        drains = ray._private.state.state.get_draining_nodes() or {}
+    except Exception:  # noqa: BLE001 - a GCS hiccup: ask again at the next poll
+        return None
+    if node_id not in drains:
+        return None
+    return drains[node_id] / 1000 if drains[node_id] else math.inf
 
 
 class TrialSession:
@@ -155,6 +180,8 @@ class TrialSession:
         self.num_to_keep, self.to_tune = num_to_keep, to_tune
         self.logger = logger_for(run, 0)
         self.last_metrics: dict[str, Any] | None = None
+        self._watch = os.environ.get(PREEMPTION_WATCHER, "1") != "0"
+        self._polled, self._notice = -math.inf, None
 
     def batches(self, name: str, **kwargs):
         return _iterate(self.datasets[name], self.device, **kwargs)
@@ -166,6 +193,16 @@ class TrialSession:
     def resumed(self):
         found = latest_checkpoint(self.run_dir, prefix=self.prefix)
         yield found[0] if found else None
+
+    def reclaim_notice(self) -> float | None:
+        """A drain of this trial's node (no Ray Train here to watch for it): asked of Ray at
+        most every RECLAIM_POLL_S; never where Ray's preemption watcher is off (raypipe's
+        embedded local Ray)."""
+        now = time.monotonic()
+        if self._watch and self._notice is None and now - self._polled >= RECLAIM_POLL_S:
+            self._polled = now
+            self._notice = draining_deadline(ray.get_runtime_context().get_node_id())
+        return self._notice
 
     def record(self, metrics: dict[str, Any], *, save, checkpoint_name: str) -> None:
         if save is not None:

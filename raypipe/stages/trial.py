@@ -133,7 +133,7 @@ def _job(sweep: ArmSweep, hp: dict, name: str, seed: int) -> FinetuneJob:
         model_spec=sweep.model_spec, init_checkpoint=sweep.init_checkpoint,
         tokenizer_json=sweep.tokenizer_json, num_train_rows=sweep.num_train_rows,
         seed=seed, fingerprint=sweep.fingerprint, arm=sweep.arm.label, trial_name=name,
-        faults=sweep.faults,
+        faults=sweep.faults, reclaim_dir=storage.join(sweep.trials_dir, name),
     )  # fmt: skip
 
 
