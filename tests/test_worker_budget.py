@@ -26,6 +26,26 @@ def _cfg(tmp_path: Path, budget: dict, **overrides):
     return parse_config(tiny_config(data, tmp_path / "runs", budget=budget, **overrides))
 
 
+def test_a_budget_that_ends_every_sweep_before_an_epoch_is_one_line_naming_it():
+    """Registration with no checkpoint to register: a budget that cut the sweeps says so and
+    names the settings to raise; without a cut it is a failure of the trials, not a budget."""
+    from raypipe.stages.arms import Arm, ArmResult
+    from raypipe.stages.publish import _candidates
+
+    def arm(base, budget=None, checkpoint=None):
+        return ArmResult(Arm(base), best_metric=None, best_checkpoint=checkpoint,
+                         best_trial=None, budget=budget)  # fmt: skip
+
+    cut = [arm("pretrained", {"cut": 2, "total": 2}), arm("scratch", {"cut": 0, "total": 2})]
+    with pytest.raises(UserError, match=r"budget ran out before any trial finished an epoch; "
+                                        r"raise budget\.finetune_worker_hours"):  # fmt: skip
+        _candidates(cut)
+    with pytest.raises(RuntimeError, match="no fine-tune trial produced a checkpoint"):
+        _candidates([arm("pretrained", {"cut": 0, "total": 2}), arm("scratch")])
+    kept = arm("scratch", {"cut": 1, "total": 2}, checkpoint="/runs/x/epoch-0001")
+    assert _candidates([*cut, kept]) == [kept]
+
+
 def test_the_pipeline_budget_splits_between_pretraining_and_each_task(tmp_path):
     # Pretraining gets what the tasks' own budgets leave; each task its own, at most an
     # equal share of what pretraining left.

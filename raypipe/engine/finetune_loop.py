@@ -4,8 +4,8 @@ Build the backbone (weights only from the init checkpoint: a new head and a fres
 put the task's head on it, resume or continue (PBT) where a checkpoint says, then epoch after
 epoch: train, validate, log, and hand the session a checkpoint when the sweep metric improves
 (every epoch under PBT). A node reclaim notice (spot preemption) writes a checkpoint inside the
-epoch, which a restarted trial resumes from (engine/reclaim.py). The same loop runs in a Tune trial's process, in TorchTrainer workers
-(DDP) and, without Ray, in the tests and benchmarks.
+epoch, which a restarted trial resumes from (engine/reclaim.py). The same loop runs in a Tune
+trial's process, in TorchTrainer workers (DDP) and, without Ray, in the tests and benchmarks.
 """
 
 from __future__ import annotations
