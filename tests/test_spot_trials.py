@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -46,6 +47,16 @@ def _cluster_env():
                 os.environ[k] = v
 
 
+def _processes(node) -> list[psutil.Process]:
+    """A node's raylet and what it started (agents, workers): a node killed without grace
+    leaves its agents behind, which the test then ends."""
+    try:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        return [raylet, *raylet.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _trial_node(address: str) -> str | None:
     """The node of the (one) running Tune trial (Tune's function trainables are
     `ImplicitFunc` actors), from the GCS's actor table, asked by a process of its own."""
@@ -74,6 +85,8 @@ def test_a_reclaimed_trial_resumes_at_the_batch_of_the_notice(quickstart_data, t
     with _cluster_env():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=2) for _ in range(2))}
+        left: list[psutil.Process] = []  # processes to end with the test
+        driver = None
         try:
             cluster.wait_for_nodes()
             driver = _Driver(["run", "p.yaml", "--address", cluster.address], tmp_path,
@@ -90,10 +103,17 @@ def test_a_reclaimed_trial_resumes_at_the_batch_of_the_notice(quickstart_data, t
             deadline = time.time() + 5
             driver.wait_for(lambda: driver.seen("scratch-00000: node reclaim notice at"), 120)
             time.sleep(max(deadline - time.time(), 0))
+            left += _processes(nodes[node])
             cluster.remove_node(nodes[node], allow_graceful=False)  # the machine is gone
             assert driver.finish(timeout=600) == 0, "\n".join(driver.lines[-40:])
         finally:
+            if driver is not None and driver.proc.poll() is None:
+                driver.kill()
+            left += [p for n in cluster.list_all_nodes() for p in _processes(n)]
             cluster.shutdown()
+            for proc in left:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
     notice = next(line for line in driver.lines if "node reclaim notice at" in line)
     at = notice.split("node reclaim notice at ")[1].split(":")[0]  # "epoch E, batch k"
     assert driver.seen(f"scratch-00000 resumed at {at} "), "\n".join(driver.lines[-40:])
