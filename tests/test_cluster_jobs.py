@@ -296,6 +296,22 @@ def _train_worker_node(cluster) -> str | None:
     return actors[0].node_id if actors else None
 
 
+def _keep_worker_nodes(cluster, count: int) -> None:
+    """Have the autoscaler bring up and keep `count` 2-CPU worker nodes (Ray's
+    `request_resources`, from a client process of its own), and wait for them. Ray's fake
+    provider never ends a drained node and its autoscaler still counts the node's CPUs, so a
+    restart after a drain needs another node already up. `count` 0 drops the request."""
+    code = (
+        "import ray; from ray.autoscaler.sdk import request_resources; "
+        f"ray.init(address={cluster.gcs_address!r}, logging_level='ERROR'); "
+        f"request_resources(bundles=[{{'CPU': 2}}] * {count})"
+    )
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **cluster.env}, check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    if count:
+        wait_for(lambda: alive_worker_nodes(cluster) >= count, f"{count} worker nodes", 240, 2)
+
+
 def test_a_spot_node_reclaimed_mid_pretraining_resumes_from_the_notice(stack):
     """Spot preemption: the node pretraining runs on is drained as a preemption (a deadline
     15 s away) mid-run. The worker writes a checkpoint at the step of the notice and stops
@@ -320,8 +336,12 @@ def test_a_spot_node_reclaimed_mid_pretraining_resumes_from_the_notice(stack):
             )  # fmt: skip
             drained.append(node)
 
-    status, logs, _ = _submit(stack, "spot", working_dir=False, pipeline=pipeline,
-                              while_running=drain_once, env={"RAYPIPE_PROGRESS_EVERY_S": "0"})  # fmt: skip
+    _keep_worker_nodes(cluster, 2)  # the restart's node is up when the drained one stays
+    try:
+        status, logs, _ = _submit(stack, "spot", working_dir=False, pipeline=pipeline,
+                                  while_running=drain_once, env={"RAYPIPE_PROGRESS_EVERY_S": "0"})  # fmt: skip
+    finally:
+        _keep_worker_nodes(cluster, 0)
     assert status == "SUCCEEDED", logs[-4000:]
     assert drained, "pretraining ended before the node could be drained"
     notice = int(re.search(r"node reclaim notice at step (\d+): checkpoint written", logs)[1])
