@@ -9,9 +9,6 @@ The head offers no CPUs, so nothing of the pipeline can run until worker nodes c
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +17,6 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 from servers import (
-    BIN,
     alive_worker_nodes,
     autoscaling_cluster,
     mlflow_server,
@@ -81,7 +77,7 @@ def _pipeline(stack, name: str) -> dict:
 
 
 def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout: float = 600,
-            pipeline: dict | None = None, while_running=None, env: dict | None = None):  # fmt: skip
+            pipeline: dict | None = None):  # fmt: skip
     """Submit `raypipe run` as a Ray job; wait; return (status, logs, max worker nodes seen).
 
     `working_dir=False` runs the driver in the test's own directory instead of a Ray-managed
@@ -100,7 +96,7 @@ def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout
     # Ray Data keeps its last request to the autoscaler for 180 s after a dataset finishes
     # (idle nodes stay that long); shortened so the scale-down test need not wait minutes.
     env = {**stack["s3_env"], **stack["mlflow"].env,
-           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "10", **(env or {})}  # fmt: skip
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "10"}  # fmt: skip
     runtime_env = {"env_vars": env}
     if working_dir:
         runtime_env["working_dir"] = str(stack["dir"])
@@ -116,8 +112,6 @@ def _submit(stack, name: str, *overrides: str, working_dir: bool = True, timeout
                 f"job still {status} after {timeout}s: {client.get_job_logs(job)[-4000:]}"
             )
             most = max(most, alive_worker_nodes(cluster))
-            if while_running is not None:
-                while_running(client, job)
             time.sleep(2)
         stack["peak_nodes"] = max(stack.get("peak_nodes", 0), most)
         return status.value, client.get_job_logs(job), most
@@ -283,81 +277,3 @@ def test_idle_worker_nodes_are_removed(stack):
         300,
         3,
     )
-
-
-def _train_worker_node(cluster) -> str | None:
-    """The node the (one) Ray Train worker runs on, from the State API."""
-    from ray.util.state import list_actors
-
-    with patched_env(cluster.env):
-        actors = list_actors(address=cluster.dashboard_url, limit=1000,
-                             filters=[("class_name", "=", "RayTrainWorker"),
-                                      ("state", "=", "ALIVE")])  # fmt: skip
-    return actors[0].node_id if actors else None
-
-
-def _keep_worker_nodes(cluster, count: int) -> None:
-    """Have the autoscaler bring up and keep `count` 2-CPU worker nodes (Ray's
-    `request_resources`, from a client process of its own), and wait for them. Ray's fake
-    provider never ends a drained node and its autoscaler still counts the node's CPUs, so a
-    restart after a drain needs another node already up. `count` 0 drops the request."""
-    code = (
-        "import ray; from ray.autoscaler.sdk import request_resources; "
-        f"ray.init(address={cluster.gcs_address!r}, logging_level='ERROR'); "
-        f"request_resources(bundles=[{{'CPU': 2}}] * {count})"
-    )
-    subprocess.run([sys.executable, "-c", code], env={**os.environ, **cluster.env}, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
-    if count:
-        wait_for(lambda: alive_worker_nodes(cluster) >= count, f"{count} worker nodes", 240, 2)
-
-
-def test_a_spot_node_reclaimed_mid_pretraining_resumes_from_the_notice(stack):
-    """Spot preemption: the node pretraining runs on is drained as a preemption (a deadline
-    15 s away) mid-run. The worker writes a checkpoint at the step of the notice and stops
-    stepping; Ray Train restarts the run on another node from it, not counting the restart
-    as a failure (max_failures is 0); nothing is logged twice."""
-    pipeline = _pipeline(stack, "spot")
-    pipeline["pretrain"].update(max_steps=2500, log_every=50, checkpoint_every=1000,
-                                max_failures=0)  # fmt: skip
-    pipeline["finetune"] = None
-    cluster, drained = stack["cluster"], []
-
-    def drain_once(client, job) -> None:
-        if drained or "pretrain step 100/" not in client.get_job_logs(job):
-            return
-        node = _train_worker_node(cluster)
-        if node is not None:
-            subprocess.run(
-                [str(BIN / "ray"), "drain-node", "--address", cluster.gcs_address,
-                 "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-                 "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "15"],
-                env={**os.environ, **cluster.env}, check=True, capture_output=True, timeout=60,
-            )  # fmt: skip
-            drained.append(node)
-
-    _keep_worker_nodes(cluster, 2)  # the restart's node is up when the drained one stays
-    try:
-        status, logs, _ = _submit(stack, "spot", working_dir=False, pipeline=pipeline,
-                                  while_running=drain_once, env={"RAYPIPE_PROGRESS_EVERY_S": "0"})  # fmt: skip
-    finally:
-        _keep_worker_nodes(cluster, 0)
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert drained, "pretraining ended before the node could be drained"
-    notice = int(re.search(r"node reclaim notice at step (\d+): checkpoint written", logs)[1])
-    assert f"pretrain resumed at step {notice} " in logs
-    from mlflow.tracking import MlflowClient
-
-    url = stack["mlflow"].url
-    client = MlflowClient(tracking_uri=url)
-    exp = client.get_experiment_by_name("cluster").experiment_id
-    (parent,) = client.search_runs(
-        [exp], filter_string="tags.`raypipe.kind` = 'pipeline' and attributes.run_name = 'spot'"
-    )
-    (pre,) = [
-        r for r in _children(client, exp, parent.info.run_id) if r.info.run_name == "pretrain"
-    ]
-    resumed = client.get_metric_history(pre.info.run_id, "train/resumed_from_step")
-    assert [m.value for m in resumed] == [notice]
-    steps = [m.step for m in client.get_metric_history(pre.info.run_id, "train/loss")]
-    assert steps == sorted(set(steps)) and steps[-1] == 2500  # each step logged once
