@@ -233,15 +233,17 @@ class _Driver:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, predicate, timeout: float) -> None:
+    def wait_for(self, predicate, timeout: float):
+        """The predicate's first true value, asked until then while raypipe runs."""
         deadline = time.monotonic() + timeout
-        while not predicate():
+        while not (value := predicate()):
             if self.proc.poll() is not None:
                 raise AssertionError("raypipe ended early:\n" + "\n".join(self.lines[-40:]))
             if time.monotonic() > deadline:
                 self.proc.kill()
                 raise AssertionError("timed out:\n" + "\n".join(self.lines[-40:]))
             time.sleep(0.2)
+        return value
 
     def seen(self, text: str) -> bool:
         return any(text in line for line in self.lines)

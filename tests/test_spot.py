@@ -73,7 +73,7 @@ def _actor_node(address: str, class_name: str) -> str | None:
 
 def _reclaim_mid_run(tmp_path, started: str, actor: str, noticed: str) -> _Driver:
     """`raypipe run p.yaml` on a fresh two-node cluster; once `started` is printed, the node
-    of the `actor` doing the work is drained as a preemption (a deadline 5 s away), and at the
+    of the (one) `actor` doing the work is drained as a preemption (a deadline 5 s away), and at the
     deadline, the notice (`noticed`) seen, removed without grace. Returns the finished driver;
     every process of the cluster is ended."""
     from ray.cluster_utils import Cluster
@@ -91,9 +91,10 @@ def _reclaim_mid_run(tmp_path, started: str, actor: str, noticed: str) -> _Drive
             cluster.wait_for_nodes()
             driver = _Driver(["run", "p.yaml", "--address", cluster.address], tmp_path,
                              RAYPIPE_PROGRESS_EVERY_S="0")  # fmt: skip
-            driver.wait_for(lambda: driver.seen(started), 300)
-            node = _actor_node(cluster.address, actor)
+            # Its node is looked up first, so the drain follows `started` within seconds.
+            node = driver.wait_for(lambda: _actor_node(cluster.address, actor), 300)
             assert node in nodes, (node, list(nodes))
+            driver.wait_for(lambda: driver.seen(started), 300)
             subprocess.run(
                 [str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", node,
                  "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot (test)",

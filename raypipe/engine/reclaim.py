@@ -1,6 +1,7 @@
-"""Spot preemption in fine-tuning: the just-in-time checkpoint a trial writes mid-epoch on a
-node reclaim notice, and the resume from it, so the batches of that epoch already trained are
-not trained (or logged) again.
+"""Spot preemption. For both loops, the wait after a node reclaim notice (`wait_for_reclaim`).
+For fine-tuning, the just-in-time checkpoint a trial writes mid-epoch on that notice, and the
+resume from it, so the batches of that epoch already trained are not trained (or logged) again.
+(Pretraining's step checkpoints already resume at any step.)
 
 The checkpoint `<trial dir>/reclaim-<step>` holds the weights, optimizer, schedule and RNG at
 the step of the notice, the epoch in progress and how many of its batches were done, their
