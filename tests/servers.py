@@ -231,6 +231,14 @@ def fake_autoscaling_config(gcs_address: str, *, idle_timeout_minutes: float) ->
     }
 
 
+def ensure_auth_token(env: dict[str, str] | None = None) -> None:
+    """Make sure ~/.ray/auth_token exists (Ray's token authentication is on; a no-op when it
+    does). `ray start` and Ray's test cluster do not create one; a local ray.init() creates
+    and uses the same file."""
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+
+
 @contextlib.contextmanager
 def autoscaling_cluster(root: Path, *, idle_timeout_minutes: float = 0.25) -> Iterator[Cluster]:
     """A head with no CPUs (nothing can train on it) and an autoscaler that adds 2-CPU worker
@@ -255,12 +263,7 @@ def autoscaling_cluster(root: Path, *, idle_timeout_minutes: float = 0.25) -> It
         "--autoscaling-config", str(config), "--disable-usage-stats",
     ]  # fmt: skip
     try:
-        # `ray start` does not create a token: make sure ~/.ray/auth_token exists (a no-op when
-        # it does; a local ray.init() creates and uses the same file).
-        subprocess.run(
-            [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
-            capture_output=True, timeout=60,
-        )  # fmt: skip
+        ensure_auth_token(env)  # `ray start` does not create one
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
         url = f"http://127.0.0.1:{dash}"
         client_env = {"RAY_AUTH_MODE": "token"}

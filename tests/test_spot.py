@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from servers import BIN
+from servers import BIN, ensure_auth_token, patched_env
 from test_faults import _Driver
 from test_pipeline_e2e import tiny_config
 
@@ -34,17 +34,11 @@ def _cluster_env():
     the settings of raypipe's embedded local Ray (which turn the preemption watcher off) that
     an earlier test's pipeline may have left here."""
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k in LOCAL_RAY_ENV}
-    saved_fast = {k: os.environ.get(k) for k in FAST_HEALTH}
-    os.environ.update(FAST_HEALTH)
     try:
-        yield
+        with patched_env(FAST_HEALTH):
+            yield
     finally:
         os.environ.update(saved)
-        for k, v in saved_fast.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _processes(node) -> list[psutil.Process]:
@@ -78,10 +72,7 @@ def _reclaim_mid_run(tmp_path, started: str, actor: str, noticed: str) -> _Drive
     every process of the cluster is ended."""
     from ray.cluster_utils import Cluster
 
-    # Ray's token authentication is on: make sure ~/.ray/auth_token exists (a no-op when it
-    # does; an earlier test's local Ray would have created the same file).
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True,
-                   capture_output=True, timeout=60)  # fmt: skip
+    ensure_auth_token()
     with _cluster_env():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=2) for _ in range(2))}
